@@ -1,0 +1,1 @@
+"""The `rclone serve` children behind the gateway."""

@@ -1,0 +1,80 @@
+"""The cluster configuration as read from Redis: one immutable snapshot, swapped whole."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from gateway.credentials import AclUser
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True, slots=True)
+class Destination:
+    uuid: str
+    provider: str
+    url: str
+    name: str = ""
+    basepath_attr: str = ""
+    rclone_section: str | None = field(default=None, repr=False)  # holds secrets
+
+    @property
+    def basepath(self) -> str:
+        """Where the destination's tree is rooted inside its remote (spec section 3)."""
+        if self.provider == "rclone":
+            return self.basepath_attr
+        scheme, _, rest = self.url.partition(":")
+        if scheme == "s3":
+            _endpoint, _, path = rest.partition("/")
+            return path
+        if scheme == "webdav":
+            return urlsplit(rest).path
+        return rest
+
+    @property
+    def cluster_host(self) -> str | None:
+        """The VPN address of the node hosting a `cluster` destination."""
+        if self.provider != "cluster" or not self.url.startswith("webdav:"):
+            return None
+        return urlsplit(self.url.removeprefix("webdav:")).hostname
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterState:
+    users: dict[str, AclUser] = field(default_factory=dict, repr=False)
+    module_uuids: dict[str, str] = field(default_factory=dict)
+    restore_grants: dict[str, str] = field(default_factory=dict)
+    destinations: dict[str, Destination] = field(default_factory=dict)
+    networks: tuple[IPNetwork, ...] = ()
+    module_nodes: dict[str, str] = field(default_factory=dict)
+    node_vpn: dict[str, str] = field(default_factory=dict)
+    leader: str | None = None
+
+
+def parse_network(value: str | None) -> tuple[IPNetwork, ...]:
+    if not value:
+        return ()
+    try:
+        return (ipaddress.ip_network(value.strip(), strict=False),)
+    except ValueError:
+        return ()
+
+
+LOCAL_ADDRESSES = frozenset({ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")})
+
+
+def is_trusted_source(address: str | None, networks: tuple[IPNetwork, ...]) -> bool:
+    """Spec section 4, step 1: loopback clients, or clients inside the cluster network."""
+    if not address:
+        return False
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip in LOCAL_ADDRESSES:
+        return True
+    return any(ip in net for net in networks)

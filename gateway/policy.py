@@ -1,0 +1,268 @@
+"""Who may do what (spec section 4): a table of rules read top to bottom.
+
+Pure functions, no I/O. A request is described by `Request` (caller, protocol,
+method, canonical target, WebDAV depth); `decide` returns the first matching
+rule's decision, or a denial with the most telling reason.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+
+from gateway.paths import Target
+
+REST_MEDIA_TYPE = "application/vnd.x.restic.rest.v2"
+CREATE_QUERY = "create=true"
+OBJECT_TYPES = frozenset({"data", "keys", "locks", "snapshots", "index"})
+_OBJECT_ID = re.compile(r"[0-9a-f]{64}\Z")
+_TRAILING_DIGITS = re.compile(r"\d+\Z")
+
+
+class Protocol(StrEnum):
+    REST = "rest"
+    WEBDAV = "webdav"
+
+
+class Backend(StrEnum):
+    RESTIC = "restic"
+    RESTIC_APPEND_ONLY = "restic-append-only"
+    WEBDAV = "webdav"
+
+
+class Scope(StrEnum):
+    """Where a path lies, seen from a module."""
+
+    ROOT = "root"  # "/"
+    OWN = "own"  # /<dest>/<app>/<own uuid>[/...]
+    OWN_META = "own-meta"  # /<dest>/<app>/<own uuid>.json
+    RESTORE = "restore"  # the same for the granted uuid
+    RESTORE_META = "restore-meta"
+    OTHER = "other"
+
+
+class Shape(StrEnum):
+    """The restic REST shape of a path inside a repository."""
+
+    REPO = "repo"  # the repository itself: /
+    CONFIG = "config"  # /config
+    LIST = "list"  # /<type>/
+    OBJECT = "object"  # /<type>/<id>, type other than locks
+    LOCK = "lock"  # /locks/<id>
+    OTHER = "other"  # anything else below the repository
+    NONE = "none"  # not inside a repository
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    user: str  # "node/1", "module/traefik1"
+    is_node: bool
+    app: str = ""
+    own_uuid: str | None = None
+    restore_uuid: str | None = None
+
+    @property
+    def group(self) -> str:
+        return "node" if self.is_node else "module"
+
+
+def app_type(module_id: str) -> str:
+    """`dokuwiki2` -> `dokuwiki`."""
+    return _TRAILING_DIGITS.sub("", module_id)
+
+
+def node_caller(user: str) -> Caller:
+    return Caller(user=user, is_node=True)
+
+
+def module_caller(user: str, module_uuids: dict[str, str], restore: dict[str, str]) -> Caller:
+    module_id = user.removeprefix("module/")
+    own = module_uuids.get(module_id)
+    return Caller(
+        user=user,
+        is_node=False,
+        app=app_type(module_id),
+        own_uuid=own,
+        restore_uuid=restore.get(own) if own else None,
+    )
+
+
+def detect_protocol(accept: str, query: str) -> Protocol:
+    if REST_MEDIA_TYPE in accept or query == CREATE_QUERY:
+        return Protocol.REST
+    return Protocol.WEBDAV
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    caller: Caller
+    protocol: Protocol
+    method: str
+    target: Target
+    depth: str | None = None  # WebDAV Depth header, as sent
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allowed: bool
+    rule: str
+    reason: str
+    backend: Backend | None = None
+
+
+def scope_of(caller: Caller, target: Target) -> Scope:
+    segs = target.segments
+    if not segs:
+        return Scope.ROOT
+    if len(segs) < 3 or segs[1] != caller.app:
+        return Scope.OTHER
+    name = segs[2]
+    for uuid, repo, meta in (
+        (caller.own_uuid, Scope.OWN, Scope.OWN_META),
+        (caller.restore_uuid, Scope.RESTORE, Scope.RESTORE_META),
+    ):
+        if not uuid:
+            continue
+        if name == uuid:
+            return repo
+        if len(segs) == 3 and name == f"{uuid}.json" and not target.trailing_slash:
+            return meta
+    return Scope.OTHER
+
+
+def shape_of(target: Target) -> Shape:
+    segs = target.segments
+    if len(segs) < 3:
+        return Shape.NONE
+    inner = segs[3:]
+    slash = target.trailing_slash
+    if not inner:
+        return Shape.REPO
+    if inner == ("config",) and not slash:
+        return Shape.CONFIG
+    if len(inner) == 1 and inner[0] in OBJECT_TYPES and slash:
+        return Shape.LIST
+    if len(inner) == 2 and inner[0] in OBJECT_TYPES and _OBJECT_ID.match(inner[1]) and not slash:
+        return Shape.LOCK if inner[0] == "locks" else Shape.OBJECT
+    return Shape.OTHER
+
+
+ANY_SHAPE = frozenset(Shape)
+READ = frozenset({"GET", "HEAD"})
+DAV_READ = frozenset({"GET", "HEAD", "OPTIONS", "PROPFIND"})
+SHALLOW = frozenset({"0", "1"})
+OBJECTS = frozenset({Shape.OBJECT, Shape.LOCK})
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    name: str
+    protocol: Protocol
+    scopes: frozenset[Scope]
+    shapes: frozenset[Shape]
+    methods: frozenset[str]
+    reason: str
+    query: str = ""
+    depths: frozenset[str] | None = None  # PROPFIND Depth allowed; None: any
+
+
+def _rule(
+    name: str,
+    protocol: Protocol,
+    scopes: set[Scope],
+    shapes: set[Shape] | frozenset[Shape],
+    methods: set[str] | frozenset[str],
+    reason: str,
+    **kw: object,
+) -> Rule:
+    return Rule(
+        name, protocol, frozenset(scopes), frozenset(shapes), frozenset(methods), reason,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+REST, DAV = Protocol.REST, Protocol.WEBDAV
+OWN, RESTORE = Scope.OWN, Scope.RESTORE
+
+# Spec section 4, modules. Read top to bottom; the first match allows.
+MODULE_RULES: tuple[Rule, ...] = (
+    _rule("rest-create", REST, {OWN}, {Shape.REPO}, {"POST"},
+          "create own repository", query=CREATE_QUERY),
+    _rule("rest-config-read", REST, {OWN, RESTORE}, {Shape.CONFIG}, READ,
+          "read repository config"),
+    _rule("rest-config-write", REST, {OWN}, {Shape.CONFIG}, {"POST"},
+          "write own config once (append-only)"),
+    _rule("rest-list", REST, {OWN, RESTORE}, {Shape.LIST}, {"GET"},
+          "list repository objects"),
+    _rule("rest-object-read", REST, {OWN, RESTORE}, OBJECTS, READ,
+          "read repository object"),
+    _rule("rest-object-add", REST, {OWN}, OBJECTS, {"POST"},
+          "add new object to own repository (append-only)"),
+    _rule("rest-lock-own", REST, {OWN}, {Shape.LOCK}, {"DELETE"},
+          "remove own lock"),
+    _rule("rest-lock-restore", REST, {RESTORE}, {Shape.LOCK}, {"POST", "DELETE"},
+          "lock granted repository for restore"),
+    _rule("dav-root", DAV, {Scope.ROOT}, {Shape.NONE}, DAV_READ,
+          "read the root listing", depths=SHALLOW),
+    _rule("dav-repo-read", DAV, {OWN, RESTORE}, ANY_SHAPE, DAV_READ,
+          "read own or granted repository"),
+    _rule("dav-meta-read", DAV, {Scope.OWN_META, Scope.RESTORE_META}, {Shape.NONE}, DAV_READ,
+          "read repository metadata"),
+)
+
+WRITE_METHODS = frozenset({"POST", "PUT", "DELETE", "MKCOL", "COPY", "MOVE", "PROPPATCH", "LOCK",
+                           "UNLOCK", "PATCH"})
+
+
+def _matches(rule: Rule, request: Request, scope: Scope, shape: Shape) -> bool:
+    return (
+        request.protocol is rule.protocol
+        and scope in rule.scopes
+        and shape in rule.shapes
+        and request.method in rule.methods
+        and request.target.query == rule.query
+        and (rule.depths is None or request.method != "PROPFIND" or request.depth in rule.depths)
+    )
+
+
+def _module_denial(request: Request, scope: Scope, shape: Shape) -> str:
+    method = request.method
+    if request.caller.own_uuid is None:
+        return "module has no repository uuid"
+    if scope is Scope.OTHER:
+        return "not the module's own or granted repository"
+    if request.protocol is DAV:
+        if method in WRITE_METHODS:
+            return "WebDAV is read-only for modules"
+        if scope is Scope.ROOT and method == "PROPFIND":
+            return "PROPFIND of the root needs Depth 0 or 1"
+        if request.target.query:
+            return "query not allowed"
+        return f"{method} not allowed for modules"
+    if scope in (Scope.OWN_META, Scope.RESTORE_META, Scope.ROOT):
+        return "not a restic repository path"
+    if request.target.query and request.target.query != CREATE_QUERY:
+        return "query not allowed"
+    if scope is RESTORE and method in WRITE_METHODS:
+        return "granted repository is read-only (locks aside)"
+    if method == "DELETE":
+        return "modules may not delete backup data"
+    if shape is Shape.OTHER or shape is Shape.NONE:
+        return "not a restic repository path"
+    return f"{method} not allowed on {shape.value} for modules"
+
+
+def decide(request: Request) -> Decision:
+    caller = request.caller
+    if caller.is_node:
+        backend = Backend.RESTIC if request.protocol is REST else Backend.WEBDAV
+        return Decision(True, "node-full-access", "nodes have full access", backend)
+    scope = scope_of(caller, request.target)
+    shape = shape_of(request.target) if scope in (OWN, RESTORE) else Shape.NONE
+    if caller.own_uuid is not None:
+        for rule in MODULE_RULES:
+            if _matches(rule, request, scope, shape):
+                backend = Backend.RESTIC_APPEND_ONLY if rule.protocol is REST else Backend.WEBDAV
+                return Decision(True, rule.name, rule.reason, backend)
+    return Decision(False, "module-default-deny", _module_denial(request, scope, shape))

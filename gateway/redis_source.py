@@ -1,0 +1,221 @@
+"""Reads the cluster configuration from Redis and follows its change events (spec section 2)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from gateway.cluster import ClusterState, Destination, parse_network
+from gateway.credentials import parse_acls
+
+log = logging.getLogger("rclone_gateway.redis")
+
+EVENT_PATTERN = "cluster/event/*"
+DESTINATION_PREFIX = "cluster/backup_repository/"
+RCLONE_CONF_KEY = "private/nodes/backup_destination/rclone_conf"
+
+
+def redis_url_from_env(env: dict[str, str] | os._Environ[str] = os.environ) -> str:
+    """REDIS_URL, else the cluster agent environment (REDIS_REPLICA_ADDRESS, REDIS_USER, ...)."""
+    if env.get("REDIS_URL"):
+        return env["REDIS_URL"]
+    address = env.get("REDIS_REPLICA_ADDRESS") or "127.0.0.1:6379"
+    return f"redis://{address}/0"
+
+
+def connect(
+    url: str,
+    env: dict[str, str] | os._Environ[str] = os.environ,
+    *,
+    socket_timeout: float | None = 10,
+) -> aioredis.Redis:
+    kwargs: dict[str, object] = {}
+    if env.get("REDIS_USER") and "@" not in url:
+        kwargs["username"] = env["REDIS_USER"]
+        kwargs["password"] = env.get("REDIS_PASSWORD", "")
+    return aioredis.Redis.from_url(
+        url,
+        decode_responses=True,
+        socket_connect_timeout=5,
+        socket_timeout=socket_timeout,
+        health_check_interval=30,
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+async def _scan(client: aioredis.Redis, pattern: str) -> list[str]:
+    return [key async for key in client.scan_iter(match=pattern, count=500)]
+
+
+async def read_state(client: aioredis.Redis) -> ClusterState:
+    dest_keys = await _scan(client, DESTINATION_PREFIX + "*")
+    vpn_keys = await _scan(client, "node/*/vpn")
+    async with client.pipeline(transaction=False) as pipe:
+        pipe.smembers("cluster/acls")
+        pipe.hgetall("cluster/module_uuid")
+        pipe.hgetall("private/nodes/restore_uuid")
+        pipe.hgetall(RCLONE_CONF_KEY)
+        pipe.get("cluster/network")
+        pipe.hgetall("cluster/module_node")
+        pipe.hgetall("cluster/environment")
+        for key in dest_keys:
+            pipe.hgetall(key)
+        for key in vpn_keys:
+            pipe.hget(key, "ip_address")
+        results = await pipe.execute()
+    acls, module_uuids, restore, confs, network, module_nodes, environment = results[:7]
+    dest_attrs = results[7 : 7 + len(dest_keys)]
+    vpn_ips = results[7 + len(dest_keys) :]
+    destinations = {}
+    for key, attrs in zip(dest_keys, dest_attrs, strict=True):
+        uuid = key.removeprefix(DESTINATION_PREFIX)
+        if "/" in uuid or not attrs:
+            continue
+        destinations[uuid] = Destination(
+            uuid=uuid,
+            provider=attrs.get("provider", ""),
+            url=attrs.get("url", ""),
+            name=attrs.get("name", ""),
+            basepath_attr=attrs.get("basepath", ""),
+            rclone_section=confs.get(uuid),
+        )
+    node_vpn = {
+        key.split("/")[1]: ip for key, ip in zip(vpn_keys, vpn_ips, strict=True) if ip
+    }
+    return ClusterState(
+        users=parse_acls(acls),
+        module_uuids=dict(module_uuids),
+        restore_grants=dict(restore),
+        destinations=destinations,
+        networks=parse_network(network),
+        module_nodes=dict(module_nodes),
+        node_vpn=node_vpn,
+        leader=environment.get("NODE_ID"),
+    )
+
+
+@dataclass
+class SourceStatus:
+    connected: bool = False
+    last_sync: float | None = None  # wall clock of the last full read
+    last_error: str | None = None
+    events: int = 0
+
+
+StateListener = Callable[[ClusterState], Awaitable[None]]
+
+
+class RedisSource:
+    """Keeps a current `ClusterState`: a full read at start, on every event and periodically.
+
+    When Redis is away, the last good state stays in force and reads are retried with backoff.
+    """
+
+    def __init__(self, url: str, *, resync_interval: float = 60.0) -> None:
+        self.url = url
+        self.resync_interval = resync_interval
+        self.state: ClusterState | None = None
+        self.status = SourceStatus()
+        self._listeners: list[StateListener] = []
+        self._client = connect(url)
+        self._events_client = connect(url, socket_timeout=None)
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def on_change(self, listener: StateListener) -> None:
+        self._listeners.append(listener)
+
+    async def load(self) -> ClusterState:
+        """The first full read; raises when Redis cannot be read."""
+        state = await read_state(self._client)
+        await self._apply(state)
+        return state
+
+    def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._resync_loop(), name="redis-resync"),
+            asyncio.create_task(self._event_loop(), name="redis-events"),
+        ]
+
+    def request_resync(self) -> None:
+        self._wake.set()
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._client.aclose()
+        await self._events_client.aclose()
+
+    async def _apply(self, state: ClusterState) -> None:
+        self.status.connected = True
+        self.status.last_sync = time.time()
+        self.status.last_error = None
+        if state == self.state:
+            return
+        self.state = state
+        for listener in self._listeners:
+            try:
+                await listener(state)
+            except Exception:
+                log.exception("applying the new cluster configuration failed")
+
+    async def _sync_once(self) -> None:
+        try:
+            state = await read_state(self._client)
+        except (RedisError, OSError) as exc:
+            self.status.connected = False
+            self.status.last_error = type(exc).__name__
+            raise
+        await self._apply(state)
+
+    async def _resync_loop(self) -> None:
+        backoff = 0.5
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=self.resync_interval)
+            self._wake.clear()
+            while True:
+                try:
+                    await self._sync_once()
+                    backoff = 0.5
+                    break
+                except (RedisError, OSError):
+                    log.warning("Redis unavailable; serving the last good configuration")
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 10.0)
+
+    async def _event_loop(self) -> None:
+        backoff = 0.5
+        while True:
+            pubsub = self._events_client.pubsub()
+            try:
+                await pubsub.psubscribe(EVENT_PATTERN)
+                # A (re)subscription may have missed events: read everything again.
+                self.request_resync()
+                backoff = 0.5
+                while True:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=30)
+                    if message is None:
+                        await pubsub.ping()
+                        continue
+                    if message.get("type") != "pmessage":
+                        continue
+                    self.status.events += 1
+                    log.info("event %s", message.get("channel"))
+                    self.request_resync()
+            except (RedisError, OSError):
+                self.status.connected = False
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+            finally:
+                with contextlib.suppress(RedisError, OSError):
+                    await pubsub.aclose()

@@ -1,0 +1,374 @@
+"""The gateway: checks each request in the order of spec section 4, then streams it to a backend."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aiohttp import web
+
+from backends.manager import BackendManager
+from backends.rclone_conf import Placement, render
+from gateway import __version__
+from gateway.cluster import ClusterState, is_trusted_source
+from gateway.credentials import parse_basic, verify
+from gateway.paths import PathError, Target, canonicalise
+from gateway.policy import (
+    Caller,
+    Decision,
+    Request,
+    decide,
+    detect_protocol,
+    module_caller,
+    node_caller,
+)
+from gateway.proxy import Transfer, UpstreamError, forward, plain
+from gateway.redis_source import RedisSource
+
+log = logging.getLogger("rclone_gateway")
+access_log = logging.getLogger("rclone_gateway.access")
+
+REALM = 'Basic realm="ns8-rclone-gateway"'
+PROBE_SEGMENT = "_probe_rest_404"
+
+
+@dataclass
+class Settings:
+    listen_host: str = "0.0.0.0"
+    listen_port: int = 4694
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    node_id: str = "1"
+    local_repo: Path = Path("/srv/repo")
+    runtime_dir: Path = Path("/run/rclone-gateway")
+    rclone: str = "rclone"
+    max_connections: int = 2048
+    header_timeout: float = 5.0
+    shutdown_grace: float = 30.0
+    drain_grace: float = 600.0
+    resync_interval: float = 60.0
+
+
+@dataclass
+class Outcome:
+    """What the access log says about one request."""
+
+    user: str = "-"
+    protocol: str = "-"
+    decision: str = "-"
+    rule: str = "-"
+    reason: str = "-"
+    backend: str = "-"
+    path: str = "-"
+    transfer: Transfer = field(default_factory=Transfer)
+
+
+class Gateway:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.source = RedisSource(settings.redis_url, resync_interval=settings.resync_interval)
+        self.backends = BackendManager(
+            settings.runtime_dir, settings.rclone, drain_grace=settings.drain_grace
+        )
+        self.placement = Placement()
+        self.inflight = 0
+        self.started = time.time()
+        self.label_suffix = f"@node{settings.node_id}"
+        self._apply_lock = asyncio.Lock()
+        self.source.on_change(self._on_state)
+
+    # --- configuration -------------------------------------------------------------------
+
+    async def _on_state(self, state: ClusterState) -> None:
+        await self.reload(state)
+
+    async def reload(self, state: ClusterState | None = None) -> None:
+        state = state or self.source.state
+        if state is None:
+            return
+        async with self._apply_lock:
+            rendered = render(
+                state, self.settings.node_id, str(self.settings.local_repo),
+                self.backends.empty_root,
+            )
+            if rendered.placement.local and str(self.settings.local_repo) in (
+                rendered.placement.local.values()
+            ):
+                self.settings.local_repo.mkdir(parents=True, exist_ok=True)
+            try:
+                await self.backends.apply(rendered)
+            except RuntimeError:
+                log.exception("backends for the new configuration did not start")
+                return
+            self.placement = rendered.placement
+
+    # --- request handling ----------------------------------------------------------------
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        started = time.monotonic()
+        outcome = Outcome()
+        response: web.StreamResponse | None = None
+        self.inflight += 1
+        try:
+            response = await self._handle(request, outcome)
+            return response
+        finally:
+            self.inflight -= 1
+            self._log(request, outcome, response, started)
+
+    async def _handle(self, request: web.BaseRequest, outcome: Outcome) -> web.StreamResponse:
+        state = self.source.state or ClusterState()
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        source = peer[0] if peer else None
+        if not is_trusted_source(source, state.networks):
+            outcome.reason = "source address not allowed"
+            return plain(403, "source address not allowed")
+
+        raw = request.raw_path
+        if raw in ("/health", "/health/"):
+            return self._health(request)
+
+        try:
+            target = canonicalise(raw)
+        except PathError as exc:
+            outcome.reason = str(exc)
+            return plain(400, f"bad request target: {exc}")
+        outcome.path = target.display
+
+        if self._is_probe(request, target):
+            outcome.rule = "probe"
+            return self._probe(target)
+
+        caller = self._authenticate(request, state, outcome)
+        if caller is None:
+            return plain(401, "authentication required", {"WWW-Authenticate": REALM})
+        outcome.user = caller.user
+
+        protocol = detect_protocol(request.headers.get("Accept", ""), target.query)
+        outcome.protocol = protocol.value
+        decision = decide(
+            Request(caller, protocol, request.method, target, request.headers.get("Depth"))
+        )
+        self._record(outcome, decision)
+        if not decision.allowed:
+            return plain(403, f"forbidden: {decision.reason}")
+        assert decision.backend is not None
+
+        if target.segments and target.segments[0] not in self.placement.local:
+            if target.segments[0] in self.placement.peer:
+                return plain(503, "destination is hosted by another node",
+                             {"Retry-After": "5"})
+            return plain(404, "unknown destination")
+
+        generation = self.backends.current
+        if generation is None or not generation.children[decision.backend].ready:
+            return plain(503, "backend unavailable", {"Retry-After": "2"})
+
+        if request.headers.get("Expect", "").lower() == "100-continue":
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+        label = decision.backend.value + self.label_suffix
+        outcome.backend = label
+        with generation.use():
+            try:
+                return await forward(
+                    request, target, generation.session(decision.backend), label,
+                    outcome.transfer,
+                )
+            except UpstreamError as exc:
+                outcome.reason = exc.reason
+                return plain(exc.status, exc.reason, {"Retry-After": "2"})
+
+    def _authenticate(
+        self, request: web.BaseRequest, state: ClusterState, outcome: Outcome
+    ) -> Caller | None:
+        credentials = parse_basic(request.headers.get("Authorization"))
+        if credentials is None:
+            outcome.reason = "no credentials"
+            return None
+        user, password = credentials
+        outcome.user = user if user in state.users else "unknown"
+        if not verify(state.users, user, password):
+            outcome.reason = "bad credentials"
+            return None
+        if user.startswith("node/"):
+            return node_caller(user)
+        return module_caller(user, state.module_uuids, state.restore_grants)
+
+    @staticmethod
+    def _record(outcome: Outcome, decision: Decision) -> None:
+        outcome.decision = "allow" if decision.allowed else "deny"
+        outcome.rule = decision.rule
+        outcome.reason = decision.reason
+
+    # --- probe and health ----------------------------------------------------------------
+
+    @staticmethod
+    def _is_probe(request: web.BaseRequest, target: Target) -> bool:
+        return (
+            request.method in ("GET", "HEAD")
+            and len(target.segments) == 2
+            and target.segments[1] == PROBE_SEGMENT
+            and not target.trailing_slash
+            and not target.query
+        )
+
+    def destination_healthy(self, uuid: str) -> bool:
+        generation = self.backends.current
+        return (
+            uuid in self.placement.local and generation is not None and generation.healthy
+        )
+
+    def _probe(self, target: Target) -> web.Response:
+        if self.destination_healthy(target.segments[0]):
+            return plain(404, "not found")
+        return plain(503, "destination not served here", {"Retry-After": "5"})
+
+    def serving(self) -> bool:
+        generation = self.backends.current
+        return generation is not None and generation.healthy
+
+    def health_document(self) -> dict[str, object]:
+        generation = self.backends.current
+        state = self.source.state
+        backends: dict[str, object] = {}
+        if generation is not None:
+            for backend, child in generation.children.items():
+                backends[backend.value] = {
+                    "state": child.state, "pid": child.pid, "restarts": child.restarts,
+                    "generation": generation.number,
+                }
+        destinations: dict[str, object] = {}
+        if state is not None:
+            for uuid, dest in sorted(state.destinations.items()):
+                if uuid in self.placement.local:
+                    entry = {"state": "ok" if self.destination_healthy(uuid) else "down",
+                             "served": "here"}
+                elif uuid in self.placement.peer:
+                    entry = {"state": "remote", "served": f"node at {self.placement.peer[uuid]}"}
+                else:
+                    entry = {"state": "error", "served": "no",
+                             "error": self.placement.invalid.get(uuid, "not served")}
+                destinations[uuid] = {"name": dest.name, "provider": dest.provider, **entry}
+        serving = self.serving()
+        if not serving:
+            status = "down"
+        elif not self.source.status.connected:
+            status = "degraded"
+        else:
+            status = "ok"
+        return {
+            "status": status,
+            "node_id": self.settings.node_id,
+            "version": __version__,
+            "uptime": round(time.time() - self.started, 3),
+            "redis": {
+                "connected": self.source.status.connected,
+                "last_sync": self.source.status.last_sync,
+            },
+            "backends": backends,
+            "destinations": destinations,
+            "inflight": self.inflight,
+            "reloads": self.backends.reloads,
+        }
+
+    def _health(self, request: web.BaseRequest) -> web.Response:
+        if request.method not in ("GET", "HEAD"):
+            return plain(405, "method not allowed", {"Allow": "GET, HEAD"})
+        document = self.health_document()
+        return web.json_response(document, status=200 if self.serving() else 503)
+
+    # --- access log ----------------------------------------------------------------------
+
+    def _log(
+        self,
+        request: web.BaseRequest,
+        outcome: Outcome,
+        response: web.StreamResponse | None,
+        started: float,
+    ) -> None:
+        if not access_log.isEnabledFor(logging.INFO):
+            return
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        access_log.info(
+            json.dumps(
+                {
+                    "source": peer[0] if peer else None,
+                    "user": outcome.user,
+                    "method": request.method,
+                    "path": outcome.path,
+                    "protocol": outcome.protocol,
+                    "decision": outcome.decision,
+                    "rule": outcome.rule,
+                    "reason": outcome.reason,
+                    "status": response.status if response is not None else 499,
+                    "bytes_in": outcome.transfer.bytes_in,
+                    "bytes_out": outcome.transfer.bytes_out,
+                    "duration_ms": round((time.monotonic() - started) * 1000, 2),
+                    "backend": outcome.backend,
+                },
+                ensure_ascii=False,
+            )
+        )
+
+    # --- life cycle ----------------------------------------------------------------------
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+
+        server = web.Server(self.handle, handler_cancellation=True, access_log=None)
+        factory = _protocol_factory(server, self.settings)
+        listener = await loop.create_server(
+            factory, self.settings.listen_host, self.settings.listen_port,
+            reuse_address=True, backlog=1024,
+        )
+        log.info("listening on %s:%d", self.settings.listen_host, self.settings.listen_port)
+        try:
+            await self.source.load()
+        except Exception as exc:
+            log.warning("first read of Redis failed (%s); retrying", type(exc).__name__)
+        self.source.start()
+        self.source.request_resync()
+
+        await stop.wait()
+        log.info("stopping: no new connections, finishing in-flight requests")
+        listener.close()
+        deadline = time.monotonic() + self.settings.shutdown_grace
+        while self.inflight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        with contextlib.suppress(Exception):
+            await server.shutdown(timeout=1.0)
+        await self.source.close()
+        await self.backends.stop()
+        log.info("stopped")
+        return 0
+
+    def _on_sighup(self) -> None:
+        log.info("SIGHUP: re-reading Redis")
+        self.source.request_resync()
+
+
+def _protocol_factory(server: web.Server, settings: Settings):  # type: ignore[no-untyped-def]
+    try:
+        from gateway.connections import guarded_protocol_factory
+    except ImportError:
+        return server
+    return guarded_protocol_factory(
+        server, max_connections=settings.max_connections, header_timeout=settings.header_timeout
+    )
+
+
+def prepare_runtime_dir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path
