@@ -1,0 +1,213 @@
+from __future__ import annotations
+
+import asyncio
+from typing import cast
+
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+
+# Read-only peeks into aiohttp's RequestHandler, checked when a factory is built:
+#   _request_count: bumped by the parser once per complete request head (line + headers);
+#   _waiter: a pending future exactly while start() waits for the next request head
+#            (the state aiohttp's own keep-alive timer treats as "idle").
+_HANDLER_INTERNALS = ("_request_count", "_waiter")
+
+# Rejected connections keep reading (and discarding) for this long after the 503
+# and a FIN, so that an unread request in the socket buffer does not turn our close
+# into an RST that could destroy the 503 before the client reads it.
+REJECT_LINGER = 1.0
+
+
+def _canned_response(status_line: str, body: str, *extra_headers: str) -> bytes:
+    payload = body.encode()
+    head = [
+        f"HTTP/1.1 {status_line}",
+        *extra_headers,
+        "Connection: close",
+        "Content-Type: text/plain",
+        f"Content-Length: {len(payload)}",
+    ]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + payload
+
+
+TOO_MANY_CONNECTIONS_RESPONSE = _canned_response(
+    "503 Service Unavailable", "too many connections\n", "Retry-After: 1"
+)
+REQUEST_TIMEOUT_RESPONSE = _canned_response("408 Request Timeout", "request header timeout\n")
+
+
+class GuardedProtocolFactory:
+    """Protocol factory for ``loop.create_server`` wrapping an aiohttp low-level Server.
+
+    Caps the number of open client connections (over the cap: canned 503, no
+    RequestHandler) and closes connections whose request line and headers are not
+    complete within ``header_timeout`` (408 if some bytes arrived, else silently).
+    """
+
+    __slots__ = ("_header_timeout", "_max_connections", "_open", "_rejected", "_server",
+                 "_timed_out")
+
+    def __init__(self, server: web.Server, *, max_connections: int = 2048,
+                 header_timeout: float = 5.0) -> None:
+        if max_connections < 1:
+            raise ValueError(f"max_connections must be >= 1, got {max_connections}")
+        if not header_timeout > 0:
+            raise ValueError(f"header_timeout must be > 0, got {header_timeout}")
+        missing = [name for name in _HANDLER_INTERNALS if not hasattr(RequestHandler, name)]
+        if missing:
+            raise RuntimeError(
+                f"aiohttp's RequestHandler has no {', '.join(missing)}: "
+                "gateway.connections needs updating for this aiohttp version"
+            )
+        self._server = server
+        self._max_connections = max_connections
+        self._header_timeout = float(header_timeout)
+        self._open = 0
+        self._rejected = 0
+        self._timed_out = 0
+
+    def __call__(self) -> asyncio.Protocol:
+        return _GuardedConnection(self)
+
+    @property
+    def count(self) -> int:
+        """Client connections currently open and admitted (served by aiohttp)."""
+        return self._open
+
+    @property
+    def rejected(self) -> int:
+        """Connections answered 503 because the cap was reached, since start."""
+        return self._rejected
+
+    @property
+    def timed_out(self) -> int:
+        """Connections closed by the header/idle timeout, since start."""
+        return self._timed_out
+
+    @property
+    def max_connections(self) -> int:
+        return self._max_connections
+
+    @property
+    def header_timeout(self) -> float:
+        return self._header_timeout
+
+
+def guarded_protocol_factory(server: web.Server, *, max_connections: int = 2048,
+                             header_timeout: float = 5.0) -> GuardedProtocolFactory:
+    return GuardedProtocolFactory(server, max_connections=max_connections,
+                                  header_timeout=header_timeout)
+
+
+class _RejectedConnection(asyncio.Protocol):
+    __slots__ = ("_timer",)
+
+    def __init__(self) -> None:
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        stream = cast(asyncio.Transport, transport)  # uvloop's are not asyncio.Transport
+        stream.write(TOO_MANY_CONNECTIONS_RESPONSE)
+        if stream.can_write_eof():
+            stream.write_eof()
+        self._timer = asyncio.get_running_loop().call_later(REJECT_LINGER, stream.close)
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def eof_received(self) -> bool | None:
+        return None  # the transport closes itself
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+class _GuardedConnection(asyncio.Protocol):
+    """Sits between the transport and aiohttp's RequestHandler, forwarding everything.
+
+    The header timeout runs on a timer; nothing is scanned. Each tick looks at
+    the handler. Busy (reading a body, handling, streaming): look again in
+    header_timeout / 2. Idle with another request count than at the last look:
+    open a header_timeout window. Still idle with the same count when the window
+    ends: no request head completed for header_timeout seconds, so 408 / close.
+    The first window opens at connection_made (the first request head is bounded
+    exactly); a later one, or an idle keep-alive connection, is cut 1 to 1.5
+    header_timeout after the previous response finished.
+    """
+
+    __slots__ = ("_factory", "_handler", "_head_bytes_count", "_idle_count", "_timer",
+                 "_transport")
+
+    def __init__(self, factory: GuardedProtocolFactory) -> None:
+        self._factory = factory
+        self._handler: RequestHandler  # set by connection_made when admitted
+        self._transport: asyncio.Transport
+        self._timer: asyncio.TimerHandle | None = None
+        self._idle_count = 0
+        # handler._request_count when bytes last arrived while no request was in progress:
+        # equal to the current count => part of a request head is waiting (408, not silence).
+        self._head_bytes_count = -1
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        factory = self._factory
+        if factory._open >= factory._max_connections:
+            factory._rejected += 1
+            rejected = _RejectedConnection()
+            transport.set_protocol(rejected)
+            rejected.connection_made(transport)
+            return
+        handler = factory._server()
+        self._handler = handler
+        self._transport = cast(asyncio.Transport, transport)
+        factory._open += 1
+        handler.connection_made(transport)
+        self._idle_count = handler._request_count
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_at(loop.time() + factory._header_timeout, self._tick)
+
+    def data_received(self, data: bytes) -> None:
+        handler = self._handler
+        waiter = handler._waiter
+        if (waiter is not None and not waiter.done()) or not handler._request_count:
+            self._head_bytes_count = handler._request_count
+        handler.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._handler.eof_received()
+
+    def pause_writing(self) -> None:
+        self._handler.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._handler.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._factory._open -= 1
+        self._handler.connection_lost(exc)
+
+    def _tick(self) -> None:
+        self._timer = None
+        handler, transport = self._handler, self._transport
+        if transport.is_closing():
+            return
+        timeout = self._factory._header_timeout
+        waiter = handler._waiter
+        if waiter is None or waiter.done():
+            self._idle_count = -1
+            delay = timeout / 2
+        elif handler._request_count != self._idle_count:
+            self._idle_count = handler._request_count
+            delay = timeout
+        else:
+            self._factory._timed_out += 1
+            if self._head_bytes_count == handler._request_count:
+                transport.write(REQUEST_TIMEOUT_RESPONSE)
+            handler.force_close()
+            return
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_at(loop.time() + delay, self._tick)

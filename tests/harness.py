@@ -1,0 +1,583 @@
+"""Real processes for the tests: redis-server, the gateway (with its rclone children),
+the restic client, and raw HTTP on a socket. No mocks.
+
+Everything started here is also registered for an at-exit kill, so an interrupted
+test run leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import atexit
+import base64
+import contextlib
+import hashlib
+import http.client
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import redis
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+READY_TIMEOUT = 60.0
+
+_live: dict[int, subprocess.Popen] = {}
+
+
+def _register(proc: subprocess.Popen) -> None:
+    _live[proc.pid] = proc
+
+
+def _forget(proc: subprocess.Popen) -> None:
+    _live.pop(proc.pid, None)
+
+
+@atexit.register
+def _kill_everything_left() -> None:
+    for proc in list(_live.values()):
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except OSError:
+                proc.kill()
+            proc.wait()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def basic(user: str, password: str) -> str:
+    token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+    return f"Basic {token}"
+
+
+def sha256_hex(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _tail(path: Path, limit: int = 4000) -> str:
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return "(no log)"
+    return data[-limit:].decode("utf-8", "replace")
+
+
+def _stop_popen(proc: subprocess.Popen, sig: int, timeout: float) -> int:
+    if proc.poll() is None:
+        try:
+            proc.send_signal(sig)
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except OSError:
+                proc.kill()
+            proc.wait()
+    _forget(proc)
+    return proc.returncode
+
+
+# --------------------------------------------------------------------------- /proc
+
+
+def _proc_stat(pid: int) -> tuple[str, int, int, int] | None:
+    """(state, ppid, pgrp, starttime) of a process, None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read().decode("utf-8", "replace")
+    except OSError:
+        return None
+    fields = raw[raw.rindex(")") + 2 :].split()
+    return fields[0], int(fields[1]), int(fields[2]), int(fields[19])
+
+
+def _all_pids() -> list[int]:
+    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
+
+
+def _alive(pid: int, starttime: int) -> bool:
+    stat = _proc_stat(pid)
+    return stat is not None and stat[0] != "Z" and stat[3] == starttime
+
+
+# --------------------------------------------------------------------------- redis
+
+
+class RedisServer:
+    """A private redis-server on a free loopback port; started by the constructor."""
+
+    def __init__(self, workdir: Path | None = None, *, executable: str = "redis-server"):
+        exe = shutil.which(executable)
+        if exe is None:
+            raise RuntimeError(f"{executable} not found in PATH (run scripts/bootstrap.sh)")
+        self._own_dir = workdir is None
+        self.dir = Path(tempfile.mkdtemp(prefix="redis-")) if workdir is None else Path(workdir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.dir / "redis.log"
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+        for _attempt in range(5):
+            if self._try_start(exe):
+                return
+        self.stop()
+        raise RuntimeError(f"redis-server did not start:\n{_tail(self.log_path)}")
+
+    def _try_start(self, exe: str) -> bool:
+        self.port = free_port()
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [exe, "--port", str(self.port), "--bind", "127.0.0.1",
+                 "--save", "", "--appendonly", "no", "--dir", str(self.dir),
+                 "--daemonize", "no"],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                process_group=0,
+            )
+        _register(self.proc)
+        client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=1)
+        try:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and self.proc.poll() is None:
+                try:
+                    if client.ping():
+                        return True
+                except redis.RedisError:
+                    time.sleep(0.05)
+        finally:
+            client.close()
+        _stop_popen(self.proc, signal.SIGTERM, 5)
+        return False
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port, db=0, decode_responses=True)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _stop_popen(self.proc, signal.SIGTERM, 10)
+        if self._own_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> RedisServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class Cluster:
+    """Writes the cluster's Redis keys (spec section 2) the way the cluster does."""
+
+    ACLS = "cluster/acls"
+    MODULE_UUID = "cluster/module_uuid"
+    MODULE_NODE = "cluster/module_node"
+    RESTORE_UUID = "private/nodes/restore_uuid"
+    RCLONE_CONF = "private/nodes/backup_destination/rclone_conf"
+    NETWORK = "cluster/network"
+    ENVIRONMENT = "cluster/environment"
+
+    def __init__(self, client: redis.Redis):
+        self.r = client
+
+    @staticmethod
+    def acl_line(name: str, password: str | None, *, enabled: bool = True,
+                 nopass: bool = False, extra_hashes: Iterable[str] = ()) -> str:
+        parts = ["user", name, "on" if enabled else "off"]
+        if nopass:
+            parts.append("nopass")
+        if name.startswith("node/"):
+            parts.append("sanitize-payload")
+        if password is not None:
+            parts.append("#" + sha256_hex(password))
+        parts.extend("#" + h for h in extra_hashes)
+        if name.startswith("node/"):
+            parts.extend(["~*", "&*", "+@all"])
+        else:
+            parts.extend([f"~{name}/*", "resetchannels", "-@all", "+@read"])
+        return " ".join(parts)
+
+    def _acl_lines_of(self, name: str) -> list[str]:
+        return [line for line in self.r.smembers(self.ACLS)
+                if line.split()[1:2] == [name]]
+
+    def add_user(self, name: str, password: str | None, *, enabled: bool = True,
+                 nopass: bool = False, extra_hashes: Iterable[str] = ()) -> str:
+        """Adds (or replaces) the ACL line of `name`; returns the line written."""
+        line = self.acl_line(name, password, enabled=enabled, nopass=nopass,
+                             extra_hashes=extra_hashes)
+        old = self._acl_lines_of(name)
+        pipe = self.r.pipeline(transaction=True)
+        if old:
+            pipe.srem(self.ACLS, *old)
+        pipe.sadd(self.ACLS, line)
+        pipe.execute()
+        return line
+
+    def remove_user(self, name: str) -> None:
+        old = self._acl_lines_of(name)
+        if old:
+            self.r.srem(self.ACLS, *old)
+
+    def set_module(self, module_id: str, uuid: str, *, node_id: str | int | None = None) -> None:
+        self.r.hset(self.MODULE_UUID, module_id, uuid)
+        if node_id is not None:
+            self.r.hset(self.MODULE_NODE, module_id, str(node_id))
+
+    def remove_module(self, module_id: str) -> None:
+        self.r.hdel(self.MODULE_UUID, module_id)
+        self.r.hdel(self.MODULE_NODE, module_id)
+
+    def grant_restore(self, module_uuid: str, source_uuid: str) -> None:
+        self.r.hset(self.RESTORE_UUID, module_uuid, source_uuid)
+
+    def add_destination(self, uuid: str, *, provider: str, url: str, name: str = "",
+                        basepath: str = "", rclone_conf: str | None = None) -> None:
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(f"cluster/backup_repository/{uuid}", mapping={
+            "provider": provider, "url": url, "name": name, "basepath": basepath,
+        })
+        if rclone_conf is not None:
+            pipe.hset(self.RCLONE_CONF, uuid, rclone_conf)
+        pipe.execute()
+
+    def remove_destination(self, uuid: str) -> None:
+        pipe = self.r.pipeline(transaction=True)
+        pipe.delete(f"cluster/backup_repository/{uuid}")
+        pipe.hdel(self.RCLONE_CONF, uuid)
+        pipe.execute()
+
+    def set_node_vpn(self, node_id: str | int, ip: str) -> None:
+        self.r.hset(f"node/{node_id}/vpn", "ip_address", ip)
+
+    def set_network(self, cidr: str | None) -> None:
+        if cidr is None:
+            self.r.delete(self.NETWORK)
+        else:
+            self.r.set(self.NETWORK, cidr)
+
+    def set_leader(self, node_id: str | int) -> None:
+        self.r.hset(self.ENVIRONMENT, "NODE_ID", str(node_id))
+
+    def publish(self, event: str, payload: str = "{}") -> int:
+        return self.r.publish(f"cluster/event/{event}", payload)
+
+    def flush(self) -> None:
+        self.r.flushdb()
+
+
+# --------------------------------------------------------------------------- gateway
+
+
+class GatewayStartError(RuntimeError):
+    pass
+
+
+class GatewayProcess:
+    """`python -m gateway serve` as a child; use GatewayProcess.start(...)."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], workdir: Path,
+                 host: str, port: int):
+        self.argv = argv
+        self.env = env
+        self.workdir = workdir
+        self.host = host
+        self.port = port
+        self.local_repo = workdir / "repo"
+        self.runtime_dir = workdir / "run"
+        self.log_path = workdir / "gateway.log"
+        self.proc: subprocess.Popen | None = None
+        self.leftover_pids: list[int] = []
+
+    @classmethod
+    def start(cls, redis_url: str, node_id: str | int, workdir: Path | str, *,
+              listen_host: str = "127.0.0.1", port: int | None = None,
+              extra_args: Iterable[str] = (),
+              env: Mapping[str, str | None] | None = None) -> GatewayProcess:
+        workdir = Path(workdir).resolve()
+        port = free_port() if port is None else port
+        argv = [sys.executable, "-m", "gateway", "serve",
+                "--listen", f"{listen_host}:{port}",
+                "--redis-url", redis_url,
+                "--node-id", str(node_id),
+                "--local-repo", str(workdir / "repo"),
+                "--runtime-dir", str(workdir / "run"),
+                *extra_args]
+        full_env = dict(os.environ)
+        full_env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(REPO_ROOT), full_env.get("PYTHONPATH")) if p)
+        full_env["PYTHONUNBUFFERED"] = "1"
+        for key, value in (env or {}).items():
+            if value is None:
+                full_env.pop(key, None)
+            else:
+                full_env[key] = value
+        connect_host = "127.0.0.1" if listen_host in ("0.0.0.0", "", "::") else listen_host
+        gateway = cls(argv, full_env, workdir, connect_host, port)
+        gateway._launch()
+        return gateway
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def _launch(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.local_repo.mkdir(exist_ok=True)
+        self.runtime_dir.mkdir(mode=0o700, exist_ok=True)
+        self.runtime_dir.chmod(0o700)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                self.argv, env=self.env, cwd=self.workdir, stdin=subprocess.DEVNULL,
+                stdout=log, stderr=subprocess.STDOUT, process_group=0,
+            )
+        _register(self.proc)
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop(signal.SIGKILL, timeout=5)
+            self.kill_leftovers()
+            raise
+
+    def _wait_ready(self) -> None:
+        assert self.proc is not None
+        deadline = time.monotonic() + READY_TIMEOUT
+        while True:
+            code = self.proc.poll()
+            if code is not None:
+                raise GatewayStartError(
+                    f"gateway exited with {code} before ready; log tail:\n{_tail(self.log_path)}")
+            if self.health_status() == 200:
+                return
+            if time.monotonic() > deadline:
+                raise GatewayStartError(
+                    f"gateway not ready after {READY_TIMEOUT:.0f} s; log tail:\n"
+                    f"{_tail(self.log_path)}")
+            time.sleep(0.1)
+
+    def health_status(self, timeout: float = 2) -> int:
+        """Status of GET /health, 0 when nothing answers."""
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+        try:
+            conn.request("GET", "/health")
+            response = conn.getresponse()
+            response.read()
+            return response.status
+        except (OSError, http.client.HTTPException):
+            return 0
+        finally:
+            conn.close()
+
+    def restart(self) -> None:
+        """Stops (SIGTERM) and launches again with the same arguments and port."""
+        self.stop()
+        self._launch()
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text("utf-8", "replace")
+        except OSError:
+            return ""
+
+    def child_pids(self) -> list[int]:
+        """Live (non-zombie) processes whose parent is the gateway."""
+        if self.proc is None:
+            return []
+        pids = []
+        for pid in _all_pids():
+            stat = _proc_stat(pid)
+            if stat is not None and stat[1] == self.proc.pid and stat[0] != "Z":
+                pids.append(pid)
+        return sorted(pids)
+
+    def _descendants(self) -> dict[int, int]:
+        """pid -> starttime of its children and of its process group members."""
+        if self.proc is None:
+            return {}
+        running = self.proc.poll() is None
+        found = {}
+        for pid in _all_pids():
+            stat = _proc_stat(pid)
+            if stat is None or pid == self.proc.pid or stat[0] == "Z":
+                continue
+            if stat[2] == self.proc.pid or (running and stat[1] == self.proc.pid):
+                found[pid] = stat[3]
+        return found
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int | None:
+        """Signals the gateway and waits; SIGKILL after `timeout`. Returns its exit code.
+
+        Processes it had started that outlive it are added to `leftover_pids`.
+        """
+        if self.proc is None:
+            return None
+        before = self._descendants()
+        code = _stop_popen(self.proc, sig, timeout)
+        deadline = time.monotonic() + 2
+        while True:
+            left = [pid for pid, start in before.items() if _alive(pid, start)]
+            if not left or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        self.leftover_pids.extend(pid for pid in left if pid not in self.leftover_pids)
+        return code
+
+    def kill_leftovers(self) -> list[int]:
+        """SIGKILLs what outlived the gateway; returns those pids."""
+        killed = []
+        for pid in self.leftover_pids:
+            stat = _proc_stat(pid)
+            if stat is None or stat[0] == "Z":
+                continue
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            except OSError:
+                pass
+        self.leftover_pids = []
+        return killed
+
+
+# --------------------------------------------------------------------------- restic
+
+
+class ResticError(subprocess.CalledProcessError):
+    def __str__(self) -> str:
+        return (f"{super().__str__()}\n--- stdout ---\n{self.stdout}\n"
+                f"--- stderr ---\n{self.stderr}")
+
+
+def restic(repo_url: str, *args: str, password: str = "pw",
+           env: Mapping[str, str | None] | None = None, check: bool = True,
+           timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    exe = shutil.which("restic")
+    if exe is None:
+        raise RuntimeError("restic not found in PATH (run scripts/bootstrap.sh)")
+    full_env = {k: v for k, v in os.environ.items()
+                if not k.startswith("RESTIC_") or k == "RESTIC_CACHE_DIR"}
+    full_env["RESTIC_PASSWORD"] = password
+    for key, value in (env or {}).items():
+        if value is None:
+            full_env.pop(key, None)
+        else:
+            full_env[key] = value
+    cmd = [exe, "-r", repo_url, "--no-cache", *args]
+    result = subprocess.run(cmd, env=full_env, stdin=subprocess.DEVNULL,
+                            capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise ResticError(result.returncode, cmd, result.stdout, result.stderr)
+    return result
+
+
+# --------------------------------------------------------------------------- raw HTTP
+
+
+class _Reader:
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.buf = b""
+        self.closed = False
+
+    def _fill(self) -> bool:
+        if self.closed:
+            return False
+        try:
+            chunk = self.sock.recv(65536)
+        except (ConnectionResetError, BrokenPipeError):
+            chunk = b""
+        if not chunk:
+            self.closed = True
+            return False
+        self.buf += chunk
+        return True
+
+    def until(self, marker: bytes) -> bytes | None:
+        while marker not in self.buf:
+            if not self._fill():
+                return None
+        head, self.buf = self.buf.split(marker, 1)
+        return head
+
+    def exactly(self, n: int) -> bytes:
+        while len(self.buf) < n and self._fill():
+            pass
+        data, self.buf = self.buf[:n], self.buf[n:]
+        return data
+
+    def rest(self) -> bytes:
+        while self._fill():
+            pass
+        data, self.buf = self.buf, b""
+        return data
+
+
+def _read_chunked(reader: _Reader) -> bytes:
+    body = b""
+    while True:
+        size_line = reader.until(b"\r\n")
+        if size_line is None:
+            return body
+        size = int(size_line.split(b";", 1)[0].strip() or b"0", 16)
+        if size == 0:
+            while reader.until(b"\r\n") not in (None, b""):
+                pass
+            return body
+        body += reader.exactly(size)
+        reader.exactly(2)
+
+
+def raw_request(host: str, port: int, data: bytes, *, source: str | None = None,
+                timeout: float = 10) -> tuple[int, dict[str, str], bytes]:
+    """Sends `data` as is and reads one response: (status, lowercased headers, body).
+
+    Status 0 when the server closed the connection without answering.
+    """
+    source_address = (source, 0) if source else None
+    with socket.create_connection((host, port), timeout=timeout,
+                                  source_address=source_address) as sock:
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            sock.sendall(data)
+        reader = _Reader(sock)
+        while True:
+            head = reader.until(b"\r\n\r\n")
+            if head is None:
+                return 0, {}, b""
+            lines = head.decode("iso-8859-1").split("\r\n")
+            parts = lines[0].split(" ", 2)
+            status = int(parts[1])
+            headers: dict[str, str] = {}
+            for line in lines[1:]:
+                name, _, value = line.partition(":")
+                key = name.strip().lower()
+                value = value.strip()
+                headers[key] = f"{headers[key]}, {value}" if key in headers else value
+            if 100 <= status < 200 and status != 101:
+                continue
+            break
+        if data.startswith(b"HEAD ") or status in (101, 204, 304):
+            body = b""
+        elif "chunked" in headers.get("transfer-encoding", "").lower():
+            body = _read_chunked(reader)
+        elif "content-length" in headers:
+            body = reader.exactly(int(headers["content-length"]))
+        else:
+            body = reader.rest()
+        return status, headers, body

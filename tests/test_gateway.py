@@ -1,0 +1,536 @@
+"""The gateway end to end: real redis-server, real rclone children, real restic."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import socket
+import time
+import uuid as uuidlib
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from harness import Cluster, GatewayProcess, RedisServer, basic, raw_request, restic
+
+DEST = "0d2b7ab6-8f8b-4c43-a1d3-7f3f5f7c1a01"
+REMOTE_DEST = "3f9c0e55-1b2a-4d6e-9f70-aa11bb22cc33"
+PEER_DEST = "6a6a6a6a-1b2a-4d6e-9f70-aa11bb22cc33"
+NODE = ("node/1", "node-secret-1")
+TRAEFIK = ("module/traefik1", "traefik-secret")
+TRAEFIK_UUID = "5c1d6c1e-2f87-4e7b-9a34-0a1d9f9e4b01"
+DOKU_OLD = ("module/dokuwiki1", "doku1-secret")
+DOKU_OLD_UUID = "9e2f4d10-3c55-4b0d-8f4e-5a6b7c8d9e02"
+DOKU_NEW = ("module/dokuwiki2", "doku2-secret")
+DOKU_NEW_UUID = "11112222-3c55-4b0d-8f4e-5a6b7c8d9e03"
+MAIL = ("module/mail1", "mail-secret")
+MAIL_UUID = "a1a1a1a1-0000-4000-8000-000000000001"
+LDAP = ("module/ldap1", "ldap-secret")
+LDAP_UUID = "b2b2b2b2-0000-4000-8000-000000000002"
+WIKI_OLD = ("module/wiki1", "wiki1-secret")
+WIKI_OLD_UUID = "c3c3c3c3-0000-4000-8000-000000000003"
+WIKI_NEW = ("module/wiki2", "wiki2-secret")
+WIKI_NEW_UUID = "d4d4d4d4-0000-4000-8000-000000000004"
+OFF_USER = ("module/nextcloud1", "off-secret")
+NOPASS_USER = ("module/samba1", "")
+REST_ACCEPT = "application/vnd.x.restic.rest.v2"
+
+
+@dataclass
+class Env:
+    gateway: GatewayProcess
+    cluster: Cluster
+    remote_dir: Path
+
+    @property
+    def repo_dir(self) -> Path:
+        return self.gateway.local_repo
+
+    def repo_url(self, who: tuple[str, str], app: str, module_uuid: str, dest: str = DEST) -> str:
+        user = who[0].replace("/", "%2F")
+        return f"rest:http://{user}:{who[1]}@127.0.0.1:{self.gateway.port}/{dest}/{app}/{module_uuid}/"
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        who: tuple[str, str] | None = None,
+        *,
+        headers: dict[str, str] | None = None,
+        body: bytes | None = None,
+        rest: bool = False,
+    ) -> tuple[int, dict[str, str], bytes]:
+        all_headers = dict(headers or {})
+        if who is not None:
+            all_headers["Authorization"] = basic(*who)
+        if rest:
+            all_headers["Accept"] = REST_ACCEPT
+        conn = http.client.HTTPConnection("127.0.0.1", self.gateway.port, timeout=30)
+        try:
+            conn.request(method, path, body=body, headers=all_headers)
+            response = conn.getresponse()
+            data = response.read()
+            return response.status, {k.lower(): v for k, v in response.getheaders()}, data
+        finally:
+            conn.close()
+
+
+@pytest.fixture(scope="module")
+def env(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    workdir = tmp_path_factory.mktemp("gw")
+    remote_dir = workdir / "remote-storage"
+    remote_dir.mkdir()
+    client = redis_server.client()
+    cluster = Cluster(client)
+    cluster.flush()
+    for who in (NODE, TRAEFIK, DOKU_OLD, DOKU_NEW, MAIL, LDAP, WIKI_OLD, WIKI_NEW):
+        cluster.add_user(*who)
+    for who, module_uuid in ((MAIL, MAIL_UUID), (LDAP, LDAP_UUID), (WIKI_OLD, WIKI_OLD_UUID),
+                             (WIKI_NEW, WIKI_NEW_UUID)):
+        cluster.set_module(who[0].removeprefix("module/"), module_uuid)
+    cluster.grant_restore(WIKI_NEW_UUID, WIKI_OLD_UUID)
+    cluster.add_user(OFF_USER[0], OFF_USER[1], enabled=False)
+    cluster.add_user(NOPASS_USER[0], None, nopass=True)
+    cluster.set_module("traefik1", TRAEFIK_UUID)
+    cluster.set_module("dokuwiki1", DOKU_OLD_UUID)
+    cluster.set_module("dokuwiki2", DOKU_NEW_UUID)
+    cluster.set_module("nextcloud1", str(uuidlib.uuid4()))
+    cluster.set_module("samba1", str(uuidlib.uuid4()))
+    cluster.grant_restore(DOKU_NEW_UUID, DOKU_OLD_UUID)
+    cluster.set_node_vpn(1, "10.5.4.1")
+    cluster.set_node_vpn(2, "10.5.4.2")
+    cluster.set_network("10.5.4.0/24")
+    cluster.add_destination(DEST, provider="cluster", url="webdav:http://10.5.4.1:4694",
+                            name="local")
+    cluster.add_destination(
+        REMOTE_DEST, provider="rclone", url="rclone:local", name="remote",
+        basepath=str(remote_dir),
+        rclone_conf=f"[{REMOTE_DEST}]\ntype = local\n",
+    )
+    cluster.add_destination(PEER_DEST, provider="cluster", url="webdav:http://10.5.4.2:4694")
+    gateway = GatewayProcess.start(redis_server.url, "1", workdir)
+    try:
+        yield Env(gateway, cluster, remote_dir)
+    finally:
+        gateway.stop()
+        gateway.kill_leftovers()
+        client.close()
+
+
+def stored_object(env: Env, app: str, module_uuid: str, kind: str, object_id: str) -> Path:
+    """Where rclone serve restic keeps an object in a local repository."""
+    base = env.repo_dir / app / module_uuid / kind
+    return base / object_id[:2] / object_id if kind == "data" else base / object_id
+
+
+def tree(root: Path) -> dict[str, str]:
+    """Every file below root with the sha256 of its content."""
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+def make_files(directory: Path, count: int = 5, size: int = 200_000) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        (directory / f"file{i}.bin").write_bytes(os.urandom(size))
+    return directory
+
+
+# --------------------------------------------------------------------------- restic
+
+
+def test_module_backs_up_and_restores(env: Env, tmp_path: Path) -> None:
+    repo = env.repo_url(TRAEFIK, "traefik", TRAEFIK_UUID)
+    data = make_files(tmp_path / "data")
+    restic(repo, "init")
+    restic(repo, "backup", str(data))
+    (data / "file0.bin").write_bytes(os.urandom(300_000))
+    restic(repo, "backup", str(data))
+    snapshots = restic(repo, "snapshots", "--json").stdout
+    assert snapshots.count('"id"') == 2
+    restic(repo, "restore", "latest", "--target", str(tmp_path / "out"))
+    restored = tmp_path / "out" / data.relative_to("/")
+    assert tree(restored) == tree(data)
+
+
+def unchanged(before: dict[str, str], after: dict[str, str]) -> bool:
+    """Nothing stored before was removed or replaced (locks aside; additions are allowed)."""
+    kept = {k: v for k, v in before.items() if not k.startswith("locks/")}
+    return {k: after.get(k) for k in kept} == kept
+
+
+def test_refused_restic_operations_leave_repositories_unchanged(env: Env, tmp_path: Path) -> None:
+    """forget and prune as a module, and a backup into a granted repository, all fail.
+
+    restic retries refused requests for about 40 s, so the three run at once.
+    """
+    ldap = env.repo_url(LDAP, "ldap", LDAP_UUID)
+    mail = env.repo_url(MAIL, "mail", MAIL_UUID)
+    wiki_old = env.repo_url(WIKI_OLD, "wiki", WIKI_OLD_UUID)
+    data = make_files(tmp_path / "data", count=3)
+    for repo in (ldap, mail, wiki_old):
+        restic(repo, "init")
+        restic(repo, "backup", str(data))
+    (data / "file0.bin").write_bytes(os.urandom(300_000))
+    restic(mail, "backup", str(data))
+    # the node forgets a snapshot, so that there is data a prune would delete
+    restic(env.repo_url(NODE, "mail", MAIL_UUID), "forget", "--keep-last", "1")
+    snapshot = json.loads(restic(ldap, "snapshots", "--json").stdout)[0]["id"]
+    dirs = {name: env.repo_dir / name / u
+            for name, u in (("ldap", LDAP_UUID), ("mail", MAIL_UUID), ("wiki", WIKI_OLD_UUID))}
+    before = {name: tree(d) for name, d in dirs.items()}
+
+    granted = env.repo_url(WIKI_NEW, "wiki", WIKI_OLD_UUID)
+    runs = [
+        (ldap, "forget", snapshot),
+        (mail, "prune"),
+        (granted, "backup", str(data)),
+    ]
+    with ThreadPoolExecutor(len(runs)) as pool:
+        results = list(pool.map(lambda run: restic(*run, check=False, timeout=240), runs))
+    for run, result in zip(runs, results, strict=True):
+        assert result.returncode != 0, (run, result.stdout)
+    for name, d in dirs.items():
+        assert unchanged(before[name], tree(d)), name
+    log = env.gateway.log_text()
+    assert "modules may not delete backup data" in log
+    assert "granted repository is read-only" in log
+    assert json.loads(restic(ldap, "snapshots", "--json").stdout)[0]["id"] == snapshot
+
+
+def test_node_runs_retention_and_checks_through_the_gateway(env: Env, tmp_path: Path) -> None:
+    module_repo = env.repo_url(TRAEFIK, "traefik", "77777777-0000-4000-8000-000000000001")
+    env.cluster.set_module("traefik1", "77777777-0000-4000-8000-000000000001")
+    env.cluster.publish("acl-changed")
+    time.sleep(0.5)
+    try:
+        data = make_files(tmp_path / "data", count=3)
+        restic(module_repo, "init")
+        restic(module_repo, "backup", str(data))
+        (data / "file0.bin").write_bytes(os.urandom(1000))
+        restic(module_repo, "backup", str(data))
+    finally:
+        env.cluster.set_module("traefik1", TRAEFIK_UUID)
+        env.cluster.publish("acl-changed")
+        time.sleep(0.5)
+    node_repo = env.repo_url(NODE, "traefik", "77777777-0000-4000-8000-000000000001")
+    restic(node_repo, "forget", "--keep-last", "1", "--prune")
+    assert restic(node_repo, "snapshots", "--json").stdout.count('"id"') == 1
+    check = restic(node_repo, "check", "--read-data")
+    assert "no errors were found" in check.stdout
+
+
+def test_restoring_module_reads_granted_repository_only(env: Env, tmp_path: Path) -> None:
+    old_repo = env.repo_url(DOKU_OLD, "dokuwiki", DOKU_OLD_UUID)
+    data = make_files(tmp_path / "data", count=3)
+    restic(old_repo, "init")
+    restic(old_repo, "backup", str(data))
+
+    granted = env.repo_url(DOKU_NEW, "dokuwiki", DOKU_OLD_UUID)
+    restic(granted, "restore", "latest", "--target", str(tmp_path / "out"))
+    assert tree(tmp_path / "out" / data.relative_to("/")) == tree(data)
+
+    # the restoring module cannot touch the old module's repository it is not granted
+    other = env.repo_url(DOKU_NEW, "traefik", TRAEFIK_UUID)
+    assert restic(other, "snapshots", check=False, timeout=60).returncode != 0
+
+
+def test_append_only_keeps_stored_bytes(env: Env) -> None:
+    module_uuid = "88888888-0000-4000-8000-000000000002"
+    env.cluster.set_module("traefik1", module_uuid)
+    env.cluster.publish("acl-changed")
+    time.sleep(0.5)
+    try:
+        base = f"/{DEST}/traefik/{module_uuid}"
+        assert env.request("POST", f"{base}/?create=true", TRAEFIK, rest=True)[0] == 200
+        assert env.request("POST", f"{base}/config", TRAEFIK, body=b"first", rest=True)[0] == 200
+        status, _, body = env.request("POST", f"{base}/config", TRAEFIK, body=b"second", rest=True)
+        assert status == 403, body
+        content = b"object content"
+        object_id = hashlib.sha256(content).hexdigest()
+        path = f"{base}/data/{object_id}"
+        assert env.request("POST", path, TRAEFIK, body=content, rest=True)[0] == 200
+        status, _, _ = env.request("POST", path, TRAEFIK, body=b"replaced", rest=True)
+        assert status == 403
+        stored = env.repo_dir / "traefik" / module_uuid
+        assert (stored / "config").read_bytes() == b"first"
+        stored_data = stored_object(env, "traefik", module_uuid, "data", object_id)
+        assert stored_data.read_bytes() == content
+        status, headers, got = env.request("GET", path, TRAEFIK, rest=True)
+        assert (status, got) == (200, content)
+        assert headers["x-gateway-backend"] == "restic-append-only@node1"
+    finally:
+        env.cluster.set_module("traefik1", TRAEFIK_UUID)
+        env.cluster.publish("acl-changed")
+
+
+# --------------------------------------------------------------------------- WebDAV
+
+
+def test_node_webdav_round_trip(env: Env, tmp_path: Path) -> None:
+    base = f"/{DEST}/traefik"
+    assert env.request("MKCOL", f"/{DEST}/scratch/", NODE)[0] == 201
+    meta = b'{"uuid": "x", "name": "traefik1"}'
+    assert env.request("PUT", f"{base}/{TRAEFIK_UUID}.json", NODE, body=meta)[0] in (200, 201, 204)
+    status, headers, got = env.request("GET", f"{base}/{TRAEFIK_UUID}.json", NODE)
+    assert (status, got) == (200, meta)
+    assert headers["x-gateway-backend"] == "webdav@node1"
+
+    big = tmp_path / "big.bin"
+    with open(big, "wb") as f:
+        for _ in range(100):
+            f.write(os.urandom(1024 * 1024))
+    digest = hashlib.sha256(big.read_bytes()).hexdigest()
+    conn = http.client.HTTPConnection("127.0.0.1", env.gateway.port, timeout=120)
+    with open(big, "rb") as f:
+        conn.request("PUT", f"/{DEST}/scratch/big.bin", body=f,
+                     headers={"Authorization": basic(*NODE),
+                              "Content-Length": str(100 * 1024 * 1024)})
+        response = conn.getresponse()
+        response.read()
+    assert response.status in (200, 201, 204)
+    assert hashlib.sha256((env.repo_dir / "scratch" / "big.bin").read_bytes()).hexdigest() == digest
+    conn.request("GET", f"/{DEST}/scratch/big.bin", headers={"Authorization": basic(*NODE)})
+    response = conn.getresponse()
+    hasher = hashlib.sha256()
+    while chunk := response.read(1 << 20):
+        hasher.update(chunk)
+    conn.close()
+    assert hasher.hexdigest() == digest
+
+    status, _, body = env.request("PROPFIND", f"/{DEST}/scratch/", NODE, headers={"Depth": "1"})
+    assert status == 207 and b"big.bin" in body
+    status, _, body = env.request("PROPFIND", f"/{DEST}/scratch/", NODE, headers={"Depth": "0"})
+    assert status == 207 and b"big.bin" not in body
+    assert env.request("DELETE", f"/{DEST}/scratch/big.bin", NODE)[0] == 204
+    assert not (env.repo_dir / "scratch" / "big.bin").exists()
+    assert env.request("DELETE", f"/{DEST}/scratch/", NODE)[0] == 204
+
+
+def test_module_webdav_reads_own_tree_and_writes_nothing(env: Env) -> None:
+    base = f"/{DEST}/traefik"
+    meta = b'{"module": "traefik1"}'
+    env.request("PUT", f"{base}/{TRAEFIK_UUID}.json", NODE, body=meta)
+    env.request("POST", f"{base}/{TRAEFIK_UUID}/?create=true", TRAEFIK, rest=True)
+    status, _, got = env.request("GET", f"{base}/{TRAEFIK_UUID}.json", TRAEFIK)
+    assert (status, got) == (200, meta)
+    status, _, body = env.request("PROPFIND", f"{base}/{TRAEFIK_UUID}/", TRAEFIK,
+                                  headers={"Depth": "1"})
+    assert status == 207 and b"snapshots" in body
+    assert env.request("PROPFIND", "/", TRAEFIK, headers={"Depth": "1"})[0] == 207
+    assert env.request("PROPFIND", "/", TRAEFIK, headers={"Depth": "infinity"})[0] == 403
+    assert env.request("PROPFIND", f"/{DEST}/traefik/", TRAEFIK, headers={"Depth": "1"})[0] == 403
+    before = tree(env.repo_dir)
+    for method, path in [
+        ("PUT", f"{base}/{TRAEFIK_UUID}.json"),
+        ("PUT", f"{base}/{TRAEFIK_UUID}/newfile"),
+        ("DELETE", f"{base}/{TRAEFIK_UUID}/config"),
+        ("MKCOL", f"{base}/{TRAEFIK_UUID}/dir/"),
+        ("MOVE", f"{base}/{TRAEFIK_UUID}/config"),
+        ("COPY", f"{base}/{TRAEFIK_UUID}/config"),
+        ("PROPPATCH", f"{base}/{TRAEFIK_UUID}/config"),
+        ("PUT", f"/{DEST}/evil.txt"),
+    ]:
+        status, _, body = env.request(method, path, TRAEFIK, body=b"x",
+                                      headers={"Destination": f"{base}/stolen"})
+        assert status == 403, (method, path, body)
+        assert body.startswith(b"forbidden: ")
+    assert tree(env.repo_dir) == before
+
+
+def test_repository_created_through_rest_is_visible_over_webdav_at_once(env: Env) -> None:
+    env.request("PROPFIND", "/", NODE, headers={"Depth": "1"})
+    env.request("PROPFIND", f"/{DEST}/", NODE, headers={"Depth": "1"})
+    env.request("PROPFIND", f"/{DEST}/cachetest/", NODE, headers={"Depth": "1"})
+    module_uuid = str(uuidlib.uuid4())
+    base = f"/{DEST}/cachetest/{module_uuid}"
+    assert env.request("POST", f"{base}/?create=true", NODE, rest=True)[0] == 200
+    assert env.request("POST", f"{base}/config", NODE, body=b"cfg", rest=True)[0] == 200
+    status, _, body = env.request("PROPFIND", f"{base}/config", NODE, headers={"Depth": "0"})
+    assert status == 207, body
+
+
+def test_remote_destination_served_from_its_basepath(env: Env) -> None:
+    path = f"/{REMOTE_DEST}/meta.json"
+    assert env.request("PUT", path, NODE, body=b"{}")[0] in (200, 201, 204)
+    assert (env.remote_dir / "meta.json").read_bytes() == b"{}"
+
+
+# --------------------------------------------------------------------------- access rules
+
+
+REPO = f"/{DEST}/traefik/{TRAEFIK_UUID}"
+
+
+@pytest.mark.parametrize(
+    ("who", "method", "path", "rest", "expected"),
+    [
+        (NODE, "GET", f"{REPO}/config", True, {200, 404}),
+        (NODE, "PROPFIND", "/", False, {207}),
+        (TRAEFIK, "GET", f"{REPO}/keys/", True, {200}),
+        (TRAEFIK, "DELETE", f"{REPO}/data/{'a' * 64}", True, {403}),
+        (TRAEFIK, "GET", f"/{DEST}/dokuwiki/{DOKU_OLD_UUID}/config", True, {403}),
+        (DOKU_NEW, "GET", f"/{DEST}/dokuwiki/{DOKU_OLD_UUID}/keys/", True, {200, 404}),
+        (DOKU_NEW, "POST", f"/{DEST}/dokuwiki/{DOKU_OLD_UUID}/data/{'b' * 64}", True, {403}),
+        (OFF_USER, "GET", "/", False, {401}),
+        (NOPASS_USER, "GET", "/", False, {401}),
+        (("module/ghost1", "x"), "GET", "/", False, {401}),
+        (("node/1", "wrong"), "GET", "/", False, {401}),
+        (("admin", "x"), "GET", "/", False, {401}),
+        (None, "GET", f"{REPO}/config", True, {401}),
+        (NODE, "GET", f"/{PEER_DEST}/x/y/config", True, {503}),
+        (NODE, "GET", "/99999999-0000-0000-0000-000000000000/a/b/config", True, {404}),
+    ],
+)
+def test_callers(env: Env, who, method: str, path: str, rest: bool, expected: set[int]) -> None:
+    status, headers, body = env.request(method, path, who, rest=rest)
+    assert status in expected, body
+    if status == 401:
+        assert headers["www-authenticate"] == 'Basic realm="ns8-rclone-gateway"'
+
+
+def test_no_password_or_authorization_reaches_the_log(env: Env) -> None:
+    env.request("GET", "/", ("node/1", "wrong-password-xyz"))
+    log = env.gateway.log_text()
+    for secret in (NODE[1], TRAEFIK[1], "wrong-password-xyz", basic(*NODE)):
+        assert secret not in log
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/a/../b", "/a/%2e%2e/b", "/a/%2E%2e/b", "/a/./b", "/a/%2e/b", "/a//b", "//a",
+        "/a%2fb", "/a%2Fb", "/a\\b", "/a%5Cb", "/a%00b", "/a%01b", "/a%0d%0ab", "/a%7fb",
+        "/a%zz", "/a%4", "/%ff", "/%c3", "/" + "a" * 256, "/" + "%61" * 256,
+        "/" + "/".join(["a" * 250] * 17),
+    ],
+)
+def test_non_canonical_targets_get_400(env: Env, target: str) -> None:
+    request = (f"GET {target} HTTP/1.1\r\nHost: x\r\nAuthorization: {basic(*NODE)}\r\n"
+               "Connection: close\r\n\r\n").encode("latin-1")
+    status, _, body = raw_request("127.0.0.1", env.gateway.port, request)
+    assert status == 400, body
+
+
+def test_non_canonical_targets_are_refused_before_credentials(env: Env) -> None:
+    status, _, body = raw_request(
+        "127.0.0.1", env.gateway.port,
+        b"GET /a/../b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert status == 400
+    assert b"dot segment" in body
+
+
+def test_probe_needs_no_credentials_only_for_get_and_head(env: Env) -> None:
+    probe = f"/{DEST}/_probe_rest_404"
+    assert env.request("GET", probe, rest=True)[0] == 404
+    assert env.request("HEAD", probe)[0] == 404
+    assert env.request("GET", f"/{PEER_DEST}/_probe_rest_404")[0] == 503
+    assert env.request("GET", "/11111111-0000-0000-0000-000000000000/_probe_rest_404")[0] == 503
+    for method, path in [
+        ("POST", probe), ("DELETE", probe), ("PUT", probe), ("PROPFIND", probe),
+        ("GET", f"/{DEST}/traefik/_probe_rest_404"),
+        ("GET", f"{REPO}/_probe_rest_404"),
+        ("GET", f"{probe}/"),
+        ("GET", f"{probe}?x=1"),
+    ]:
+        assert env.request(method, path)[0] == 401, (method, path)
+
+
+def test_untrusted_source_is_refused_before_anything(env: Env) -> None:
+    request = (f"GET /{DEST}/_probe_rest_404 HTTP/1.1\r\nHost: x\r\n"
+               f"Authorization: {basic(*NODE)}\r\nConnection: close\r\n\r\n").encode()
+    status, _, body = raw_request("127.0.0.1", env.gateway.port, request, source="127.0.0.2")
+    assert status == 403, body
+    status, _, _ = raw_request(
+        "127.0.0.1", env.gateway.port,
+        b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", source="127.0.0.2")
+    assert status == 403
+
+
+def test_new_module_authenticates_after_acl_event_without_backend_restart(env: Env) -> None:
+    before = sorted(env.gateway.child_pids())
+    who = ("module/wiki7", "wiki-secret")
+    assert env.request("GET", "/", who)[0] == 401
+    env.cluster.add_user(*who)
+    env.cluster.set_module("wiki7", str(uuidlib.uuid4()))
+    env.cluster.publish("acl-changed")
+    deadline = time.monotonic() + 5
+    while env.request("PROPFIND", "/", who, headers={"Depth": "0"})[0] != 207:
+        assert time.monotonic() < deadline, "new module never authenticated"
+        time.sleep(0.05)
+    assert sorted(env.gateway.child_pids()) == before
+
+
+# --------------------------------------------------------------------------- failure modes
+
+
+def test_aborted_upload_leaves_no_partial_object(env: Env) -> None:
+    module_uuid = TRAEFIK_UUID
+    env.request("POST", f"/{DEST}/traefik/{module_uuid}/?create=true", TRAEFIK, rest=True)
+    content = os.urandom(4 * 1024 * 1024)
+    object_id = hashlib.sha256(content).hexdigest()
+    head = (f"POST /{DEST}/traefik/{module_uuid}/data/{object_id} HTTP/1.1\r\nHost: x\r\n"
+            f"Authorization: {basic(*TRAEFIK)}\r\nAccept: {REST_ACCEPT}\r\n"
+            f"Content-Length: {len(content)}\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", env.gateway.port)) as sock:
+        sock.sendall(head + content[: len(content) // 2])
+        time.sleep(0.5)
+    time.sleep(1.0)
+    assert env.request("HEAD", f"/{DEST}/traefik/{module_uuid}/config", NODE, rest=True)[0] == 200
+    assert not stored_object(env, "traefik", module_uuid, "data", object_id).exists()
+    assert not list((env.repo_dir / "traefik" / module_uuid / "data").rglob(object_id + "*"))
+    status, _, _ = env.request("HEAD", f"/{DEST}/traefik/{module_uuid}/data/{object_id}",
+                               NODE, rest=True)
+    assert status == 404
+
+
+def test_bad_credentials_encodings_get_401_not_500(env: Env) -> None:
+    for value in ["Basic", "Basic !!!", "Basic " + "a" * 10, "Bearer x", "Basic Og==",
+                  "basic bm9kZS8xOg=="]:
+        status, _, _ = env.request("GET", "/", headers={"Authorization": value})
+        assert status == 401, value
+
+
+def _vm_hwm_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+def test_one_gib_upload_streams_in_flat_memory(env: Env) -> None:
+    size = 1024 * 1024 * 1024
+    block = os.urandom(1024 * 1024)
+
+    def body() -> Iterator[bytes]:
+        for _ in range(size // len(block)):
+            yield block
+
+    conn = http.client.HTTPConnection("127.0.0.1", env.gateway.port, timeout=300)
+    conn.request("PUT", f"/{DEST}/bigfile.bin", body=body(),
+                 headers={"Authorization": basic(*NODE), "Content-Length": str(size)})
+    response = conn.getresponse()
+    response.read()
+    conn.close()
+    assert response.status in (200, 201, 204)
+    assert (env.repo_dir / "bigfile.bin").stat().st_size == size
+    peak_mib = _vm_hwm_kib(env.gateway.pid) / 1024
+    assert peak_mib < 200, f"gateway peak RSS {peak_mib:.0f} MiB"
+    (env.repo_dir / "bigfile.bin").unlink()
+
+
+def test_health_reports_backends(env: Env) -> None:
+    status, _, body = env.request("GET", "/health")
+    assert status == 200
+    document = json.loads(body)
+    assert document["status"] == "ok"
+    assert set(document["backends"]) == {"restic", "restic-append-only", "webdav"}
+    assert all(b["state"] == "running" for b in document["backends"].values())
+    assert document["destinations"][DEST]["served"] == "here"
+    assert NODE[1] not in body.decode()

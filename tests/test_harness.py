@@ -1,0 +1,109 @@
+from __future__ import annotations
+
+import hashlib
+import socket
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from harness import Cluster, RedisServer, basic, free_port, raw_request, restic
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        if self.path == "/chunked":
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for part in (b"hello ", b"world"):
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
+            self.wfile.write(b"0\r\n\r\n")
+            return
+        body = f"{self.client_address[0]} {self.headers.get('Authorization')}".encode()
+        self.send_response(201)
+        self.send_header("X-Test", "yes")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def http_server() -> Iterator[ThreadingHTTPServer]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_cluster_writes_acl_lines_as_acl_list(cluster: Cluster) -> None:
+    digest = hashlib.sha256(b"s3cret").hexdigest()
+    line = cluster.add_user("module/traefik1", "s3cret")
+    assert line.startswith("user module/traefik1 on ")
+    assert f"#{digest}" in line.split()
+    assert cluster.r.smembers("cluster/acls") == {line}
+
+    replaced = cluster.add_user("module/traefik1", "s3cret", enabled=False, nopass=True,
+                                extra_hashes=["ab" * 32])
+    assert {"off", "nopass", f"#{digest}", "#" + "ab" * 32} <= set(replaced.split())
+    assert cluster.r.smembers("cluster/acls") == {replaced}
+
+    cluster.add_user("node/1", "other")
+    cluster.remove_user("module/traefik1")
+    assert [m.split()[1] for m in cluster.r.smembers("cluster/acls")] == ["node/1"]
+
+    cluster.add_destination("d1", provider="rclone", url="s3:x/y", rclone_conf="[d1]\n")
+    assert cluster.r.hgetall("cluster/backup_repository/d1")["provider"] == "rclone"
+    cluster.remove_destination("d1")
+    assert not cluster.r.exists("cluster/backup_repository/d1")
+    assert cluster.r.hlen("private/nodes/backup_destination/rclone_conf") == 0
+
+
+def test_redis_server_stops() -> None:
+    server = RedisServer()
+    client = server.client()
+    assert client.ping()
+    client.close()
+    server.stop()
+    assert server.proc is not None and server.proc.returncode is not None
+    assert not server.dir.exists()
+
+
+def test_raw_request(http_server: ThreadingHTTPServer) -> None:
+    port = http_server.server_address[1]
+    request = (f"GET /x HTTP/1.1\r\nHost: a\r\nAuthorization: {basic('node/1', 'pw')}\r\n"
+               "Connection: close\r\n\r\n").encode()
+    status, headers, body = raw_request("127.0.0.1", port, request, source="127.0.0.2")
+    assert status == 201
+    assert headers["x-test"] == "yes"
+    assert body == b"127.0.0.2 Basic bm9kZS8xOnB3"
+
+    chunked = b"GET /chunked HTTP/1.1\r\nHost: a\r\n\r\n"
+    assert raw_request("127.0.0.1", port, chunked)[::2] == (200, b"hello world")
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        closer = threading.Thread(target=lambda: listener.accept()[0].close(), daemon=True)
+        closer.start()
+        assert raw_request("127.0.0.1", listener.getsockname()[1], b"GET / HTTP/1.1\r\n\r\n") \
+            == (0, {}, b"")
+        closer.join(5)
+    assert free_port() > 0
+
+
+def test_restic_runs_the_real_client(tmp_path) -> None:
+    repo = str(tmp_path / "repo")
+    restic(repo, "init", password="pw")
+    assert restic(repo, "snapshots", "--json").stdout.strip() == "[]"
+    failed = restic(repo, "snapshots", password="wrong", check=False)
+    assert failed.returncode != 0
