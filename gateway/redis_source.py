@@ -119,9 +119,12 @@ class RedisSource:
     When Redis is away, the last good state stays in force and reads are retried with backoff.
     """
 
-    def __init__(self, url: str, *, resync_interval: float = 60.0) -> None:
+    def __init__(
+        self, url: str, *, resync_interval: float = 60.0, ping_interval: float = 30.0
+    ) -> None:
         self.url = url
         self.resync_interval = resync_interval
+        self.ping_interval = ping_interval
         self.state: ClusterState | None = None
         self.status = SourceStatus()
         self._listeners: list[StateListener] = []
@@ -202,10 +205,18 @@ class RedisSource:
                 # A (re)subscription may have missed events: read everything again.
                 self.request_resync()
                 backoff = 0.5
+                loop = asyncio.get_running_loop()
+                last_ping = loop.time()
                 while True:
-                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=30)
+                    message = await pubsub.get_message(
+                        ignore_subscribe_messages=True, timeout=self.ping_interval
+                    )
                     if message is None:
-                        await pubsub.ping()
+                        # None also stands for the PONG of our own ping: ping again only
+                        # after a quiet interval, or the loop ping-pongs Redis at full speed.
+                        if loop.time() - last_ping >= self.ping_interval:
+                            last_ping = loop.time()
+                            await pubsub.ping()
                         continue
                     if message.get("type") != "pmessage":
                         continue
