@@ -34,6 +34,12 @@ REQUEST_DROP = HOP_BY_HOP | {"authorization", "host", "expect", "x-gateway-forwa
 RESPONSE_DROP = HOP_BY_HOP | {"x-gateway-backend", "server", "date"}
 
 
+class _ProxyResponse(web.StreamResponse):
+    # The status line and headers go out with the first piece of the body (or at the end):
+    # one write, one segment for a small response instead of two.
+    _send_headers_immediately = False
+
+
 class UpstreamError(Exception):
     """The backend could not be reached or did not answer in time."""
 
@@ -114,7 +120,7 @@ async def forward(
         raise UpstreamError(502, "backend error") from exc
 
     async with upstream:
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        response = _ProxyResponse(status=upstream.status, reason=upstream.reason)
         named = _connection_tokens(upstream.headers)
         for key, value in upstream.headers.items():
             lower = key.lower()
