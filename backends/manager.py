@@ -25,6 +25,8 @@ from gateway.policy import Backend
 log = logging.getLogger("rclone_gateway.backends")
 
 CONNECT_TIMEOUT = 5.0
+# Bytes of a response body read ahead from a backend, as for request bodies in the server.
+READ_BUFSIZE = 512 * 1024
 
 
 def rclone_argv(rclone: str, backend: Backend, conf: Path, socket: Path, root: str) -> list[str]:
@@ -64,6 +66,7 @@ class Generation:
             )
             session = aiohttp.ClientSession(
                 connector=connector,
+                read_bufsize=READ_BUFSIZE,
                 auto_decompress=False,
                 skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
             )

@@ -134,7 +134,8 @@ def make_restic_data(directory: Path, plan: Plan) -> Path:
 
 
 def restic_cycle(target: Target, data: Path, storage: Path, scratch: Path,
-                 results: Results) -> None:
+                 results: Results, gateway_pid: int | None) -> None:
+    """init, backup, restore, check into a new repository; the gateway's CPU if it is used."""
     repo_dir = storage / APP / MODULE_UUID
     shutil.rmtree(repo_dir, ignore_errors=True)
     restore_dir = scratch / "restore"
@@ -147,8 +148,12 @@ def restic_cycle(target: Target, data: Path, storage: Path, scratch: Path,
         ("check", ("check",)),
     )
     for step, args in steps:
+        cpu_before = cpu_seconds(gateway_pid) if gateway_pid else 0.0
         seconds = timed(lambda args=args: restic(repo, *args, timeout=1800))
         results.add(f"restic {step}", target.name, seconds)
+        if gateway_pid and step in ("backup", "restore"):
+            results.add(f"gateway CPU, restic {step}", GATEWAY,
+                        cpu_seconds(gateway_pid) - cpu_before)
     restored = sum(p.stat().st_size for p in restore_dir.rglob("*") if p.is_file())
     expected = sum(p.stat().st_size for p in data.iterdir())
     if restored != expected:
@@ -157,7 +162,8 @@ def restic_cycle(target: Target, data: Path, storage: Path, scratch: Path,
     shutil.rmtree(repo_dir, ignore_errors=True)
 
 
-def wrk(target: Target, seconds: int, results: Results | None) -> None:
+def wrk(target: Target, seconds: int, results: Results | None) -> int:
+    """Runs wrk against the small object; returns the number of requests answered."""
     headers = {**target.node_headers(), "Accept": REST_ACCEPT}
     argv = ["wrk", "-t2", "-c16", f"-d{seconds}s", "--timeout", "5s",
             "-s", str(ROOT / "bench" / "wrk_report.lua")]
@@ -177,6 +183,13 @@ def wrk(target: Target, seconds: int, results: Results | None) -> None:
         results.add("small GET req/s", target.name, requests / (duration_us / 1e6))
         results.add("small GET p50 ms", target.name, p50 / 1000)
         results.add("small GET p99 ms", target.name, p99 / 1000)
+    return requests
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def reset_peak_rss(pid: int) -> None:
@@ -241,25 +254,28 @@ def acl_change_seconds(gateway: GatewayProcess, cluster: Cluster, target: Target
 @dataclass(frozen=True)
 class Row:
     measure: str
-    unit: str
-    lower_is_better: bool
     target: str = ""
     check: Callable[[float], bool] | None = None  # on the paired ratio (or value)
     on_value: bool = False  # the target applies to the gateway's own value
+    scale: float = 1.0  # from the recorded value to the unit shown
 
 
 ROWS = [
-    Row("restic init", "s", True),
-    Row("restic backup", "s", True, "≤ x1.05", lambda r: r <= 1.05),
-    Row("restic restore", "s", True, "≤ x1.05", lambda r: r <= 1.05),
-    Row("restic check", "s", True),
-    Row("small GET req/s", "", False, "≥ x0.8", lambda r: r >= 0.8),
-    Row("small GET p50 ms", "ms", True),
-    Row("small GET p99 ms", "ms", True, "≤ x2", lambda r: r <= 2.0),
-    Row("large PUT MB/s", "", False, "≥ x0.9", lambda r: r >= 0.9),
-    Row("gateway peak RSS, large PUT", "MB", True, "< 64 MB", lambda v: v < 64, True),
-    Row("gateway peak RSS, small PUT", "MB", True, "flat", None, True),
-    Row("acl-changed to new credentials working", "ms", True),
+    Row("restic init"),
+    Row("restic backup", "≤ x1.05", lambda r: r <= 1.05),
+    Row("restic restore", "≤ x1.05", lambda r: r <= 1.05),
+    Row("restic check"),
+    Row("gateway CPU, restic backup"),
+    Row("gateway CPU, restic restore"),
+    Row("small GET req/s", "≥ x0.8", lambda r: r >= 0.8),
+    Row("small GET p50 ms"),
+    Row("small GET p99 ms", "≤ x2", lambda r: r <= 2.0),
+    Row("gateway CPU per GET", scale=1e6),
+    Row("large PUT MB/s", "≥ x0.9", lambda r: r >= 0.9),
+    Row("gateway peak RSS, large PUT", "< 64 MB", lambda v: v < 64, True),
+    Row("gateway peak RSS, small PUT", "flat", None, True),
+    Row("gateway CPU per GiB PUT"),
+    Row("acl-changed to new credentials working", scale=1000),
 ]
 
 
@@ -282,6 +298,10 @@ def table(results: Results, names: list[str], plan: Plan) -> str:
         "small GET p50 ms": "GET 1 KiB, p50 (ms)",
         "small GET p99 ms": "GET 1 KiB, p99 (ms)",
         "acl-changed to new credentials working": "acl-changed to new password working (ms)",
+        "gateway CPU per GET": "gateway CPU per GET (µs)",
+        "gateway CPU, restic backup": "gateway CPU during restic backup (s)",
+        "gateway CPU, restic restore": "gateway CPU during restic restore (s)",
+        "gateway CPU per GiB PUT": "gateway CPU per GiB of PUT (s)",
     }
     others = [n for n in names if n != RCLONE]
     head = ["measure", RCLONE, *others, *(f"{n} / rclone" for n in others), "target", "met"]
@@ -291,11 +311,10 @@ def table(results: Results, names: list[str], plan: Plan) -> str:
             continue
         label = labels.get(row.measure, f"{row.measure} {plan.restic_mib} MiB (s)"
                            if row.measure.startswith("restic") else row.measure)
-        scale = 1000 if row.measure.startswith("acl") else 1
         cells = [label]
         for name in [RCLONE, *others]:
             value = results.median(row.measure, name)
-            cells.append(fmt(value * scale) if value is not None else "-")
+            cells.append(fmt(value * row.scale) if value is not None else "-")
         ratios = {n: results.paired_ratio(row.measure, n, RCLONE) for n in others}
         cells += [f"x{r:.2f}" if r is not None else "-" for r in ratios.values()]
         met = "-"
@@ -322,7 +341,7 @@ def per_round(results: Results, names: list[str]) -> str:
                 parts.append(name + " " + ", ".join(
                     f"x{x / y:.2f}" for x, y in zip(a, b, strict=False) if y))
             elif a:
-                parts.append(name + " " + ", ".join(fmt(x) for x in a))
+                parts.append(name + " " + ", ".join(fmt(x * row.scale) for x in a))
         lines.append(f"- {row.measure}: " + "; ".join(parts))
     return "\n".join(lines)
 
@@ -363,13 +382,30 @@ def machine(rclone: str) -> list[tuple[str, str]]:
     return facts
 
 
-def document(report: str, rounds: str, facts: list[tuple[str, str]], plan: Plan,
-             quick: bool, seconds: float) -> str:
-    machine_lines = "\n".join(f"| {k} | {v} |" for k, v in facts)
-    return f"""# Performance
+BEGIN_MARK = "<!-- measured by bench/run.py: this part is rewritten by each run -->"
+END_MARK = "<!-- end of the measured part -->"
 
+
+def write_report(path: Path, measured: str) -> None:
+    """Replaces the measured part of `path`, keeping what was written around it."""
+    block = f"{BEGIN_MARK}\n{measured}\n{END_MARK}"
+    text = path.read_text() if path.exists() else ""
+    if BEGIN_MARK in text and END_MARK in text:
+        head, rest = text.split(BEGIN_MARK, 1)
+        tail = rest.split(END_MARK, 1)[1]
+        text = head + block + tail
+    else:
+        text = f"# Performance\n\n{block}\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def measured_section(report: str, rounds: str, facts: list[tuple[str, str]], plan: Plan,
+                     quick: bool, seconds: float) -> str:
+    machine_lines = "\n".join(f"| {k} | {v} |" for k, v in facts)
+    return f"""\
 Figures from `make bench{" -- --quick" if quick else ""}` (`bench/run.py`), {plan.rounds} rounds,
-{seconds / 60:.1f} minutes. Regenerate this file by running it again.
+{seconds / 60:.1f} minutes.
 
 {report}
 
@@ -391,16 +427,15 @@ peak (VmHWM, reset before each upload) of the gateway process alone, not its
 rclone children. acl-changed: time from publishing the event to the first
 200 answered for a password that was just set.
 
-Ratios in each round (gateway / rclone alone):
+Each round, as a ratio to rclone alone (or as the value, where there is no baseline):
 
 {rounds}
 
-## Machine
+Machine:
 
 | | |
 |---|---|
-{machine_lines}
-"""
+{machine_lines}"""
 
 
 # --------------------------------------------------------------------------- main
@@ -516,10 +551,15 @@ def main() -> int:
             say(f"round {round_no + 1}/{plan.rounds}: {' -> '.join(t.name for t in order)}")
             if "restic" in only:
                 for target in order:
-                    restic_cycle(target, data, storage, scratch, results)
+                    restic_cycle(target, data, storage, scratch, results,
+                                 gateway.pid if target.name == GATEWAY else None)
             if "get" in only:
                 for target in order:
-                    wrk(target, plan.wrk_seconds, results)
+                    before = cpu_seconds(gateway.pid)
+                    requests = wrk(target, plan.wrk_seconds, results)
+                    if target.name == GATEWAY:
+                        results.add("gateway CPU per GET", GATEWAY,
+                                    (cpu_seconds(gateway.pid) - before) / requests)
             if "put" in only:
                 for target in order:
                     if target.name == GATEWAY:
@@ -528,11 +568,14 @@ def main() -> int:
                         results.add("gateway peak RSS, small PUT", GATEWAY,
                                     peak_rss_mb(gateway.pid))
                         reset_peak_rss(gateway.pid)
+                    before = cpu_seconds(gateway.pid)
                     mbps = put(target, put_source, storage, f"large-{round_no}.bin")
                     results.add("large PUT MB/s", target.name, mbps)
                     if target.name == GATEWAY:
                         results.add("gateway peak RSS, large PUT", GATEWAY,
                                     peak_rss_mb(gateway.pid))
+                        results.add("gateway CPU per GiB PUT", GATEWAY,
+                                    (cpu_seconds(gateway.pid) - before) * 1024 / plan.put_mib)
             if "acl" in only:
                 results.add("acl-changed to new credentials working", GATEWAY,
                             acl_change_seconds(gateway, cluster, targets[0], round_no))
@@ -540,8 +583,7 @@ def main() -> int:
         report = table(results, names, plan)
         print(report)
         if str(args.output) != "-":
-            args.output.parent.mkdir(parents=True, exist_ok=True)
-            args.output.write_text(document(
+            write_report(args.output, measured_section(
                 report, per_round(results, names), machine(rclone), plan, args.quick,
                 time.monotonic() - bench_started))
             say(f"bench: wrote {args.output}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -65,6 +66,7 @@ def parse_network(value: str | None) -> tuple[IPNetwork, ...]:
 LOCAL_ADDRESSES = frozenset({ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")})
 
 
+@functools.lru_cache(maxsize=1024)  # asked once per request, for a handful of addresses
 def is_trusted_source(address: str | None, networks: tuple[IPNetwork, ...]) -> bool:
     """Spec section 4, step 1: loopback clients, or clients inside the cluster network."""
     if not address:

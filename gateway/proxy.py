@@ -16,6 +16,11 @@ CHUNK = 256 * 1024
 BACKEND_IDLE_TIMEOUT = 30.0
 CONNECT_TIMEOUT = 5.0
 
+TIMEOUTS = aiohttp.ClientTimeout(
+    total=None, connect=CONNECT_TIMEOUT, sock_connect=CONNECT_TIMEOUT,
+    sock_read=BACKEND_IDLE_TIMEOUT,
+)
+
 HOP_BY_HOP = frozenset(
     {
         "connection",
@@ -99,14 +104,10 @@ async def forward(
         if body_filter is not None:
             data = body_filter(data)
     url = URL("http://backend" + target.path_and_query, encoded=True)
-    timeout = aiohttp.ClientTimeout(
-        total=None, connect=CONNECT_TIMEOUT, sock_connect=CONNECT_TIMEOUT,
-        sock_read=BACKEND_IDLE_TIMEOUT,
-    )
     try:
         upstream = await session.request(
             request.method, url, headers=headers, data=data, allow_redirects=False,
-            timeout=timeout, compress=None, auto_decompress=False,
+            timeout=TIMEOUTS, compress=None, auto_decompress=False,
         )
     except TimeoutError as exc:
         raise UpstreamError(504, "backend did not answer in time") from exc
