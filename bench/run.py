@@ -376,6 +376,7 @@ def machine(rclone: str) -> list[tuple[str, str]]:
         ("rclone", command_version([rclone, "version"])),
         ("restic", command_version(["restic", "version"])),
         ("wrk", command_version(["wrk", "-v"])),
+        ("load average (1 min) at the end", f"{os.getloadavg()[0]:.2f}"),
     ]
     if shutil.which("haproxy"):
         facts.append(("haproxy", command_version(["haproxy", "-v"])))
