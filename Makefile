@@ -19,7 +19,7 @@ lint: bootstrap
 	$(RUFF) check .
 
 bench: bootstrap
-	$(PYTHON) bench/run.py
+	$(PYTHON) bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf var

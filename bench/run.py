@@ -5,6 +5,10 @@ Starts its own redis-server, the gateway (with its rclone children), and
 directory as the baseline. Every measurement runs the targets one after the
 other, in alternating order from round to round; each round gives one paired
 ratio per target, and the table shows medians. Writes docs/performance.md.
+
+    make bench                          # about 8 minutes on 2 idle cores
+    make bench BENCH_ARGS=--quick       # smaller data, shorter runs
+    make bench BENCH_ARGS="--only get --output -"   # one measure, nothing written
 """
 
 from __future__ import annotations
@@ -405,8 +409,8 @@ def measured_section(report: str, rounds: str, facts: list[tuple[str, str]], pla
                      quick: bool, seconds: float) -> str:
     machine_lines = "\n".join(f"| {k} | {v} |" for k, v in facts)
     return f"""\
-Figures from `make bench{" -- --quick" if quick else ""}` (`bench/run.py`), {plan.rounds} rounds,
-{seconds / 60:.1f} minutes.
+Figures from `make bench{" BENCH_ARGS=--quick" if quick else ""}` (`bench/run.py`),
+{plan.rounds} rounds, {seconds / 60:.1f} minutes.
 
 {report}
 
