@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -19,6 +18,9 @@ from backends.rclone_conf import Placement, render
 from gateway import __version__
 from gateway.cluster import ClusterState, is_trusted_source
 from gateway.credentials import parse_basic, verify
+from gateway.logs import access_level, access_line
+from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from gateway.metrics import GatewayMetrics
 from gateway.paths import PathError, Target, canonicalise
 from gateway.policy import (
     Caller,
@@ -31,6 +33,7 @@ from gateway.policy import (
 )
 from gateway.proxy import Transfer, UpstreamError, forward, plain
 from gateway.redis_source import RedisSource
+from gateway.sd_notify import Notifier
 
 log = logging.getLogger("rclone_gateway")
 access_log = logging.getLogger("rclone_gateway.access")
@@ -60,6 +63,7 @@ class Outcome:
     """What the access log says about one request."""
 
     user: str = "-"
+    caller: str = "anonymous"  # caller group once authenticated: node or module
     protocol: str = "-"
     decision: str = "-"
     rule: str = "-"
@@ -81,6 +85,8 @@ class Gateway:
         self.started = time.time()
         self.label_suffix = f"@node{settings.node_id}"
         self._apply_lock = asyncio.Lock()
+        self.metrics = GatewayMetrics(self.health_document)
+        self.systemd = Notifier()
         self.source.on_change(self._on_state)
 
     # --- configuration -------------------------------------------------------------------
@@ -107,6 +113,8 @@ class Gateway:
                 log.exception("backends for the new configuration did not start")
                 return
             self.placement = rendered.placement
+            if self.serving():
+                self.systemd.serving()
 
     # --- request handling ----------------------------------------------------------------
 
@@ -120,6 +128,13 @@ class Gateway:
             return response
         finally:
             self.inflight -= 1
+            status = response.status if response is not None else 499
+            self.metrics.observe(
+                caller=outcome.caller, protocol=outcome.protocol, method=request.method,
+                decision=outcome.decision, status=status, duration=time.monotonic() - started,
+                bytes_in=outcome.transfer.bytes_in, bytes_out=outcome.transfer.bytes_out,
+                reason=outcome.reason,
+            )
             self._log(request, outcome, response, started)
 
     async def _handle(self, request: web.BaseRequest, outcome: Outcome) -> web.StreamResponse:
@@ -132,7 +147,11 @@ class Gateway:
 
         raw = request.raw_path
         if raw in ("/health", "/health/"):
+            outcome.path = raw
             return self._health(request)
+        if raw in ("/metrics", "/metrics/"):
+            outcome.path = raw
+            return self._metrics(request)
 
         try:
             target = canonicalise(raw)
@@ -149,6 +168,7 @@ class Gateway:
         if caller is None:
             return plain(401, "authentication required", {"WWW-Authenticate": REALM})
         outcome.user = caller.user
+        outcome.caller = caller.group
 
         protocol = detect_protocol(request.headers.get("Accept", ""), target.query)
         outcome.protocol = protocol.value
@@ -284,6 +304,12 @@ class Gateway:
         document = self.health_document()
         return web.json_response(document, status=200 if self.serving() else 503)
 
+    def _metrics(self, request: web.BaseRequest) -> web.Response:
+        if request.method not in ("GET", "HEAD"):
+            return plain(405, "method not allowed", {"Allow": "GET, HEAD"})
+        return web.Response(body=self.metrics.exposition(),
+                            headers={"Content-Type": METRICS_CONTENT_TYPE})
+
     # --- access log ----------------------------------------------------------------------
 
     def _log(
@@ -293,11 +319,14 @@ class Gateway:
         response: web.StreamResponse | None,
         started: float,
     ) -> None:
-        if not access_log.isEnabledFor(logging.INFO):
+        status = response.status if response is not None else 499
+        level = access_level(status, outcome.decision)
+        if not access_log.isEnabledFor(level):
             return
         peer = request.transport.get_extra_info("peername") if request.transport else None
-        access_log.info(
-            json.dumps(
+        access_log.log(
+            level,
+            access_line(
                 {
                     "source": peer[0] if peer else None,
                     "user": outcome.user,
@@ -307,14 +336,14 @@ class Gateway:
                     "decision": outcome.decision,
                     "rule": outcome.rule,
                     "reason": outcome.reason,
-                    "status": response.status if response is not None else 499,
+                    "status": status,
                     "bytes_in": outcome.transfer.bytes_in,
                     "bytes_out": outcome.transfer.bytes_out,
                     "duration_ms": round((time.monotonic() - started) * 1000, 2),
                     "backend": outcome.backend,
                 },
-                ensure_ascii=False,
-            )
+                time.time(),
+            ),
         )
 
     # --- life cycle ----------------------------------------------------------------------
@@ -342,6 +371,7 @@ class Gateway:
 
         await stop.wait()
         log.info("stopping: no new connections, finishing in-flight requests")
+        self.systemd.stopping()
         listener.close()
         deadline = time.monotonic() + self.settings.shutdown_grace
         while self.inflight and time.monotonic() < deadline:
