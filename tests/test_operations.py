@@ -589,3 +589,27 @@ def test_container_install_steps_give_a_working_command(tmp_path: Path) -> None:
     version = subprocess.run([str(installed / "rclone"), "version"], capture_output=True,
                              text=True, timeout=60, check=True).stdout
     assert f"rclone v{pinned.split('==')[1]}" in version
+
+
+def test_systemd_unit_runs_the_gateway_as_the_old_unit_did() -> None:
+    unit = (REPO_ROOT / "containers" / "rclone-gateway.service").read_text()
+    lines = re.sub(r"\\\n", " ", unit).splitlines()
+    settings: dict[str, list[str]] = {}
+    for line in lines:
+        key, sep, val = line.partition("=")
+        if sep and not line.startswith("#"):
+            settings.setdefault(key.strip(), []).append(val.strip())
+    assert settings["Type"] == ["notify"]
+    assert "/var/lib/nethserver/node/state/agent.env" in settings["EnvironmentFile"]
+    assert "--signal=HUP" in settings["ExecReload"][0].split()
+    start = shlex.split(settings["ExecStart"][0])
+    assert start[:2] == ["/usr/bin/podman", "run"]
+    assert "--network=host" in start
+    assert "--volume=${BACKUP_VOLUME}:/srv/repo:z" in start
+    image = start.index("${RCLONE_IMAGE}")
+    # What follows the image is given to the entrypoint, `rclone-gateway serve`.
+    args = cli.build_parser().parse_args(["serve", *start[image + 1:]])
+    assert args.listen == ("0.0.0.0", 4694)
+    assert str(args.local_repo) == "/srv/repo"
+    tmpfs = [a for a in start if a.startswith("--mount=type=tmpfs")]
+    assert any(f"destination={args.runtime_dir}," in a for a in tmpfs)
