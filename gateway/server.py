@@ -56,8 +56,9 @@ class Settings:
     shutdown_grace: float = 30.0
     drain_grace: float = 600.0
     resync_interval: float = 60.0
-    probe_interval: float = 2.0
+    probe_interval: float = 2.0  # peer gateways
     probe_timeout: float = 4.0
+    remote_probe_interval: float = 10.0  # remote storage served here (costs a listing)
 
 
 @dataclass
@@ -87,10 +88,11 @@ class Gateway:
         self.label_suffix = f"@node{settings.node_id}"
         self._apply_lock = asyncio.Lock()
         self.source.on_change(self._on_state)
-        probing = {"probe_interval": settings.probe_interval,
-                   "probe_timeout": settings.probe_timeout}
-        self.reachability = Reachability(**probing)
-        self.peers = PeerGateways(settings.node_id, lambda: self.source.state, **probing)
+        self.reachability = Reachability(probe_interval=settings.remote_probe_interval,
+                                         probe_timeout=settings.probe_timeout)
+        self.peers = PeerGateways(settings.node_id, lambda: self.source.state,
+                                  probe_interval=settings.probe_interval,
+                                  probe_timeout=settings.probe_timeout)
 
     # --- configuration -------------------------------------------------------------------
 

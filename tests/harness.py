@@ -471,9 +471,9 @@ class ResticError(subprocess.CalledProcessError):
                 f"--- stderr ---\n{self.stderr}")
 
 
-def restic(repo_url: str, *args: str, password: str = "pw",
-           env: Mapping[str, str | None] | None = None, check: bool = True,
-           timeout: float = 300, netns: str | None = None) -> subprocess.CompletedProcess[str]:
+def _restic_command(repo_url: str, args: Iterable[str], password: str,
+                    env: Mapping[str, str | None] | None,
+                    netns: str | None) -> tuple[list[str], dict[str, str]]:
     exe = shutil.which("restic")
     if exe is None:
         raise RuntimeError("restic not found in PATH (run scripts/bootstrap.sh)")
@@ -486,11 +486,29 @@ def restic(repo_url: str, *args: str, password: str = "pw",
         else:
             full_env[key] = value
     cmd = [*(netns_exec(netns) if netns else []), exe, "-r", repo_url, "--no-cache", *args]
+    return cmd, full_env
+
+
+def restic(repo_url: str, *args: str, password: str = "pw",
+           env: Mapping[str, str | None] | None = None, check: bool = True,
+           timeout: float = 300, netns: str | None = None) -> subprocess.CompletedProcess[str]:
+    cmd, full_env = _restic_command(repo_url, args, password, env, netns)
     result = subprocess.run(cmd, env=full_env, stdin=subprocess.DEVNULL,
                             capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise ResticError(result.returncode, cmd, result.stdout, result.stderr)
     return result
+
+
+def restic_process(repo_url: str, *args: str, password: str = "pw",
+                   env: Mapping[str, str | None] | None = None,
+                   netns: str | None = None) -> subprocess.Popen[bytes]:
+    """restic running in the background, its stdin a pipe (for `backup --stdin`)."""
+    cmd, full_env = _restic_command(repo_url, args, password, env, netns)
+    proc = subprocess.Popen(cmd, env=full_env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, process_group=0)
+    _register(proc)
+    return proc
 
 
 # --------------------------------------------------------------------------- raw HTTP
