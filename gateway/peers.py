@@ -33,6 +33,7 @@ from gateway.proxy import (
     BACKEND_IDLE_TIMEOUT,
     Transfer,
     UpstreamError,
+    UpstreamRefused,
     forward,
     request_headers,
 )
@@ -44,6 +45,9 @@ FORWARDED_HEADER = "X-Gateway-Forwarded"
 PROBE_SEGMENT = "_probe_rest_404"
 # A peer answers 504 itself after its own backend idle timeout: wait a little longer.
 PEER_IDLE_TIMEOUT = BACKEND_IDLE_TIMEOUT + 5.0
+# Shorter than the time a gateway lets a connection sit idle (5 s), so that a request
+# is not sent on a connection the peer is closing.
+PEER_KEEPALIVE = 3.0
 # Answers meaning "this peer cannot serve it now": the next peer is tried when nothing
 # of the request body has been read yet.
 PEER_CANNOT_SERVE = frozenset({502, 503})
@@ -284,7 +288,7 @@ class PeerGateways:
             if self._session is not None:
                 self._closing.append(self._session)
             connector = aiohttp.TCPConnector(
-                local_addr=(address, 0), limit=0, keepalive_timeout=15, force_close=False
+                local_addr=(address, 0), limit=0, keepalive_timeout=PEER_KEEPALIVE
             )
             self._session = aiohttp.ClientSession(
                 connector=connector,
@@ -351,15 +355,17 @@ class PeerGateways:
 
     def _note_failure(self, peer: Peer, uuid: str, exc: UpstreamError) -> str:
         now = time.time()
-        if exc.status in PEER_CANNOT_SERVE and exc.reason.startswith("answered"):
-            reason = f"answered {exc.status}"
-            self.health.record(peer.address, uuid, False, reason, now)
-        elif exc.status == 504:
-            reason = "did not answer in time"
-            self.health.record(peer.address, uuid, False, reason, now)
-        else:
+        if isinstance(exc.__cause__, aiohttp.ClientConnectorError):
             reason = "unreachable"
             self.health.record_unreachable(peer.address, reason, now)
+            return reason
+        if isinstance(exc, UpstreamRefused):
+            reason = f"answered {exc.status}"
+        elif exc.status == 504:
+            reason = "did not answer in time"
+        else:
+            reason = "connection lost"
+        self.health.record(peer.address, uuid, False, reason, now)
         return reason
 
     # --- probing -------------------------------------------------------------------------
