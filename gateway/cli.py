@@ -66,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds an old backend generation gets to finish its requests")
     serve.add_argument("--resync-interval", type=float, default=60.0,
                        help="seconds between full re-reads of Redis")
+    serve.add_argument("--probe-interval", type=float, default=2.0,
+                       help="seconds between probes of the peer gateways")
+    serve.add_argument("--remote-probe-interval", type=float, default=10.0,
+                       help="seconds between checks that this node reaches its remote "
+                            "destinations (each lists the destination's root)")
+    serve.add_argument("--probe-timeout", type=float, default=4.0,
+                       help="seconds a probe may take before it counts as failed")
     serve.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "INFO"))
 
     why = commands.add_parser(
@@ -144,6 +151,9 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         shutdown_grace=args.shutdown_grace,
         drain_grace=args.drain_grace,
         resync_interval=args.resync_interval,
+        probe_interval=args.probe_interval,
+        probe_timeout=args.probe_timeout,
+        remote_probe_interval=args.remote_probe_interval,
     )
 
 

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aiohttp import web
+from aiohttp import ClientSession, web
 
 from backends.manager import BackendManager
 from backends.rclone_conf import Placement, render
@@ -22,7 +22,9 @@ from gateway.logs import access_level, access_line
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway.metrics import GatewayMetrics
 from gateway.paths import PathError, Target, canonicalise
+from gateway.peers import PeerGateways, where_served
 from gateway.policy import (
+    Backend,
     Caller,
     Decision,
     Request,
@@ -32,6 +34,7 @@ from gateway.policy import (
     node_caller,
 )
 from gateway.proxy import Transfer, UpstreamError, forward, plain
+from gateway.reachability import Reachability
 from gateway.redis_source import RedisSource
 from gateway.sd_notify import Notifier
 
@@ -56,6 +59,9 @@ class Settings:
     shutdown_grace: float = 30.0
     drain_grace: float = 600.0
     resync_interval: float = 60.0
+    probe_interval: float = 2.0  # peer gateways
+    probe_timeout: float = 4.0
+    remote_probe_interval: float = 10.0  # remote storage served here (costs a listing)
 
 
 @dataclass
@@ -88,6 +94,11 @@ class Gateway:
         self.metrics = GatewayMetrics(self.health_document)
         self.systemd = Notifier()
         self.source.on_change(self._on_state)
+        self.reachability = Reachability(probe_interval=settings.remote_probe_interval,
+                                         probe_timeout=settings.probe_timeout)
+        self.peers = PeerGateways(settings.node_id, lambda: self.source.state,
+                                  probe_interval=settings.probe_interval,
+                                  probe_timeout=settings.probe_timeout)
 
     # --- configuration -------------------------------------------------------------------
 
@@ -180,11 +191,16 @@ class Gateway:
             return plain(403, f"forbidden: {decision.reason}")
         assert decision.backend is not None
 
-        if target.segments and target.segments[0] not in self.placement.local:
-            if target.segments[0] in self.placement.peer:
-                return plain(503, "destination is hosted by another node",
-                             {"Retry-After": "5"})
-            return plain(404, "unknown destination")
+        uuid = target.segments[0] if target.segments else None
+        if uuid is not None and not self.served_here(uuid):
+            dest = state.destinations.get(uuid)
+            if dest is None:
+                return plain(404, "unknown destination")
+            answer = await self.peers.serve(request, target, dest, source, outcome.transfer)
+            outcome.backend = answer.backend
+            if answer.refused:
+                outcome.reason = answer.reason
+            return answer.response
 
         generation = self.backends.current
         if generation is None or not generation.children[decision.backend].ready:
@@ -197,13 +213,16 @@ class Gateway:
         outcome.backend = label
         with generation.use():
             try:
-                return await forward(
+                response = await forward(
                     request, target, generation.session(decision.backend), label,
                     outcome.transfer,
                 )
             except UpstreamError as exc:
                 outcome.reason = exc.reason
+                self._observe(uuid, exc.status)
                 return plain(exc.status, exc.reason, {"Retry-After": "2"})
+            self._observe(uuid, response.status)
+            return response
 
     def _authenticate(
         self, request: web.BaseRequest, state: ClusterState, outcome: Outcome
@@ -245,8 +264,28 @@ class Gateway:
             uuid in self.placement.local and generation is not None and generation.healthy
         )
 
+    def served_here(self, uuid: str) -> bool:
+        """Whether this node serves `uuid` healthily now; requests for any other go to a peer."""
+        return self.destination_healthy(uuid) and self.reachability.reachable(uuid)
+
+    def remote_destinations(self) -> list[str]:
+        """Destinations served here whose storage is not this node's own disk."""
+        state = self.source.state or ClusterState()
+        return [uuid for uuid in self.placement.local
+                if uuid in state.destinations and state.destinations[uuid].provider != "cluster"]
+
+    def _observe(self, uuid: str | None, status: int) -> None:
+        if uuid is not None and uuid in self.remote_destinations():
+            self.reachability.observe(uuid, status)
+
+    def _webdav_session(self) -> ClientSession | None:
+        generation = self.backends.current
+        if generation is None or not generation.children[Backend.WEBDAV].ready:
+            return None
+        return generation.session(Backend.WEBDAV)
+
     def _probe(self, target: Target) -> web.Response:
-        if self.destination_healthy(target.segments[0]):
+        if self.served_here(target.segments[0]):
             return plain(404, "not found")
         return plain(503, "destination not served here", {"Retry-After": "5"})
 
@@ -267,15 +306,10 @@ class Gateway:
         destinations: dict[str, object] = {}
         if state is not None:
             for uuid, dest in sorted(state.destinations.items()):
-                if uuid in self.placement.local:
-                    entry = {"state": "ok" if self.destination_healthy(uuid) else "down",
-                             "served": "here"}
-                elif uuid in self.placement.peer:
-                    entry = {"state": "remote", "served": f"node at {self.placement.peer[uuid]}"}
-                else:
-                    entry = {"state": "error", "served": "no",
-                             "error": self.placement.invalid.get(uuid, "not served")}
-                destinations[uuid] = {"name": dest.name, "provider": dest.provider, **entry}
+                served = self.served_here(uuid)
+                destinations[uuid] = {"name": dest.name, "provider": dest.provider, **where_served(
+                    served, self.placement, self.reachability.reason(uuid), uuid,
+                    None if served else self.peers.route_for(dest))}
         serving = self.serving()
         if not serving:
             status = "down"
@@ -294,6 +328,7 @@ class Gateway:
             },
             "backends": backends,
             "destinations": destinations,
+            "peers": self.peers.report(),
             "inflight": self.inflight,
             "reloads": self.backends.reloads,
         }
@@ -368,6 +403,8 @@ class Gateway:
             log.warning("first read of Redis failed (%s); retrying", type(exc).__name__)
         self.source.start()
         self.source.request_resync()
+        self.peers.start()
+        self.reachability.start(self.remote_destinations, self._webdav_session)
 
         await stop.wait()
         log.info("stopping: no new connections, finishing in-flight requests")
@@ -379,6 +416,8 @@ class Gateway:
         with contextlib.suppress(Exception):
             await server.shutdown(timeout=1.0)
         await self.source.close()
+        await self.peers.close()
+        await self.reachability.close()
         await self.backends.stop()
         log.info("stopped")
         return 0
