@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds an old backend generation gets to finish its requests")
     serve.add_argument("--resync-interval", type=float, default=60.0,
                        help="seconds between full re-reads of Redis")
+    serve.add_argument("--remote-check-timeout", type=float, default=15.0,
+                       help="seconds a remote destination gets to answer its start check")
     serve.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "INFO"))
     return parser
 
@@ -76,6 +78,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         shutdown_grace=args.shutdown_grace,
         drain_grace=args.drain_grace,
         resync_interval=args.resync_interval,
+        remote_check_timeout=args.remote_check_timeout,
     )
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -12,13 +11,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import aiohttp
 from aiohttp import web
 
 from backends.manager import BackendManager
-from backends.rclone_conf import Placement, render
+from backends.rclone_conf import Placement, RenderedConfig
 from gateway import __version__
 from gateway.cluster import ClusterState, is_trusted_source
 from gateway.credentials import parse_basic, verify
+from gateway.lifecycle import close_after_response, drain_connections
 from gateway.paths import PathError, Target, canonicalise
 from gateway.policy import (
     Caller,
@@ -31,6 +32,8 @@ from gateway.policy import (
 )
 from gateway.proxy import Transfer, UpstreamError, forward, plain
 from gateway.redis_source import RedisSource
+from gateway.reloader import Reloader
+from gateway.repair import discard_partial_upload, is_restic_upload
 
 log = logging.getLogger("rclone_gateway")
 access_log = logging.getLogger("rclone_gateway.access")
@@ -53,6 +56,7 @@ class Settings:
     shutdown_grace: float = 30.0
     drain_grace: float = 600.0
     resync_interval: float = 60.0
+    remote_check_timeout: float = 15.0
 
 
 @dataclass
@@ -78,35 +82,24 @@ class Gateway:
         )
         self.placement = Placement()
         self.inflight = 0
+        self.stopping = False
         self.started = time.time()
         self.label_suffix = f"@node{settings.node_id}"
-        self._apply_lock = asyncio.Lock()
-        self.source.on_change(self._on_state)
+        self.reloader = Reloader(
+            self.backends, node_id=settings.node_id, local_repo=settings.local_repo,
+            check_timeout=settings.remote_check_timeout, on_serving=self._serving_config,
+        )
+        self.source.on_change(self.reloader.on_state)
 
     # --- configuration -------------------------------------------------------------------
 
-    async def _on_state(self, state: ClusterState) -> None:
-        await self.reload(state)
+    def _serving_config(self, rendered: RenderedConfig) -> None:
+        self.placement = rendered.placement
 
     async def reload(self, state: ClusterState | None = None) -> None:
         state = state or self.source.state
-        if state is None:
-            return
-        async with self._apply_lock:
-            rendered = render(
-                state, self.settings.node_id, str(self.settings.local_repo),
-                self.backends.empty_root,
-            )
-            if rendered.placement.local and str(self.settings.local_repo) in (
-                rendered.placement.local.values()
-            ):
-                self.settings.local_repo.mkdir(parents=True, exist_ok=True)
-            try:
-                await self.backends.apply(rendered)
-            except RuntimeError:
-                log.exception("backends for the new configuration did not start")
-                return
-            self.placement = rendered.placement
+        if state is not None:
+            await self.reloader.reload(state)
 
     # --- request handling ----------------------------------------------------------------
 
@@ -120,6 +113,8 @@ class Gateway:
             return response
         finally:
             self.inflight -= 1
+            if self.stopping:
+                close_after_response(request)
             self._log(request, outcome, response, started)
 
     async def _handle(self, request: web.BaseRequest, outcome: Outcome) -> web.StreamResponse:
@@ -164,18 +159,20 @@ class Gateway:
             if target.segments[0] in self.placement.peer:
                 return plain(503, "destination is hosted by another node",
                              {"Retry-After": "5"})
+            if target.segments[0] in self.placement.invalid:
+                return plain(503, "destination unavailable here", {"Retry-After": "30"})
             return plain(404, "unknown destination")
 
         generation = self.backends.current
         if generation is None or not generation.children[decision.backend].ready:
             return plain(503, "backend unavailable", {"Retry-After": "2"})
 
-        if request.headers.get("Expect", "").lower() == "100-continue":
-            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-
         label = decision.backend.value + self.label_suffix
         outcome.backend = label
+        # Counted before the first await: a reload now retires this generation only after us.
         with generation.use():
+            if request.headers.get("Expect", "").lower() == "100-continue":
+                await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             try:
                 return await forward(
                     request, target, generation.session(decision.backend), label,
@@ -183,7 +180,15 @@ class Gateway:
                 )
             except UpstreamError as exc:
                 outcome.reason = exc.reason
+                if exc.status == 502 and is_restic_upload(request.method, decision.backend,
+                                                          target):
+                    outcome.reason += await discard_partial_upload(generation, target)
                 return plain(exc.status, exc.reason, {"Retry-After": "2"})
+            except aiohttp.ClientError:
+                if request.content.exception() is None:
+                    raise
+                outcome.reason = "cut: gateway stopping" if self.stopping else "client went away"
+                return web.Response(status=499, reason="Client Closed Request")
 
     def _authenticate(
         self, request: web.BaseRequest, state: ClusterState, outcome: Outcome
@@ -254,7 +259,8 @@ class Gateway:
                     entry = {"state": "remote", "served": f"node at {self.placement.peer[uuid]}"}
                 else:
                     entry = {"state": "error", "served": "no",
-                             "error": self.placement.invalid.get(uuid, "not served")}
+                             "error": self.placement.invalid.get(uuid, "not served"),
+                             **(self.reloader.destination_problem(uuid) or {})}
                 destinations[uuid] = {"name": dest.name, "provider": dest.provider, **entry}
         serving = self.serving()
         if not serving:
@@ -271,6 +277,8 @@ class Gateway:
             "redis": {
                 "connected": self.source.status.connected,
                 "last_sync": self.source.status.last_sync,
+                "last_error": self.source.status.last_error,
+                "down_since": self.source.status.down_since,
             },
             "backends": backends,
             "destinations": destinations,
@@ -333,6 +341,7 @@ class Gateway:
             reuse_address=True, backlog=1024,
         )
         log.info("listening on %s:%d", self.settings.listen_host, self.settings.listen_port)
+        self.reloader.start()
         try:
             await self.source.load()
         except Exception as exc:
@@ -342,20 +351,19 @@ class Gateway:
 
         await stop.wait()
         log.info("stopping: no new connections, finishing in-flight requests")
-        listener.close()
-        deadline = time.monotonic() + self.settings.shutdown_grace
-        while self.inflight and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        with contextlib.suppress(Exception):
-            await server.shutdown(timeout=1.0)
+        self.stopping = True
+        await drain_connections(listener, server, lambda: self.inflight,
+                                self.settings.shutdown_grace)
+        await self.reloader.close()
         await self.source.close()
         await self.backends.stop()
         log.info("stopped")
         return 0
 
     def _on_sighup(self) -> None:
-        log.info("SIGHUP: re-reading Redis")
-        self.source.request_resync()
+        log.info("SIGHUP: re-reading Redis and reloading")
+        self.reloader.retry_now()
+        self.source.request_resync(notify=True)
 
 
 def _protocol_factory(server: web.Server, settings: Settings):  # type: ignore[no-untyped-def]
