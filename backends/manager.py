@@ -18,7 +18,7 @@ from pathlib import Path
 
 import aiohttp
 
-from backends.process import RcloneChild
+from backends.process import RcloneChild, wait_connections_closed
 from backends.rclone_conf import RenderedConfig
 from gateway.policy import Backend
 
@@ -88,6 +88,7 @@ class Generation:
         self.stopping = True
         for session in self.sessions.values():
             await session.close()
+        await wait_connections_closed([child.socket_path for child in self.children.values()])
         await asyncio.gather(*(child.stop() for child in self.children.values()))
         shutil.rmtree(self.directory, ignore_errors=True)
 

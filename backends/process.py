@@ -56,6 +56,44 @@ async def http_ready(socket_path: Path, timeout: float = 2.0) -> bool:
         writer.close()
 
 
+_SO_ACCEPTCON = 0x10000  # /proc/net/unix flag of a listening socket
+CLOSE_WAIT = 5.0
+
+
+def open_connections(proc_net_unix: str, socket_path: str) -> int:
+    """Connections accepted on the unix socket `socket_path` that the server still holds."""
+    count = 0
+    for line in proc_net_unix.splitlines()[1:]:
+        fields = line.split(None, 7)
+        if (len(fields) == 8 and fields[7] == socket_path
+                and not int(fields[3], 16) & _SO_ACCEPTCON):
+            count += 1
+    return count
+
+
+async def wait_connections_closed(socket_paths: list[Path], timeout: float = CLOSE_WAIT) -> bool:
+    """Waits until the servers on `socket_paths` closed every connection; False on timeout.
+
+    Once the gateway closed its end, a server holds a connection only while its
+    handler runs, for rclone: while it removes the upload that was cut. Telling
+    it to stop before that would race its exit against the clean-up.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    paths = [str(p) for p in socket_paths]
+    while True:
+        try:
+            with open("/proc/net/unix") as f:
+                table = f.read()
+        except OSError:
+            return False
+        if not any(open_connections(table, p) for p in paths):
+            return True
+        if loop.time() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+
+
 class LogFollower:
     """Relays the lines a child writes to its log file into the gateway's log.
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import aiohttp
@@ -66,6 +66,8 @@ def request_headers(incoming: CIMultiDict[str]) -> CIMultiDict[str]:
 
 
 BodyFilter = Callable[[AsyncIterator[bytes]], AsyncIterator[bytes]]
+# Sees the backend's status before anything is sent; a response it returns is sent instead.
+StatusHook = Callable[[int], Awaitable[web.StreamResponse | None]]
 
 
 async def _body(request: web.BaseRequest, transfer: Transfer) -> AsyncIterator[bytes]:
@@ -85,6 +87,7 @@ async def forward(
     backend_label: str,
     transfer: Transfer,
     body_filter: BodyFilter | None = None,
+    on_status: StatusHook | None = None,
 ) -> web.StreamResponse:
     headers = request_headers(request.headers)
     data: AsyncIterator[bytes] | None = None
@@ -114,6 +117,8 @@ async def forward(
         raise UpstreamError(502, "backend error") from exc
 
     async with upstream:
+        if on_status is not None and (instead := await on_status(upstream.status)):
+            return instead
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
         named = _connection_tokens(upstream.headers)
         for key, value in upstream.headers.items():

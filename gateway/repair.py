@@ -5,8 +5,12 @@ and removes it when the upload fails; killed in the middle, it cannot, and the
 half-written object stays. The append-only server would then refuse the
 client's retry (the object "exists") and the repository would hold a broken
 object. Restic names every object but `config` after the sha256 of its content,
-so an object whose content does not hash to its name is certainly partial and
-is removed, through the full-access server, before the client is answered.
+so an object whose content does not hash to its name is certainly partial: it
+holds no backup data and is removed through the full-access server. That is
+done when an upload breaks on the backend side (before the client is
+answered), and when the append-only server refuses an upload because the
+object exists (the leftover of a crash the gateway did not see, such as its
+own): the client then gets a 503 and its retry goes through.
 """
 
 from __future__ import annotations
@@ -15,8 +19,11 @@ import asyncio
 import hashlib
 import logging
 import re
+from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 import aiohttp
+from aiohttp import web
 from yarl import URL
 
 from backends.manager import Generation
@@ -28,6 +35,7 @@ log = logging.getLogger("rclone_gateway.repair")
 OBJECT_TYPES = frozenset({"data", "keys", "locks", "snapshots", "index"})
 _OBJECT_ID = re.compile(r"[0-9a-f]{64}\Z")
 READY_WAIT = 10.0
+REMOVED = "; partial object removed"
 REST_ACCEPT = "application/vnd.x.restic.rest.v2"
 
 
@@ -85,4 +93,26 @@ async def discard_partial_upload(generation: Generation, target: Target) -> str:
     except (aiohttp.ClientError, TimeoutError, RuntimeError):  # RuntimeError: session closed
         return "; partial object not checked (backend error)"
     log.warning("removed the partial object left by a broken upload: %s", target.display)
-    return "; partial object removed"
+    return REMOVED
+
+
+class HasReason(Protocol):
+    reason: str
+
+
+def refused_upload_hook(
+    generation: Generation, target: Target, outcome: HasReason
+) -> Callable[[int], Awaitable[web.StreamResponse | None]]:
+    """For forward(): a 403 over an existing object that proves partial becomes a 503."""
+
+    async def on_status(status: int) -> web.StreamResponse | None:
+        if status != 403:
+            return None
+        note = await discard_partial_upload(generation, target)
+        if note != REMOVED:
+            return None
+        outcome.reason = "object left partial by an earlier upload" + REMOVED
+        return web.Response(status=503, text="partial object removed; retry\n",
+                            headers={"Retry-After": "1"})
+
+    return on_status

@@ -33,7 +33,7 @@ from gateway.policy import (
 from gateway.proxy import Transfer, UpstreamError, forward, plain
 from gateway.redis_source import RedisSource
 from gateway.reloader import Reloader
-from gateway.repair import discard_partial_upload, is_restic_upload
+from gateway.repair import discard_partial_upload, is_restic_upload, refused_upload_hook
 
 log = logging.getLogger("rclone_gateway")
 access_log = logging.getLogger("rclone_gateway.access")
@@ -173,20 +173,22 @@ class Gateway:
         with generation.use():
             if request.headers.get("Expect", "").lower() == "100-continue":
                 await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            upload = is_restic_upload(request.method, decision.backend, target)
             try:
                 return await forward(
                     request, target, generation.session(decision.backend), label,
                     outcome.transfer,
+                    on_status=refused_upload_hook(generation, target, outcome) if upload else None,
                 )
             except UpstreamError as exc:
                 outcome.reason = exc.reason
-                if exc.status == 502 and is_restic_upload(request.method, decision.backend,
-                                                          target):
+                if exc.status == 502 and upload:
                     outcome.reason += await discard_partial_upload(generation, target)
                 return plain(exc.status, exc.reason, {"Retry-After": "2"})
             except aiohttp.ClientError:
                 if request.content.exception() is None:
-                    raise
+                    outcome.reason = "backend error"
+                    return plain(502, "backend error", {"Retry-After": "2"})
                 outcome.reason = "cut: gateway stopping" if self.stopping else "client went away"
                 return web.Response(status=499, reason="Client Closed Request")
 
