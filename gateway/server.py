@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import logging
 import os
 import signal
@@ -12,15 +10,22 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aiohttp import web
+import aiohttp
+from aiohttp import ClientSession, web
 
 from backends.manager import BackendManager
-from backends.rclone_conf import Placement, render
+from backends.rclone_conf import Placement, RenderedConfig
 from gateway import __version__
 from gateway.cluster import ClusterState, is_trusted_source
 from gateway.credentials import parse_basic, verify
+from gateway.lifecycle import close_after_response, drain_connections
+from gateway.logs import access_level, access_line
+from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from gateway.metrics import GatewayMetrics
 from gateway.paths import PathError, Target, canonicalise
+from gateway.peers import PeerGateways, where_served
 from gateway.policy import (
+    Backend,
     Caller,
     Decision,
     Request,
@@ -30,7 +35,11 @@ from gateway.policy import (
     node_caller,
 )
 from gateway.proxy import Transfer, UpstreamError, forward, plain
+from gateway.reachability import Reachability
 from gateway.redis_source import RedisSource
+from gateway.reloader import Reloader
+from gateway.repair import discard_partial_upload, is_restic_upload, refused_upload_hook
+from gateway.sd_notify import Notifier
 
 log = logging.getLogger("rclone_gateway")
 access_log = logging.getLogger("rclone_gateway.access")
@@ -56,6 +65,10 @@ class Settings:
     shutdown_grace: float = 30.0
     drain_grace: float = 600.0
     resync_interval: float = 60.0
+    probe_interval: float = 2.0  # peer gateways
+    probe_timeout: float = 4.0
+    remote_probe_interval: float = 10.0  # remote storage served here (costs a listing)
+    remote_check_timeout: float = 15.0
 
 
 @dataclass
@@ -63,6 +76,7 @@ class Outcome:
     """What the access log says about one request."""
 
     user: str = "-"
+    caller: str = "anonymous"  # caller group once authenticated: node or module
     protocol: str = "-"
     decision: str = "-"
     rule: str = "-"
@@ -81,35 +95,33 @@ class Gateway:
         )
         self.placement = Placement()
         self.inflight = 0
+        self.stopping = False
         self.started = time.time()
         self.label_suffix = f"@node{settings.node_id}"
-        self._apply_lock = asyncio.Lock()
-        self.source.on_change(self._on_state)
+        self.metrics = GatewayMetrics(self.health_document)
+        self.systemd = Notifier()
+        self.reachability = Reachability(probe_interval=settings.remote_probe_interval,
+                                         probe_timeout=settings.probe_timeout)
+        self.peers = PeerGateways(settings.node_id, lambda: self.source.state,
+                                  probe_interval=settings.probe_interval,
+                                  probe_timeout=settings.probe_timeout)
+        self.reloader = Reloader(
+            self.backends, node_id=settings.node_id, local_repo=settings.local_repo,
+            check_timeout=settings.remote_check_timeout, on_serving=self._serving_config,
+        )
+        self.source.on_change(self.reloader.on_state)
 
     # --- configuration -------------------------------------------------------------------
 
-    async def _on_state(self, state: ClusterState) -> None:
-        await self.reload(state)
+    def _serving_config(self, rendered: RenderedConfig) -> None:
+        self.placement = rendered.placement
+        if self.serving():
+            self.systemd.serving()
 
     async def reload(self, state: ClusterState | None = None) -> None:
         state = state or self.source.state
-        if state is None:
-            return
-        async with self._apply_lock:
-            rendered = render(
-                state, self.settings.node_id, str(self.settings.local_repo),
-                self.backends.empty_root,
-            )
-            if rendered.placement.local and str(self.settings.local_repo) in (
-                rendered.placement.local.values()
-            ):
-                self.settings.local_repo.mkdir(parents=True, exist_ok=True)
-            try:
-                await self.backends.apply(rendered)
-            except RuntimeError:
-                log.exception("backends for the new configuration did not start")
-                return
-            self.placement = rendered.placement
+        if state is not None:
+            await self.reloader.reload(state)
 
     # --- request handling ----------------------------------------------------------------
 
@@ -123,6 +135,15 @@ class Gateway:
             return response
         finally:
             self.inflight -= 1
+            status = response.status if response is not None else 499
+            self.metrics.observe(
+                caller=outcome.caller, protocol=outcome.protocol, method=request.method,
+                decision=outcome.decision, status=status, duration=time.monotonic() - started,
+                bytes_in=outcome.transfer.bytes_in, bytes_out=outcome.transfer.bytes_out,
+                reason=outcome.reason,
+            )
+            if self.stopping:
+                close_after_response(request)
             self._log(request, outcome, response, started)
 
     async def _handle(self, request: web.BaseRequest, outcome: Outcome) -> web.StreamResponse:
@@ -135,7 +156,11 @@ class Gateway:
 
         raw = request.raw_path
         if raw in ("/health", "/health/"):
+            outcome.path = raw
             return self._health(request)
+        if raw in ("/metrics", "/metrics/"):
+            outcome.path = raw
+            return self._metrics(request)
 
         try:
             target = canonicalise(raw)
@@ -152,6 +177,7 @@ class Gateway:
         if caller is None:
             return plain(401, "authentication required", {"WWW-Authenticate": REALM})
         outcome.user = caller.user
+        outcome.caller = caller.group
 
         protocol = detect_protocol(request.headers.get("Accept", ""), target.query)
         outcome.protocol = protocol.value
@@ -163,30 +189,48 @@ class Gateway:
             return plain(403, f"forbidden: {decision.reason}")
         assert decision.backend is not None
 
-        if target.segments and target.segments[0] not in self.placement.local:
-            if target.segments[0] in self.placement.peer:
-                return plain(503, "destination is hosted by another node",
-                             {"Retry-After": "5"})
-            return plain(404, "unknown destination")
+        uuid = target.segments[0] if target.segments else None
+        if uuid is not None and not self.served_here(uuid):
+            dest = state.destinations.get(uuid)
+            if dest is None:
+                return plain(404, "unknown destination")
+            answer = await self.peers.serve(request, target, dest, source, outcome.transfer)
+            outcome.backend = answer.backend
+            if answer.refused:
+                outcome.reason = answer.reason
+            return answer.response
 
         generation = self.backends.current
         if generation is None or not generation.children[decision.backend].ready:
             return plain(503, "backend unavailable", {"Retry-After": "2"})
 
-        if request.headers.get("Expect", "").lower() == "100-continue":
-            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-
         label = decision.backend.value + self.label_suffix
         outcome.backend = label
+        # Counted before the first await: a reload now retires this generation only after us.
         with generation.use():
+            if request.headers.get("Expect", "").lower() == "100-continue":
+                await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            upload = is_restic_upload(request.method, decision.backend, target)
             try:
-                return await forward(
+                response = await forward(
                     request, target, generation.session(decision.backend), label,
                     outcome.transfer,
+                    on_status=refused_upload_hook(generation, target, outcome) if upload else None,
                 )
             except UpstreamError as exc:
                 outcome.reason = exc.reason
+                self._observe(uuid, exc.status)
+                if exc.status == 502 and upload:
+                    outcome.reason += await discard_partial_upload(generation, target)
                 return plain(exc.status, exc.reason, {"Retry-After": "2"})
+            except aiohttp.ClientError:
+                if request.content.exception() is None:
+                    outcome.reason = "backend error"
+                    return plain(502, "backend error", {"Retry-After": "2"})
+                outcome.reason = "cut: gateway stopping" if self.stopping else "client went away"
+                return web.Response(status=499, reason="Client Closed Request")
+            self._observe(uuid, response.status)
+            return response
 
     def _authenticate(
         self, request: web.BaseRequest, state: ClusterState, outcome: Outcome
@@ -228,8 +272,28 @@ class Gateway:
             uuid in self.placement.local and generation is not None and generation.healthy
         )
 
+    def served_here(self, uuid: str) -> bool:
+        """Whether this node serves `uuid` healthily now; requests for any other go to a peer."""
+        return self.destination_healthy(uuid) and self.reachability.reachable(uuid)
+
+    def remote_destinations(self) -> list[str]:
+        """Destinations served here whose storage is not this node's own disk."""
+        state = self.source.state or ClusterState()
+        return [uuid for uuid in self.placement.local
+                if uuid in state.destinations and state.destinations[uuid].provider != "cluster"]
+
+    def _observe(self, uuid: str | None, status: int) -> None:
+        if uuid is not None and uuid in self.remote_destinations():
+            self.reachability.observe(uuid, status)
+
+    def _webdav_session(self) -> ClientSession | None:
+        generation = self.backends.current
+        if generation is None or not generation.children[Backend.WEBDAV].ready:
+            return None
+        return generation.session(Backend.WEBDAV)
+
     def _probe(self, target: Target) -> web.Response:
-        if self.destination_healthy(target.segments[0]):
+        if self.served_here(target.segments[0]):
             return plain(404, "not found")
         return plain(503, "destination not served here", {"Retry-After": "5"})
 
@@ -250,14 +314,11 @@ class Gateway:
         destinations: dict[str, object] = {}
         if state is not None:
             for uuid, dest in sorted(state.destinations.items()):
-                if uuid in self.placement.local:
-                    entry = {"state": "ok" if self.destination_healthy(uuid) else "down",
-                             "served": "here"}
-                elif uuid in self.placement.peer:
-                    entry = {"state": "remote", "served": f"node at {self.placement.peer[uuid]}"}
-                else:
-                    entry = {"state": "error", "served": "no",
-                             "error": self.placement.invalid.get(uuid, "not served")}
+                served = self.served_here(uuid)
+                entry = where_served(served, self.placement, self.reachability.reason(uuid), uuid,
+                                     None if served else self.peers.route_for(dest))
+                if not served and uuid in self.placement.invalid:
+                    entry.update(self.reloader.destination_problem(uuid) or {})
                 destinations[uuid] = {"name": dest.name, "provider": dest.provider, **entry}
         serving = self.serving()
         if not serving:
@@ -274,9 +335,12 @@ class Gateway:
             "redis": {
                 "connected": self.source.status.connected,
                 "last_sync": self.source.status.last_sync,
+                "last_error": self.source.status.last_error,
+                "down_since": self.source.status.down_since,
             },
             "backends": backends,
             "destinations": destinations,
+            "peers": self.peers.report(),
             "inflight": self.inflight,
             "reloads": self.backends.reloads,
         }
@@ -287,6 +351,12 @@ class Gateway:
         document = self.health_document()
         return web.json_response(document, status=200 if self.serving() else 503)
 
+    def _metrics(self, request: web.BaseRequest) -> web.Response:
+        if request.method not in ("GET", "HEAD"):
+            return plain(405, "method not allowed", {"Allow": "GET, HEAD"})
+        return web.Response(body=self.metrics.exposition(),
+                            headers={"Content-Type": METRICS_CONTENT_TYPE})
+
     # --- access log ----------------------------------------------------------------------
 
     def _log(
@@ -296,11 +366,14 @@ class Gateway:
         response: web.StreamResponse | None,
         started: float,
     ) -> None:
-        if not access_log.isEnabledFor(logging.INFO):
+        status = response.status if response is not None else 499
+        level = access_level(status, outcome.decision)
+        if not access_log.isEnabledFor(level):
             return
         peer = request.transport.get_extra_info("peername") if request.transport else None
-        access_log.info(
-            json.dumps(
+        access_log.log(
+            level,
+            access_line(
                 {
                     "source": peer[0] if peer else None,
                     "user": outcome.user,
@@ -310,14 +383,14 @@ class Gateway:
                     "decision": outcome.decision,
                     "rule": outcome.rule,
                     "reason": outcome.reason,
-                    "status": response.status if response is not None else 499,
+                    "status": status,
                     "bytes_in": outcome.transfer.bytes_in,
                     "bytes_out": outcome.transfer.bytes_out,
                     "duration_ms": round((time.monotonic() - started) * 1000, 2),
                     "backend": outcome.backend,
                 },
-                ensure_ascii=False,
-            )
+                time.time(),
+            ),
         )
 
     # --- life cycle ----------------------------------------------------------------------
@@ -337,29 +410,34 @@ class Gateway:
             reuse_address=True, backlog=1024,
         )
         log.info("listening on %s:%d", self.settings.listen_host, self.settings.listen_port)
+        self.reloader.start()
         try:
             await self.source.load()
         except Exception as exc:
             log.warning("first read of Redis failed (%s); retrying", type(exc).__name__)
         self.source.start()
         self.source.request_resync()
+        self.peers.start()
+        self.reachability.start(self.remote_destinations, self._webdav_session)
 
         await stop.wait()
         log.info("stopping: no new connections, finishing in-flight requests")
-        listener.close()
-        deadline = time.monotonic() + self.settings.shutdown_grace
-        while self.inflight and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        with contextlib.suppress(Exception):
-            await server.shutdown(timeout=1.0)
+        self.systemd.stopping()
+        self.stopping = True
+        await drain_connections(listener, server, lambda: self.inflight,
+                                self.settings.shutdown_grace)
+        await self.reloader.close()
         await self.source.close()
+        await self.peers.close()
+        await self.reachability.close()
         await self.backends.stop()
         log.info("stopped")
         return 0
 
     def _on_sighup(self) -> None:
-        log.info("SIGHUP: re-reading Redis")
-        self.source.request_resync()
+        log.info("SIGHUP: re-reading Redis and reloading")
+        self.reloader.retry_now()
+        self.source.request_resync(notify=True)
 
 
 def _protocol_factory(server: web.Server, settings: Settings):  # type: ignore[no-untyped-def]
