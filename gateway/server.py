@@ -19,6 +19,7 @@ from backends.rclone_conf import Placement, render
 from gateway import __version__
 from gateway.cluster import ClusterState, is_trusted_source
 from gateway.credentials import parse_basic, verify
+from gateway.http_errors import GatewayServer, head_too_large
 from gateway.paths import PathError, Target, canonicalise
 from gateway.policy import (
     Caller,
@@ -31,6 +32,8 @@ from gateway.policy import (
 )
 from gateway.proxy import Transfer, UpstreamError, forward, plain
 from gateway.redis_source import RedisSource
+from gateway.throttle import LoginThrottle
+from gateway.uploads import UploadCheck, expected_digest, wait_until_absent
 
 log = logging.getLogger("rclone_gateway")
 access_log = logging.getLogger("rclone_gateway.access")
@@ -78,6 +81,7 @@ class Gateway:
         )
         self.placement = Placement()
         self.inflight = 0
+        self.throttle = LoginThrottle()
         self.started = time.time()
         self.label_suffix = f"@node{settings.node_id}"
         self._apply_lock = asyncio.Lock()
@@ -130,6 +134,10 @@ class Gateway:
             outcome.reason = "source address not allowed"
             return plain(403, "source address not allowed")
 
+        if head_too_large(request):
+            outcome.reason = "request head too large"
+            return plain(431, "request head too large")
+
         raw = request.raw_path
         if raw in ("/health", "/health/"):
             return self._health(request)
@@ -145,20 +153,26 @@ class Gateway:
             outcome.rule = "probe"
             return self._probe(target)
 
-        caller = self._authenticate(request, state, outcome)
-        if caller is None:
-            return plain(401, "authentication required", {"WWW-Authenticate": REALM})
+        caller = await self._authenticate(request, source or "", state, outcome)
+        if isinstance(caller, web.Response):
+            return caller
         outcome.user = caller.user
 
         protocol = detect_protocol(request.headers.get("Accept", ""), target.query)
         outcome.protocol = protocol.value
-        decision = decide(
-            Request(caller, protocol, request.method, target, request.headers.get("Depth"))
-        )
+        described = Request(caller, protocol, request.method, target, request.headers.get("Depth"))
+        decision = decide(described)
         self._record(outcome, decision)
         if not decision.allowed:
             return plain(403, f"forbidden: {decision.reason}")
         assert decision.backend is not None
+
+        upload: UploadCheck | None = None
+        if (expected := expected_digest(described)) is not None:
+            upload = UploadCheck(expected)
+            refusal = _refuse_upload(request, upload, outcome)
+            if refusal is not None:
+                return refusal
 
         if target.segments and target.segments[0] not in self.placement.local:
             if target.segments[0] in self.placement.peer:
@@ -179,24 +193,40 @@ class Gateway:
             try:
                 return await forward(
                     request, target, generation.session(decision.backend), label,
-                    outcome.transfer,
+                    outcome.transfer, body_filter=upload.filter if upload else None,
                 )
             except UpstreamError as exc:
+                if upload is not None and upload.mismatch:
+                    outcome.reason = "upload does not match its object name"
+                    session = generation.session(decision.backend)
+                    if not await wait_until_absent(session, target):
+                        log.warning("a rejected upload is still in storage: %s", target.display)
+                    return plain(400, "body does not match the object name (sha256)")
                 outcome.reason = exc.reason
                 return plain(exc.status, exc.reason, {"Retry-After": "2"})
 
-    def _authenticate(
-        self, request: web.BaseRequest, state: ClusterState, outcome: Outcome
-    ) -> Caller | None:
+    async def _authenticate(
+        self, request: web.BaseRequest, source: str, state: ClusterState, outcome: Outcome
+    ) -> Caller | web.Response:
         credentials = parse_basic(request.headers.get("Authorization"))
         if credentials is None:
             outcome.reason = "no credentials"
-            return None
+            return plain(401, "authentication required", {"WWW-Authenticate": REALM})
         user, password = credentials
         outcome.user = user if user in state.users else "unknown"
+        now = time.monotonic()
+        verdict = self.throttle.check(source, user, now)
+        if not verdict.allowed:
+            outcome.reason = "too many failed logins"
+            return plain(429, "too many failed logins, retry later",
+                         {"Retry-After": str(verdict.retry_after)})
         if not verify(state.users, user, password):
             outcome.reason = "bad credentials"
-            return None
+            delay = self.throttle.failed(source, user, now)
+            if delay:
+                await asyncio.sleep(delay)
+            return plain(401, "authentication required", {"WWW-Authenticate": REALM})
+        self.throttle.succeeded(source, user)
         if user.startswith("node/"):
             return node_caller(user)
         return module_caller(user, state.module_uuids, state.restore_grants)
@@ -326,7 +356,7 @@ class Gateway:
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
 
-        server = web.Server(self.handle, handler_cancellation=True, access_log=None)
+        server = GatewayServer(self.handle, handler_cancellation=True, access_log=None)
         factory = _protocol_factory(server, self.settings)
         listener = await loop.create_server(
             factory, self.settings.listen_host, self.settings.listen_port,
@@ -356,6 +386,19 @@ class Gateway:
     def _on_sighup(self) -> None:
         log.info("SIGHUP: re-reading Redis")
         self.source.request_resync()
+
+
+def _refuse_upload(
+    request: web.BaseRequest, upload: UploadCheck, outcome: Outcome
+) -> web.Response | None:
+    """Verified uploads must say their length; an empty one is checked here and now."""
+    if request.content_length is None:
+        outcome.reason = "upload without Content-Length"
+        return plain(411, "Content-Length required for restic object uploads")
+    if request.content_length == 0 and not upload.matches_empty_body():
+        outcome.reason = "upload does not match its object name"
+        return plain(400, "body does not match the object name (sha256)")
+    return None
 
 
 def _protocol_factory(server: web.Server, settings: Settings):  # type: ignore[no-untyped-def]
