@@ -33,7 +33,7 @@ from gateway.policy import (
 from gateway.proxy import Transfer, UpstreamError, forward, plain
 from gateway.redis_source import RedisSource
 from gateway.throttle import LoginThrottle
-from gateway.uploads import UploadCheck, expected_digest, wait_until_absent
+from gateway.uploads import UploadCheck, expected_digest, object_exists, wait_until_absent
 
 log = logging.getLogger("rclone_gateway")
 access_log = logging.getLogger("rclone_gateway.access")
@@ -184,21 +184,25 @@ class Gateway:
         if generation is None or not generation.children[decision.backend].ready:
             return plain(503, "backend unavailable", {"Retry-After": "2"})
 
-        if request.headers.get("Expect", "").lower() == "100-continue":
-            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-
         label = decision.backend.value + self.label_suffix
         outcome.backend = label
         with generation.use():
+            session = generation.session(decision.backend)
+            if upload is not None and await object_exists(session, target):
+                outcome.reason = "object exists already"
+                return plain(403, "forbidden: the object exists already (append-only)")
+
+            if request.headers.get("Expect", "").lower() == "100-continue":
+                await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
             try:
                 return await forward(
-                    request, target, generation.session(decision.backend), label,
+                    request, target, session, label,
                     outcome.transfer, body_filter=upload.filter if upload else None,
                 )
             except UpstreamError as exc:
                 if upload is not None and upload.mismatch:
                     outcome.reason = "upload does not match its object name"
-                    session = generation.session(decision.backend)
                     if not await wait_until_absent(session, target):
                         log.warning("a rejected upload is still in storage: %s", target.display)
                     return plain(400, "body does not match the object name (sha256)")

@@ -5,8 +5,9 @@ streams to the backend as it arrives, except for the last chunk, which is held
 back until the whole body is hashed: on a mismatch the filter raises, the
 backend connection is aborted short of `Content-Length`, and `rclone serve
 restic` discards the partial file. It does so a moment after it sees the
-connection close, so the 400 waits until the backend no longer has the object.
-Memory: one chunk.
+connection close, so the 400 waits until the backend no longer has the object;
+an upload over an existing object is refused (403) before any byte is sent, as
+the append-only backend would refuse it. Memory: one chunk.
 """
 
 from __future__ import annotations
@@ -66,6 +67,22 @@ class UploadCheck:
             yield held
 
 
+async def _status(session: aiohttp.ClientSession, target: Target, timeout: float) -> int | None:
+    url = URL("http://backend" + target.path, encoded=True)
+    try:
+        async with session.head(url, headers={"Accept": REST_MEDIA_TYPE},
+                                timeout=aiohttp.ClientTimeout(total=timeout)) as response:
+            return response.status
+    except (TimeoutError, aiohttp.ClientError):
+        return None
+
+
+async def object_exists(session: aiohttp.ClientSession, target: Target) -> bool:
+    """Whether the backend has the object already (then an append-only upload is refused
+    anyway, and a mismatching body could not be told from the stored object)."""
+    return await _status(session, target, 5.0) == 200
+
+
 async def wait_until_absent(
     session: aiohttp.ClientSession, target: Target, *, within: float = 2.0,
     every: float = 0.02,
@@ -73,16 +90,9 @@ async def wait_until_absent(
     """Polls the backend until the object is gone (True) or `within` seconds passed (False)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + within
-    url = URL("http://backend" + target.path, encoded=True)
-    timeout = aiohttp.ClientTimeout(total=max(every, 1.0))
     while True:
-        try:
-            async with session.head(url, headers={"Accept": REST_MEDIA_TYPE},
-                                    timeout=timeout) as response:
-                if response.status == 404:
-                    return True
-        except (TimeoutError, aiohttp.ClientError):
-            pass
+        if await _status(session, target, 1.0) == 404:
+            return True
         if loop.time() >= deadline:
             return False
         await asyncio.sleep(every)

@@ -228,6 +228,12 @@ def test_module_upload_matching_its_name_is_stored(env: Env, alice_repo: str, ki
     assert status == 200
     assert stored_object(env, "traefik", ALICE_UUID, kind, object_id).read_bytes() == body
     assert env.request("GET", f"{alice_repo}/{kind}/{object_id}", NODE)[2] == body
+    # an object is never replaced, by its own bytes or by others
+    for again in (body, b"other bytes"):
+        status, _, answer = env.request("POST", f"{alice_repo}/{kind}/{object_id}", ALICE,
+                                        body=again)
+        assert status == 403 and b"exists" in answer
+    assert stored_object(env, "traefik", ALICE_UUID, kind, object_id).read_bytes() == body
 
 
 def test_empty_and_tiny_uploads_are_verified(env: Env, alice_repo: str) -> None:
@@ -399,16 +405,22 @@ def test_connections_over_the_cap_get_503(env: Env) -> None:
     try:
         for _ in range(MAX_CONNECTIONS + extra):
             held.append(socket.create_connection(("127.0.0.1", env.port), timeout=5))
-        answers = [_answer_now(sock, 0.5 if i >= MAX_CONNECTIONS else 0.0)
-                   for i, sock in enumerate(held)]
+        time.sleep(0.5)
+        answers = [_answer_now(sock, 0.0) for sock in held]
+        rejected = [a for a in answers if a.startswith(b"HTTP/")]
+        dropped = sum(1 for sock, a in zip(held, answers, strict=True)
+                      if not a and select.select([sock], [], [], 0)[0])
+        alive = len(held) - len(rejected) - dropped
+        assert alive <= MAX_CONNECTIONS
+        assert rejected and all(
+            a.startswith(b"HTTP/1.1 503 ") and b"Retry-After: " in a for a in rejected)
+        if alive == MAX_CONNECTIONS:  # no slot freed meanwhile (a slow machine may free some)
+            assert len(rejected) >= extra
+            status, headers, _ = raw_request("127.0.0.1", env.port, FOLLOW_UP, timeout=5)
+            assert status == 503 and int(headers["retry-after"]) >= 1
     finally:
         for sock in held:
             sock.close()
-    rejected = [a for a in answers if a]
-    # every connection over the cap, and none under it (connections of earlier tests aside)
-    assert extra <= len(rejected) <= extra + 3
-    assert all(a.startswith(b"HTTP/1.1 503 ") and b"Retry-After: " in a for a in rejected)
-    assert all(answers[MAX_CONNECTIONS:])
     deadline = time.monotonic() + 5
     while raw_request("127.0.0.1", env.port, FOLLOW_UP)[0] != 200:
         assert time.monotonic() < deadline, "the gateway did not take connections again"
