@@ -100,11 +100,20 @@ def repo_path(app: str, module_uuid: str) -> str:
     return f"/{DEST}/{app}/{module_uuid}"
 
 
+@pytest.fixture(scope="module")
+def bob_repo(env: Env) -> str:
+    """A repository with a config, for requests that must succeed."""
+    path = repo_path("dokuwiki", BOB_UUID)
+    assert env.request("POST", path + "/?create=true", BOB)[0] == 200
+    assert env.request("POST", path + "/config", BOB, body=b"bob's config")[0] == 200
+    return path
+
+
 # --------------------------------------------------------------------------- password guessing
 
 
 def test_wrong_passwords_for_one_user_get_429_while_other_users_on_the_address_work(
-    env: Env,
+    env: Env, bob_repo: str
 ) -> None:
     path = repo_path("ldap", DAVE_UUID) + "/config"
     wrong = ("module/ldap1", "guess-not-the-password")
@@ -128,16 +137,16 @@ def test_wrong_passwords_for_one_user_get_429_while_other_users_on_the_address_w
     # the right password does not get through either while refused: it is not even checked
     assert env.request("GET", path, DAVE)[0] == 429
     # other users on 127.0.0.1 are not locked out, nor throttled for a single mistake
-    bob = repo_path("dokuwiki", BOB_UUID)
-    assert env.request("POST", bob + "/?create=true", BOB)[0] == 200
-    assert env.request("POST", bob + "/config", BOB, body=b"bob's config")[0] == 200
-    assert env.request("GET", repo_path("dokuwiki", BOB_UUID) + "/config", BOB)[0] == 200
+    assert env.request("GET", bob_repo + "/config", BOB)[0] == 200
+    snapshot = b"bob's snapshot"
+    snapshot_path = f"{bob_repo}/snapshots/{hashlib.sha256(snapshot).hexdigest()}"
+    assert env.request("POST", snapshot_path, BOB, body=snapshot)[0] == 200
     assert env.request("GET", path, ("module/dokuwiki1", "typo"))[0] == 401
     assert env.request("GET", path, NODE)[0] == 404  # no repository there yet: not refused
     assert "guess-not-the-password" not in env.gateway.log_text()
 
 
-def test_invented_user_names_do_not_lock_out_real_users(env: Env) -> None:
+def test_invented_user_names_do_not_lock_out_real_users(env: Env, bob_repo: str) -> None:
     """Many names from one address make it 'hot': failing users are refused sooner,
     users that do not fail are not refused at all."""
     conn = http.client.HTTPConnection("127.0.0.1", env.port, timeout=30)
@@ -148,7 +157,7 @@ def test_invented_user_names_do_not_lock_out_real_users(env: Env) -> None:
     carol = repo_path("mail", CAROL_UUID) + "/config"
     assert [env.request("GET", carol, ("module/mail1", "wrong"))[0] for _ in range(4)] == [
         401, 401, 401, 429]
-    assert env.request("GET", repo_path("dokuwiki", BOB_UUID) + "/config", BOB)[0] == 200
+    assert env.request("GET", bob_repo + "/config", BOB)[0] == 200
 
 
 def test_throttle_state_stays_bounded_under_100000_user_names() -> None:
@@ -427,8 +436,10 @@ def test_connections_over_the_cap_get_503(env: Env) -> None:
         time.sleep(0.05)
 
 
-def test_300_slow_header_connections_are_dropped_and_do_not_delay_others(env: Env) -> None:
-    path = repo_path("dokuwiki", BOB_UUID) + "/config"
+def test_300_slow_header_connections_are_dropped_and_do_not_delay_others(
+    env: Env, bob_repo: str
+) -> None:
+    path = bob_repo + "/config"
 
     def legitimate() -> float:
         started = time.monotonic()
