@@ -195,7 +195,7 @@ def check_module_confinement(request: Request) -> None:
         assert method in ("POST", "DELETE") and segs[3:4] == ("locks",) and len(segs) == 5
 
 
-@settings(PROFILE, max_examples=1000)
+@settings(PROFILE, max_examples=500)
 @given(module_requests())
 def test_a_module_stays_inside_its_own_and_its_granted_repository(request: Request) -> None:
     check_module_confinement(request)
