@@ -1,18 +1,34 @@
-"""Command line: `rclone-gateway serve ...` (spec section 9)."""
+"""Command line: `rclone-gateway serve ...` (spec section 9), `explain` and `config show`.
+
+Exit codes of `explain`: 0 the request would be allowed, 1 refused, 2 usage error,
+3 the configuration could not be read from Redis. `config show`: 0, 2 or 3 likewise.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from redis.exceptions import RedisError
+
+from gateway import logs
+from gateway.cluster import ClusterState
+from gateway.operator_commands import (
+    explain,
+    format_explanation,
+    masked_rendered_config,
+    read_live_state,
+)
 from gateway.redis_source import redis_url_from_env
-from gateway.server import Gateway, Settings, prepare_runtime_dir
+
+if TYPE_CHECKING:
+    from gateway.server import Settings
 
 
 def default_rclone() -> str:
@@ -50,11 +66,70 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds an old backend generation gets to finish its requests")
     serve.add_argument("--resync-interval", type=float, default=60.0,
                        help="seconds between full re-reads of Redis")
+    serve.add_argument("--probe-interval", type=float, default=2.0,
+                       help="seconds between probes of the peer gateways")
+    serve.add_argument("--remote-probe-interval", type=float, default=10.0,
+                       help="seconds between checks that this node reaches its remote "
+                            "destinations (each lists the destination's root)")
+    serve.add_argument("--probe-timeout", type=float, default=4.0,
+                       help="seconds a probe may take before it counts as failed")
     serve.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "INFO"))
+
+    why = commands.add_parser(
+        "explain", help="show the decision for a request against the live configuration",
+        description="Prints the decision (allow or deny), the rule that decided and its reason. "
+        "Exit code: 0 allow, 1 deny, 2 usage error, 3 Redis could not be read.",
+    )
+    why.add_argument("--user", required=True, help="node/<id> or module/<id>")
+    why.add_argument("--method", required=True, help="HTTP method, e.g. GET, POST, DELETE")
+    why.add_argument("--path", required=True,
+                     help="request target as sent, e.g. /<destination>/<app>/<uuid>/config")
+    why.add_argument("--rest", action="store_true",
+                     help="a Restic REST request (default: WebDAV unless ?create=true)")
+    why.add_argument("--depth", help="WebDAV Depth header of a PROPFIND")
+    why.add_argument("--redis-url", help="Redis URL (default: REDIS_URL or the agent environment)")
+
+    config = commands.add_parser("config", help="inspect the configuration")
+    config_commands = config.add_subparsers(dest="config_command", required=True)
+    show = config_commands.add_parser(
+        "show", help="print the rendered rclone configuration, secret values masked")
+    show.add_argument("--redis-url", help="Redis URL (default: REDIS_URL or the agent environment)")
+    show.add_argument("--node-id", help="render for this node (default: NODE_ID)")
+    show.add_argument("--local-repo", default="/srv/repo",
+                      help="directory of this node's local repository (default /srv/repo)")
     return parser
 
 
+def load_state(redis_url: str | None) -> ClusterState:
+    try:
+        return asyncio.run(read_live_state(redis_url or redis_url_from_env()))
+    except (RedisError, OSError) as exc:
+        print(f"rclone-gateway: cannot read the configuration from Redis: "
+              f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        raise SystemExit(3) from None
+
+
+def run_explain(args: argparse.Namespace) -> int:
+    state = load_state(args.redis_url)
+    result = explain(state, args.user, args.method, args.path, rest=args.rest, depth=args.depth)
+    sys.stdout.write(format_explanation(result, args.user, args.method))
+    return result.exit_code
+
+
+def run_config_show(args: argparse.Namespace) -> int:
+    node_id = args.node_id or os.environ.get("NODE_ID")
+    if not node_id:
+        print("rclone-gateway: --node-id or NODE_ID is required", file=sys.stderr)
+        return 2
+    state = load_state(args.redis_url)
+    sys.stdout.write(masked_rendered_config(state, str(node_id), args.local_repo))
+    return 0
+
+
 def settings_from_args(args: argparse.Namespace) -> Settings:
+    # The server (aiohttp and all) is imported only to serve: the operator commands start faster.
+    from gateway.server import Settings, prepare_runtime_dir
+
     node_id = args.node_id or os.environ.get("NODE_ID")
     if not node_id:
         raise SystemExit("rclone-gateway: --node-id or NODE_ID is required")
@@ -76,18 +151,23 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         shutdown_grace=args.shutdown_grace,
         drain_grace=args.drain_grace,
         resync_interval=args.resync_interval,
+        probe_interval=args.probe_interval,
+        probe_timeout=args.probe_timeout,
+        remote_probe_interval=args.remote_probe_interval,
     )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
+    if args.command == "explain":
+        return run_explain(args)
+    if args.command == "config":
+        return run_config_show(args)
     if args.command == "serve":
+        logs.configure(args.log_level)
         settings = settings_from_args(args)
+        from gateway.server import Gateway
+
         try:
             import uvloop
         except ImportError:  # pragma: no cover

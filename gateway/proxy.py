@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from gateway.paths import Target
@@ -43,6 +43,10 @@ class UpstreamError(Exception):
         self.reason = reason
 
 
+class UpstreamRefused(UpstreamError):
+    """The upstream answered with a status the caller asked not to pass on (nothing was sent)."""
+
+
 @dataclass
 class Transfer:
     bytes_in: int = 0
@@ -66,6 +70,8 @@ def request_headers(incoming: CIMultiDict[str]) -> CIMultiDict[str]:
 
 
 BodyFilter = Callable[[AsyncIterator[bytes]], AsyncIterator[bytes]]
+# The X-Gateway-Backend value of a response, fixed or derived from the upstream's headers.
+BackendLabel = str | Callable[[CIMultiDictProxy[str]], str]
 
 
 async def _body(request: web.BaseRequest, transfer: Transfer) -> AsyncIterator[bytes]:
@@ -82,20 +88,31 @@ async def forward(
     request: web.BaseRequest,
     target: Target,
     session: aiohttp.ClientSession,
-    backend_label: str,
+    backend_label: BackendLabel,
     transfer: Transfer,
     body_filter: BodyFilter | None = None,
+    *,
+    base_url: str = "http://backend",
+    headers: CIMultiDict[str] | None = None,
+    idle_timeout: float = BACKEND_IDLE_TIMEOUT,
+    refuse_statuses: Collection[int] = (),
 ) -> web.StreamResponse:
-    headers = request_headers(request.headers)
+    """Streams `request` to `base_url` + the canonical target and the answer back.
+
+    `headers` replaces the filtered client headers; an upstream status in
+    `refuse_statuses` raises UpstreamRefused before anything is sent to the client.
+    """
+    if headers is None:
+        headers = request_headers(request.headers)
     data: AsyncIterator[bytes] | None = None
     if request.body_exists:
         data = _body(request, transfer)
         if body_filter is not None:
             data = body_filter(data)
-    url = URL("http://backend" + target.path_and_query, encoded=True)
+    url = URL(base_url + target.path_and_query, encoded=True)
     timeout = aiohttp.ClientTimeout(
         total=None, connect=CONNECT_TIMEOUT, sock_connect=CONNECT_TIMEOUT,
-        sock_read=BACKEND_IDLE_TIMEOUT,
+        sock_read=idle_timeout,
     )
     try:
         upstream = await session.request(
@@ -114,13 +131,17 @@ async def forward(
         raise UpstreamError(502, "backend error") from exc
 
     async with upstream:
+        if upstream.status in refuse_statuses:
+            raise UpstreamRefused(upstream.status, f"answered {upstream.status}")
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
         named = _connection_tokens(upstream.headers)
         for key, value in upstream.headers.items():
             lower = key.lower()
             if lower not in RESPONSE_DROP and lower not in named:
                 response.headers.add(key, value)
-        response.headers["X-Gateway-Backend"] = backend_label
+        response.headers["X-Gateway-Backend"] = (
+            backend_label if isinstance(backend_label, str) else backend_label(upstream.headers)
+        )
         await response.prepare(request)
         if request.method != "HEAD":
             try:

@@ -129,6 +129,7 @@ class RedisSource:
         self._events_client = connect(url, socket_timeout=None)
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._closing = False
 
     def on_change(self, listener: StateListener) -> None:
         self._listeners.append(listener)
@@ -149,6 +150,10 @@ class RedisSource:
         self._wake.set()
 
     async def close(self) -> None:
+        # redis-py shields a command in progress from cancellation, so a cancelled loop
+        # can go on for one more turn: it also stops at its next look at _closing.
+        self._closing = True
+        self._wake.set()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -175,15 +180,19 @@ class RedisSource:
             self.status.connected = False
             self.status.last_error = type(exc).__name__
             raise
-        await self._apply(state)
+        if not self._closing:
+            await self._apply(state)
 
     async def _resync_loop(self) -> None:
         backoff = 0.5
-        while True:
+        while not self._closing:
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for loses a cancellation that
+            # arrives as the event is set, and close() then waits a whole resync interval.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self.resync_interval)
+                async with asyncio.timeout(self.resync_interval):
+                    await self._wake.wait()
             self._wake.clear()
-            while True:
+            while not self._closing:
                 try:
                     await self._sync_once()
                     backoff = 0.5
@@ -195,14 +204,14 @@ class RedisSource:
 
     async def _event_loop(self) -> None:
         backoff = 0.5
-        while True:
+        while not self._closing:
             pubsub = self._events_client.pubsub()
             try:
                 await pubsub.psubscribe(EVENT_PATTERN)
                 # A (re)subscription may have missed events: read everything again.
                 self.request_resync()
                 backoff = 0.5
-                while True:
+                while not self._closing:
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=30)
                     if message is None:
                         await pubsub.ping()

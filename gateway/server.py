@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -12,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aiohttp import web
+from aiohttp import ClientSession, web
 
 from backends.manager import BackendManager
 from backends.rclone_conf import Placement, render
@@ -20,8 +19,13 @@ from gateway import __version__
 from gateway.cluster import ClusterState, is_trusted_source
 from gateway.credentials import parse_basic, verify
 from gateway.http_errors import GatewayServer, head_too_large
+from gateway.logs import access_level, access_line
+from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from gateway.metrics import GatewayMetrics
 from gateway.paths import PathError, Target, canonicalise
+from gateway.peers import PeerGateways, where_served
 from gateway.policy import (
+    Backend,
     Caller,
     Decision,
     Request,
@@ -31,7 +35,9 @@ from gateway.policy import (
     node_caller,
 )
 from gateway.proxy import Transfer, UpstreamError, forward, plain
+from gateway.reachability import Reachability
 from gateway.redis_source import RedisSource
+from gateway.sd_notify import Notifier
 from gateway.throttle import LoginThrottle
 from gateway.uploads import UploadCheck, expected_digest, object_exists, wait_until_absent
 
@@ -56,6 +62,9 @@ class Settings:
     shutdown_grace: float = 30.0
     drain_grace: float = 600.0
     resync_interval: float = 60.0
+    probe_interval: float = 2.0  # peer gateways
+    probe_timeout: float = 4.0
+    remote_probe_interval: float = 10.0  # remote storage served here (costs a listing)
 
 
 @dataclass
@@ -63,6 +72,7 @@ class Outcome:
     """What the access log says about one request."""
 
     user: str = "-"
+    caller: str = "anonymous"  # caller group once authenticated: node or module
     protocol: str = "-"
     decision: str = "-"
     rule: str = "-"
@@ -85,7 +95,14 @@ class Gateway:
         self.started = time.time()
         self.label_suffix = f"@node{settings.node_id}"
         self._apply_lock = asyncio.Lock()
+        self.metrics = GatewayMetrics(self.health_document)
+        self.systemd = Notifier()
         self.source.on_change(self._on_state)
+        self.reachability = Reachability(probe_interval=settings.remote_probe_interval,
+                                         probe_timeout=settings.probe_timeout)
+        self.peers = PeerGateways(settings.node_id, lambda: self.source.state,
+                                  probe_interval=settings.probe_interval,
+                                  probe_timeout=settings.probe_timeout)
 
     # --- configuration -------------------------------------------------------------------
 
@@ -111,6 +128,8 @@ class Gateway:
                 log.exception("backends for the new configuration did not start")
                 return
             self.placement = rendered.placement
+            if self.serving():
+                self.systemd.serving()
 
     # --- request handling ----------------------------------------------------------------
 
@@ -124,6 +143,13 @@ class Gateway:
             return response
         finally:
             self.inflight -= 1
+            status = response.status if response is not None else 499
+            self.metrics.observe(
+                caller=outcome.caller, protocol=outcome.protocol, method=request.method,
+                decision=outcome.decision, status=status, duration=time.monotonic() - started,
+                bytes_in=outcome.transfer.bytes_in, bytes_out=outcome.transfer.bytes_out,
+                reason=outcome.reason,
+            )
             self._log(request, outcome, response, started)
 
     async def _handle(self, request: web.BaseRequest, outcome: Outcome) -> web.StreamResponse:
@@ -140,7 +166,11 @@ class Gateway:
 
         raw = request.raw_path
         if raw in ("/health", "/health/"):
+            outcome.path = raw
             return self._health(request)
+        if raw in ("/metrics", "/metrics/"):
+            outcome.path = raw
+            return self._metrics(request)
 
         try:
             target = canonicalise(raw)
@@ -157,6 +187,7 @@ class Gateway:
         if isinstance(caller, web.Response):
             return caller
         outcome.user = caller.user
+        outcome.caller = caller.group
 
         protocol = detect_protocol(request.headers.get("Accept", ""), target.query)
         outcome.protocol = protocol.value
@@ -174,11 +205,16 @@ class Gateway:
             if refusal is not None:
                 return refusal
 
-        if target.segments and target.segments[0] not in self.placement.local:
-            if target.segments[0] in self.placement.peer:
-                return plain(503, "destination is hosted by another node",
-                             {"Retry-After": "5"})
-            return plain(404, "unknown destination")
+        uuid = target.segments[0] if target.segments else None
+        if uuid is not None and not self.served_here(uuid):
+            dest = state.destinations.get(uuid)
+            if dest is None:
+                return plain(404, "unknown destination")
+            answer = await self.peers.serve(request, target, dest, source, outcome.transfer)
+            outcome.backend = answer.backend
+            if answer.refused:
+                outcome.reason = answer.reason
+            return answer.response
 
         generation = self.backends.current
         if generation is None or not generation.children[decision.backend].ready:
@@ -196,7 +232,7 @@ class Gateway:
                 await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
             try:
-                return await forward(
+                response = await forward(
                     request, target, session, label,
                     outcome.transfer, body_filter=upload.filter if upload else None,
                 )
@@ -207,7 +243,10 @@ class Gateway:
                         log.warning("a rejected upload is still in storage: %s", target.display)
                     return plain(400, "body does not match the object name (sha256)")
                 outcome.reason = exc.reason
+                self._observe(uuid, exc.status)
                 return plain(exc.status, exc.reason, {"Retry-After": "2"})
+            self._observe(uuid, response.status)
+            return response
 
     async def _authenticate(
         self, request: web.BaseRequest, source: str, state: ClusterState, outcome: Outcome
@@ -259,8 +298,28 @@ class Gateway:
             uuid in self.placement.local and generation is not None and generation.healthy
         )
 
+    def served_here(self, uuid: str) -> bool:
+        """Whether this node serves `uuid` healthily now; requests for any other go to a peer."""
+        return self.destination_healthy(uuid) and self.reachability.reachable(uuid)
+
+    def remote_destinations(self) -> list[str]:
+        """Destinations served here whose storage is not this node's own disk."""
+        state = self.source.state or ClusterState()
+        return [uuid for uuid in self.placement.local
+                if uuid in state.destinations and state.destinations[uuid].provider != "cluster"]
+
+    def _observe(self, uuid: str | None, status: int) -> None:
+        if uuid is not None and uuid in self.remote_destinations():
+            self.reachability.observe(uuid, status)
+
+    def _webdav_session(self) -> ClientSession | None:
+        generation = self.backends.current
+        if generation is None or not generation.children[Backend.WEBDAV].ready:
+            return None
+        return generation.session(Backend.WEBDAV)
+
     def _probe(self, target: Target) -> web.Response:
-        if self.destination_healthy(target.segments[0]):
+        if self.served_here(target.segments[0]):
             return plain(404, "not found")
         return plain(503, "destination not served here", {"Retry-After": "5"})
 
@@ -281,15 +340,10 @@ class Gateway:
         destinations: dict[str, object] = {}
         if state is not None:
             for uuid, dest in sorted(state.destinations.items()):
-                if uuid in self.placement.local:
-                    entry = {"state": "ok" if self.destination_healthy(uuid) else "down",
-                             "served": "here"}
-                elif uuid in self.placement.peer:
-                    entry = {"state": "remote", "served": f"node at {self.placement.peer[uuid]}"}
-                else:
-                    entry = {"state": "error", "served": "no",
-                             "error": self.placement.invalid.get(uuid, "not served")}
-                destinations[uuid] = {"name": dest.name, "provider": dest.provider, **entry}
+                served = self.served_here(uuid)
+                destinations[uuid] = {"name": dest.name, "provider": dest.provider, **where_served(
+                    served, self.placement, self.reachability.reason(uuid), uuid,
+                    None if served else self.peers.route_for(dest))}
         serving = self.serving()
         if not serving:
             status = "down"
@@ -308,6 +362,7 @@ class Gateway:
             },
             "backends": backends,
             "destinations": destinations,
+            "peers": self.peers.report(),
             "inflight": self.inflight,
             "reloads": self.backends.reloads,
         }
@@ -318,6 +373,12 @@ class Gateway:
         document = self.health_document()
         return web.json_response(document, status=200 if self.serving() else 503)
 
+    def _metrics(self, request: web.BaseRequest) -> web.Response:
+        if request.method not in ("GET", "HEAD"):
+            return plain(405, "method not allowed", {"Allow": "GET, HEAD"})
+        return web.Response(body=self.metrics.exposition(),
+                            headers={"Content-Type": METRICS_CONTENT_TYPE})
+
     # --- access log ----------------------------------------------------------------------
 
     def _log(
@@ -327,11 +388,14 @@ class Gateway:
         response: web.StreamResponse | None,
         started: float,
     ) -> None:
-        if not access_log.isEnabledFor(logging.INFO):
+        status = response.status if response is not None else 499
+        level = access_level(status, outcome.decision)
+        if not access_log.isEnabledFor(level):
             return
         peer = request.transport.get_extra_info("peername") if request.transport else None
-        access_log.info(
-            json.dumps(
+        access_log.log(
+            level,
+            access_line(
                 {
                     "source": peer[0] if peer else None,
                     "user": outcome.user,
@@ -341,14 +405,14 @@ class Gateway:
                     "decision": outcome.decision,
                     "rule": outcome.rule,
                     "reason": outcome.reason,
-                    "status": response.status if response is not None else 499,
+                    "status": status,
                     "bytes_in": outcome.transfer.bytes_in,
                     "bytes_out": outcome.transfer.bytes_out,
                     "duration_ms": round((time.monotonic() - started) * 1000, 2),
                     "backend": outcome.backend,
                 },
-                ensure_ascii=False,
-            )
+                time.time(),
+            ),
         )
 
     # --- life cycle ----------------------------------------------------------------------
@@ -373,9 +437,12 @@ class Gateway:
             log.warning("first read of Redis failed (%s); retrying", type(exc).__name__)
         self.source.start()
         self.source.request_resync()
+        self.peers.start()
+        self.reachability.start(self.remote_destinations, self._webdav_session)
 
         await stop.wait()
         log.info("stopping: no new connections, finishing in-flight requests")
+        self.systemd.stopping()
         listener.close()
         deadline = time.monotonic() + self.settings.shutdown_grace
         while self.inflight and time.monotonic() < deadline:
@@ -383,6 +450,8 @@ class Gateway:
         with contextlib.suppress(Exception):
             await server.shutdown(timeout=1.0)
         await self.source.close()
+        await self.peers.close()
+        await self.reachability.close()
         await self.backends.stop()
         log.info("stopped")
         return 0

@@ -24,6 +24,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import redis
+from netns import inside, netns_exec
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT = 60.0
@@ -289,8 +290,9 @@ class GatewayProcess:
     """`python -m gateway serve` as a child; use GatewayProcess.start(...)."""
 
     def __init__(self, argv: list[str], env: dict[str, str], workdir: Path,
-                 host: str, port: int):
+                 host: str, port: int, netns: str | None = None):
         self.argv = argv
+        self.netns = netns  # the network namespace it runs in (None: the test's own)
         self.env = env
         self.workdir = workdir
         self.host = host
@@ -305,10 +307,12 @@ class GatewayProcess:
     def start(cls, redis_url: str, node_id: str | int, workdir: Path | str, *,
               listen_host: str = "127.0.0.1", port: int | None = None,
               extra_args: Iterable[str] = (),
-              env: Mapping[str, str | None] | None = None) -> GatewayProcess:
+              env: Mapping[str, str | None] | None = None,
+              netns: str | None = None) -> GatewayProcess:
         workdir = Path(workdir).resolve()
         port = free_port() if port is None else port
-        argv = [sys.executable, "-m", "gateway", "serve",
+        prefix = netns_exec(netns) if netns else []
+        argv = [*prefix, sys.executable, "-m", "gateway", "serve",
                 "--listen", f"{listen_host}:{port}",
                 "--redis-url", redis_url,
                 "--node-id", str(node_id),
@@ -325,7 +329,7 @@ class GatewayProcess:
             else:
                 full_env[key] = value
         connect_host = "127.0.0.1" if listen_host in ("0.0.0.0", "", "::") else listen_host
-        gateway = cls(argv, full_env, workdir, connect_host, port)
+        gateway = cls(argv, full_env, workdir, connect_host, port, netns)
         gateway._launch()
         return gateway
 
@@ -377,6 +381,8 @@ class GatewayProcess:
         """Status of GET /health, 0 when nothing answers."""
         conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
         try:
+            with inside(self.netns):
+                conn.connect()
             conn.request("GET", "/health")
             response = conn.getresponse()
             response.read()
@@ -465,9 +471,9 @@ class ResticError(subprocess.CalledProcessError):
                 f"--- stderr ---\n{self.stderr}")
 
 
-def restic(repo_url: str, *args: str, password: str = "pw",
-           env: Mapping[str, str | None] | None = None, check: bool = True,
-           timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def _restic_command(repo_url: str, args: Iterable[str], password: str,
+                    env: Mapping[str, str | None] | None,
+                    netns: str | None) -> tuple[list[str], dict[str, str]]:
     exe = shutil.which("restic")
     if exe is None:
         raise RuntimeError("restic not found in PATH (run scripts/bootstrap.sh)")
@@ -479,12 +485,30 @@ def restic(repo_url: str, *args: str, password: str = "pw",
             full_env.pop(key, None)
         else:
             full_env[key] = value
-    cmd = [exe, "-r", repo_url, "--no-cache", *args]
+    cmd = [*(netns_exec(netns) if netns else []), exe, "-r", repo_url, "--no-cache", *args]
+    return cmd, full_env
+
+
+def restic(repo_url: str, *args: str, password: str = "pw",
+           env: Mapping[str, str | None] | None = None, check: bool = True,
+           timeout: float = 300, netns: str | None = None) -> subprocess.CompletedProcess[str]:
+    cmd, full_env = _restic_command(repo_url, args, password, env, netns)
     result = subprocess.run(cmd, env=full_env, stdin=subprocess.DEVNULL,
                             capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise ResticError(result.returncode, cmd, result.stdout, result.stderr)
     return result
+
+
+def restic_process(repo_url: str, *args: str, password: str = "pw",
+                   env: Mapping[str, str | None] | None = None,
+                   netns: str | None = None) -> subprocess.Popen[bytes]:
+    """restic running in the background, its stdin a pipe (for `backup --stdin`)."""
+    cmd, full_env = _restic_command(repo_url, args, password, env, netns)
+    proc = subprocess.Popen(cmd, env=full_env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, process_group=0)
+    _register(proc)
+    return proc
 
 
 # --------------------------------------------------------------------------- raw HTTP

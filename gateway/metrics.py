@@ -1,0 +1,199 @@
+"""Prometheus metrics of the gateway (spec section 8).
+
+Counters and the duration histogram are fed once per request; everything that
+describes the current state (backends, destinations, Redis, in-flight
+requests) is read from the live health document at scrape time, so a scrape
+always tells the truth. Labels have bounded values only: no paths, no user
+names, no free text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+NAMESPACE = "rclone_gateway"
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+# Methods a restic or WebDAV client sends; anything else is counted as "other".
+KNOWN_METHODS = frozenset({
+    "GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PROPFIND", "PROPPATCH", "MKCOL",
+    "COPY", "MOVE", "LOCK", "UNLOCK", "PATCH",
+})
+CALLER_GROUPS = frozenset({"node", "module", "anonymous"})
+PROTOCOLS = frozenset({"rest", "webdav"})
+DECISIONS = frozenset({"allow", "deny"})
+# Why a request got 401, as the request pipeline words it -> label value.
+AUTH_FAILURE_REASONS = {"no credentials": "missing", "bad credentials": "invalid"}
+# Restic pack uploads and WebDAV transfers of large files take minutes.
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300,
+                    600)
+
+HealthSource = Callable[[], Mapping[str, Any]]
+
+# No `*_created` series beside every counter: they double the exposition for nothing a
+# scraper of this gateway uses (process_start_time_seconds tells when counting began).
+disable_created_metrics()
+
+
+def method_label(method: str) -> str:
+    return method if method in KNOWN_METHODS else "other"
+
+
+def status_class(status: int) -> str:
+    return f"{status // 100}xx" if 100 <= status <= 599 else "other"
+
+
+def bounded(value: str, allowed: frozenset[str], fallback: str = "none") -> str:
+    return value if value in allowed else fallback
+
+
+def live_families(health: Mapping[str, Any]) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    """The state gauges, from one health document (see Gateway.health_document)."""
+    ns = NAMESPACE
+    yield _gauge(f"{ns}_build_info", "Version of the running gateway.", 1.0,
+                 {"version": str(health.get("version", ""))})
+    yield _gauge(f"{ns}_serving", "1 when the gateway serves requests (/health answers 200).",
+                 1.0 if health.get("status") in ("ok", "degraded") else 0.0)
+    yield _gauge(f"{ns}_inflight_requests", "Requests being handled now.",
+                 float(health.get("inflight", 0)))
+
+    backends: Mapping[str, Mapping[str, Any]] = health.get("backends", {})
+    up = GaugeMetricFamily(f"{ns}_backend_up", "1 when the rclone serve child answers.",
+                           labels=["backend"])
+    restarts = CounterMetricFamily(
+        f"{ns}_backend_restarts",
+        "Restarts of the rclone serve child of the current backend generation.",
+        labels=["backend"],
+    )
+    generation = 0
+    for name, child in sorted(backends.items()):
+        up.add_metric([name], 1.0 if child.get("state") == "running" else 0.0)
+        restarts.add_metric([name], float(child.get("restarts", 0)))
+        generation = max(generation, int(child.get("generation", 0)))
+    yield up
+    yield restarts
+    yield _gauge(f"{ns}_config_generation",
+                 "Number of the backend generation serving new requests (0: none).",
+                 float(generation))
+    yield _counter(f"{ns}_reloads", "Backend generations started for a new configuration.",
+                   float(health.get("reloads", 0)))
+
+    dest_up = GaugeMetricFamily(
+        f"{ns}_destination_up",
+        "1 when a destination served by this node is healthy; destinations hosted by "
+        "another node are left out.",
+        labels=["destination"],
+    )
+    destinations: Mapping[str, Mapping[str, Any]] = health.get("destinations", {})
+    for uuid, dest in sorted(destinations.items()):
+        if dest.get("state") == "remote":
+            continue
+        dest_up.add_metric([uuid], 1.0 if dest.get("state") == "ok" else 0.0)
+    yield dest_up
+
+    redis: Mapping[str, Any] = health.get("redis", {})
+    yield _gauge(f"{ns}_redis_connected", "1 when the last read of Redis succeeded.",
+                 1.0 if redis.get("connected") else 0.0)
+    last_sync = redis.get("last_sync")
+    if last_sync is not None:
+        yield _gauge(f"{ns}_redis_last_sync_timestamp_seconds",
+                     "Unix time of the last full read of the configuration from Redis.",
+                     float(last_sync))
+
+
+def _gauge(name: str, doc: str, value: float,
+           labels: Mapping[str, str] | None = None) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, doc, labels=list(labels or {}))
+    family.add_metric(list((labels or {}).values()), value)
+    return family
+
+
+def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, doc)
+    family.add_metric([], value)
+    return family
+
+
+class _LiveCollector(Collector):
+    def __init__(self, health: HealthSource) -> None:
+        self._health = health
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        return live_families(self._health())
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        return []  # names are not known before the first scrape; nothing to check
+
+
+class GatewayMetrics:
+    """The gateway's own registry (not the process-global one)."""
+
+    def __init__(self, health: HealthSource) -> None:
+        self.registry = CollectorRegistry()
+        ns = NAMESPACE
+        request_labels = ["caller", "protocol"]
+        self.requests = Counter(
+            f"{ns}_requests", "Requests handled, by caller group, protocol, method, policy "
+            "decision and status class.",
+            ["caller", "protocol", "method", "decision", "status_class"],
+            registry=self.registry,
+        )
+        self.duration = Histogram(
+            f"{ns}_request_duration_seconds", "Time from request start to the last byte sent.",
+            request_labels, buckets=DURATION_BUCKETS, registry=self.registry,
+        )
+        self.bytes_in = Counter(f"{ns}_received_bytes", "Request body bytes received.",
+                                request_labels, registry=self.registry)
+        self.bytes_out = Counter(f"{ns}_sent_bytes", "Response body bytes sent from backends.",
+                                 request_labels, registry=self.registry)
+        self.auth_failures = Counter(
+            f"{ns}_auth_failures", "Requests refused with 401, by reason (missing, invalid).",
+            ["reason"], registry=self.registry,
+        )
+        for reason in AUTH_FAILURE_REASONS.values():
+            self.auth_failures.labels(reason=reason)
+        ProcessCollector(namespace="", registry=self.registry)
+        self.registry.register(_LiveCollector(health))
+
+    def observe(
+        self,
+        *,
+        caller: str,
+        protocol: str,
+        method: str,
+        decision: str,
+        status: int,
+        duration: float,
+        bytes_in: int,
+        bytes_out: int,
+        reason: str,
+    ) -> None:
+        caller = bounded(caller, CALLER_GROUPS, "anonymous")
+        protocol = bounded(protocol, PROTOCOLS)
+        self.requests.labels(
+            caller, protocol, method_label(method), bounded(decision, DECISIONS),
+            status_class(status),
+        ).inc()
+        self.duration.labels(caller, protocol).observe(duration)
+        if bytes_in:
+            self.bytes_in.labels(caller, protocol).inc(bytes_in)
+        if bytes_out:
+            self.bytes_out.labels(caller, protocol).inc(bytes_out)
+        if status == 401:
+            self.auth_failures.labels(reason=AUTH_FAILURE_REASONS.get(reason, "other")).inc()
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

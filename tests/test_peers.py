@@ -1,0 +1,185 @@
+"""The peer decisions alone: who can serve a destination, in which order, and what is sent."""
+
+from __future__ import annotations
+
+import pytest
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from backends.rclone_conf import Placement
+from gateway.cluster import ClusterState, Destination
+from gateway.peers import (
+    FORWARDED_HEADER,
+    Peer,
+    PeerHealth,
+    Route,
+    candidates,
+    is_local_client,
+    may_forward,
+    peer_request_headers,
+    probe_pairs,
+    route,
+    where_served,
+)
+from gateway.reachability import Reachability, probe_outcome
+
+HOSTED = Destination("hosted", "cluster", "webdav:http://10.5.4.2:4694")
+HOSTED_HERE = Destination("mine", "cluster", "webdav:http://10.5.4.1:4694")
+HOSTED_ELSEWHERE = Destination("lost", "cluster", "webdav:http://10.5.4.99:4694")
+REMOTE = Destination("remote", "s3", "s3:s3.example.com/bucket/path")
+
+
+def state(leader: str | None = "3", **nodes: str) -> ClusterState:
+    vpn = nodes or {"1": "10.5.4.1", "2": "10.5.4.2", "3": "10.5.4.3", "10": "10.5.4.10"}
+    return ClusterState(
+        destinations={d.uuid: d for d in (HOSTED, HOSTED_HERE, HOSTED_ELSEWHERE, REMOTE)},
+        node_vpn=dict(vpn),
+        leader=leader,
+    )
+
+
+def names(peers: list[Peer] | tuple[Peer, ...]) -> list[str]:
+    return [p.name for p in peers]
+
+
+def test_cluster_destination_goes_to_its_hosting_node_only() -> None:
+    assert names(candidates(HOSTED, state(), "1")) == ["node2"]
+    assert candidates(HOSTED, state(), "2") == []
+    assert candidates(HOSTED_HERE, state(), "1") == []
+
+
+def test_cluster_destination_of_an_unannounced_address_is_still_reachable_by_address() -> None:
+    assert candidates(HOSTED_ELSEWHERE, state(), "1") == [Peer(None, "10.5.4.99")]
+    assert Peer(None, "10.5.4.99").base_url == "http://10.5.4.99:4694"
+    assert Peer("2", "fd00::2").base_url == "http://[fd00::2]:4694"
+
+
+def test_remote_destination_tries_the_leader_first_then_nodes_by_id() -> None:
+    assert names(candidates(REMOTE, state(leader="3"), "1")) == ["node3", "node2", "node10"]
+    assert names(candidates(REMOTE, state(leader="1"), "1")) == ["node2", "node3", "node10"]
+    assert names(candidates(REMOTE, state(leader=None), "2")) == ["node1", "node3", "node10"]
+
+
+def test_a_node_sharing_this_node_address_is_not_a_peer() -> None:
+    shared = state(**{"1": "10.5.4.1", "2": "10.5.4.1", "3": "10.5.4.3"})
+    assert names(candidates(REMOTE, shared, "1")) == ["node3"]
+
+
+def test_probe_pairs_cover_every_peer_that_could_be_asked() -> None:
+    pairs = {(p.name, uuid) for p, uuid in probe_pairs(state(), "1")}
+    assert pairs == {
+        ("node2", "hosted"), ("10.5.4.99", "lost"),
+        ("node3", "remote"), ("node2", "remote"), ("node10", "remote"),
+    }
+
+
+@pytest.mark.parametrize(
+    ("source", "own", "local"),
+    [
+        ("127.0.0.1", None, True),
+        ("::1", "10.5.4.1", True),
+        ("::ffff:127.0.0.1", None, True),
+        ("10.5.4.1", "10.5.4.1", True),  # this node's own VPN address
+        ("10.5.4.2", "10.5.4.1", False),  # a peer
+        ("127.0.0.2", None, False),
+        (None, "10.5.4.1", False),
+        ("garbage", None, False),
+    ],
+)
+def test_local_clients(source: str | None, own: str | None, local: bool) -> None:
+    assert is_local_client(source, own) is local
+
+
+def test_only_unmarked_requests_of_local_clients_are_sent_on() -> None:
+    assert may_forward(True, None)
+    assert not may_forward(True, "node2")  # a local client claiming it: gets less
+    assert not may_forward(False, None)  # from a peer: served or refused
+    assert not may_forward(False, "node2")
+
+
+def test_route_skips_peers_known_unable_and_says_why_when_none_is_left() -> None:
+    health = PeerHealth()
+    assert names(route(REMOTE, state(), "1", health, forwardable=True).peers) == [
+        "node3", "node2", "node10"]
+    health.record("10.5.4.3", "remote", False, "probe answered 503", 1.0)
+    health.record_unreachable("10.5.4.10", "unreachable", 1.0)
+    assert names(route(REMOTE, state(), "1", health, forwardable=True).peers) == ["node2"]
+    # node 3 failing for one destination is still asked for another
+    hosted_by_3 = Destination("hosted3", "cluster", "webdav:http://10.5.4.3:4694")
+    assert names(route(hosted_by_3, state(), "1", health, forwardable=True).peers) == ["node3"]
+    health.record("10.5.4.2", "remote", False, "probe timed out", 2.0)
+    refused = route(REMOTE, state(), "1", health, forwardable=True)
+    assert refused.peers == ()
+    assert refused.refusal == (
+        "no node can serve this destination (node3: probe answered 503; "
+        "node2: probe timed out; node10: unreachable)")
+    # any success brings a node back
+    health.record("10.5.4.10", "remote", True, "serves it", 3.0)
+    assert names(route(REMOTE, state(), "1", health, forwardable=True).peers) == ["node10"]
+
+
+def test_route_refuses_requests_that_may_not_be_sent_on() -> None:
+    refused = route(REMOTE, state(), "1", PeerHealth(), forwardable=False)
+    assert refused.peers == ()
+    assert "not sent on" in refused.refusal
+    assert route(HOSTED_HERE, state(), "1", PeerHealth(), forwardable=True).peers == ()
+
+
+def test_forget_except_drops_what_no_longer_exists() -> None:
+    health = PeerHealth()
+    health.record("10.5.4.2", "gone", False, "x", 1.0)
+    health.record("10.5.4.2", "remote", False, "x", 1.0)
+    health.record_unreachable("10.5.4.9", "unreachable", 1.0)
+    health.forget_except({"10.5.4.2"}, {"remote"})
+    assert set(health.pairs) == {("10.5.4.2", "remote")}
+    assert health.unreachable == {}
+
+
+def test_peer_gets_the_client_credentials_and_the_forwarded_mark() -> None:
+    incoming = CIMultiDictProxy(CIMultiDict([
+        ("Authorization", "Basic bW9kdWxlL3g6eQ=="),
+        ("Accept", "application/vnd.x.restic.rest.v2"),
+        ("Host", "127.0.0.1:4694"),
+        ("Connection", "keep-alive, X-Secret-Hop"),
+        ("X-Secret-Hop", "1"),
+        ("Expect", "100-continue"),
+        (FORWARDED_HEADER, "node9"),
+        ("Content-Length", "5"),
+    ]))
+    sent = peer_request_headers(incoming, "1")
+    assert sent["Authorization"] == "Basic bW9kdWxlL3g6eQ=="
+    assert sent.getall(FORWARDED_HEADER) == ["node1"]
+    assert sent["Accept"] == "application/vnd.x.restic.rest.v2"
+    assert sent["Content-Length"] == "5"
+    for dropped in ("Host", "Connection", "X-Secret-Hop", "Expect"):
+        assert dropped not in sent
+
+
+def test_health_entry_says_where_a_destination_is_served() -> None:
+    placement = Placement(local={"remote": "remote:path"}, peer={"hosted": "10.5.4.2"},
+                          invalid={"broken": "no rclone configuration"})
+    via2 = Route((Peer("2", "10.5.4.2"),))
+    assert where_served(True, placement, None, "remote", None) == {
+        "state": "ok", "served": "here"}
+    assert where_served(False, placement, None, "hosted", via2) == {
+        "state": "forwarded", "served": "peer", "peer": "node2", "peer_address": "10.5.4.2",
+        "reason": "hosted by the node at 10.5.4.2"}
+    assert where_served(False, placement, "remote did not answer in time", "remote",
+                        via2)["reason"] == "remote did not answer in time"
+    nowhere = where_served(False, placement, None, "broken", Route((), "no node can serve it"))
+    assert nowhere == {"state": "error", "served": "no",
+                       "error": "no rclone configuration; no node can serve it"}
+
+
+def test_reachability_follows_probes_and_real_failures() -> None:
+    reach = Reachability()
+    assert reach.reachable("remote")
+    reach.observe("remote", 404)
+    assert reach.reachable("remote")
+    reach.observe("remote", 504)
+    assert not reach.reachable("remote")
+    assert reach.reason("remote") == "request failed (504)"
+    reach.mark("remote", probe_outcome(207))
+    assert reach.reachable("remote")
+    assert probe_outcome(None) == "remote did not answer in time"
+    assert probe_outcome(404) is None  # the remote answered: its root is just absent
+    assert probe_outcome(500) == "remote access failed (500)"
