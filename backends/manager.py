@@ -18,7 +18,7 @@ from pathlib import Path
 
 import aiohttp
 
-from backends.process import RcloneChild
+from backends.process import RcloneChild, wait_connections_closed
 from backends.rclone_conf import RenderedConfig
 from gateway.policy import Backend
 
@@ -51,6 +51,7 @@ class Generation:
     sessions: dict[Backend, aiohttp.ClientSession] = field(default_factory=dict)
     inflight: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
+    stopping: bool = False
 
     @property
     def healthy(self) -> bool:
@@ -82,8 +83,12 @@ class Generation:
                 self.idle.set()
 
     async def stop(self) -> None:
+        # Sessions first: closing our end of every backend connection makes rclone discard
+        # uploads it is receiving, before it is told to stop.
+        self.stopping = True
         for session in self.sessions.values():
             await session.close()
+        await wait_connections_closed([child.socket_path for child in self.children.values()])
         await asyncio.gather(*(child.stop() for child in self.children.values()))
         shutil.rmtree(self.directory, ignore_errors=True)
 
@@ -102,7 +107,7 @@ class BackendManager:
         self.empty_root = str(runtime_dir / "empty")
         os.makedirs(self.empty_root, mode=0o700, exist_ok=True)
 
-    def _env(self) -> dict[str, str]:
+    def child_env(self) -> dict[str, str]:
         keep = ("PATH", "HOME", "TZ", "LANG", "SSL_CERT_FILE", "SSL_CERT_DIR", "TMPDIR")
         env = {k: v for k, v in os.environ.items() if k in keep}
         env.setdefault("HOME", str(self.runtime_dir))
@@ -138,7 +143,7 @@ class BackendManager:
                 rclone_argv(self.rclone, backend, conf, directory / f"{backend.value}.sock",
                             config.tree_root),
                 directory / f"{backend.value}.sock",
-                self._env(),
+                self.child_env(),
             )
             for backend in Backend
         }
@@ -166,6 +171,9 @@ class BackendManager:
         log.info("backend generation %d stopped", generation.number)
 
     async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         generations = [*self.retiring, *([self.current] if self.current else [])]
         self.current = None
         await asyncio.gather(*(g.stop() for g in generations), return_exceptions=True)

@@ -17,10 +17,23 @@ _PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def _die_with_parent() -> None:
-    # Runs in the child between fork and exec: the kernel kills it when the
-    # gateway dies, even by SIGKILL, so no rclone outlives the gateway.
+def die_with_parent() -> None:
+    """Runs in a child between fork and exec: the kernel kills it when the gateway dies."""
     _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() == 1:
+        os._exit(1)
+
+
+def stop_with_parent() -> None:
+    """Like die_with_parent, for `rclone serve`: SIGTERM, not SIGKILL.
+
+    When the gateway dies, even by SIGKILL, the kernel closes its end of every
+    backend connection and sends the child SIGTERM. rclone then finishes its
+    handlers, and a handler whose upload was cut removes the partial object,
+    before it exits. Killed outright, it would leave that object half written
+    under its final name.
+    """
+    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     if os.getppid() == 1:
         os._exit(1)
 
@@ -43,6 +56,86 @@ async def http_ready(socket_path: Path, timeout: float = 2.0) -> bool:
         writer.close()
 
 
+_SO_ACCEPTCON = 0x10000  # /proc/net/unix flag of a listening socket
+CLOSE_WAIT = 5.0
+
+
+def open_connections(proc_net_unix: str, socket_path: str) -> int:
+    """Connections accepted on the unix socket `socket_path` that the server still holds."""
+    count = 0
+    for line in proc_net_unix.splitlines()[1:]:
+        fields = line.split(None, 7)
+        if (len(fields) == 8 and fields[7] == socket_path
+                and not int(fields[3], 16) & _SO_ACCEPTCON):
+            count += 1
+    return count
+
+
+async def wait_connections_closed(socket_paths: list[Path], timeout: float = CLOSE_WAIT) -> bool:
+    """Waits until the servers on `socket_paths` closed every connection; False on timeout.
+
+    Once the gateway closed its end, a server holds a connection only while its
+    handler runs, for rclone: while it removes the upload that was cut. Telling
+    it to stop before that would race its exit against the clean-up.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    paths = [str(p) for p in socket_paths]
+    while True:
+        try:
+            with open("/proc/net/unix") as f:
+                table = f.read()
+        except OSError:
+            return False
+        if not any(open_connections(table, p) for p in paths):
+            return True
+        if loop.time() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+
+
+class LogFollower:
+    """Relays the lines a child writes to its log file into the gateway's log.
+
+    The child's stderr is a file, not a pipe: with the gateway gone, a Go program
+    writing to a broken stderr pipe dies at once by SIGPIPE (ignoring the signal
+    does not help), before it has removed an upload that was cut.
+    """
+
+    poll_interval = 0.5
+    max_size = 1 << 20  # emptied once read past this; the child appends (O_APPEND)
+
+    def __init__(self, name: str, path: Path) -> None:
+        self.name = name
+        self.path = path
+        self._offset = 0
+        self._partial = b""
+
+    def relay(self) -> None:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self._offset)
+                data = f.read()
+                self._offset = f.tell()
+        except FileNotFoundError:
+            return
+        *lines, self._partial = (self._partial + data).split(b"\n")
+        for line in lines:
+            if line.strip():
+                log.info("%s: %s", self.name, line.decode(errors="replace").rstrip())
+        if self._offset > self.max_size:
+            os.truncate(self.path, 0)
+            self._offset = 0
+
+    async def follow(self) -> None:
+        try:
+            while True:
+                await asyncio.sleep(self.poll_interval)
+                self.relay()
+        finally:
+            self.relay()
+
+
 class RcloneChild:
     """Runs one `rclone serve ...` and keeps it running until `stop()`."""
 
@@ -61,6 +154,8 @@ class RcloneChild:
         self.last_exit: int | None = None
         self._stopping = False
         self._supervisor: asyncio.Task[None] | None = None
+        self.log_path = socket_path.with_suffix(".log")
+        self._log = LogFollower(name, self.log_path)
         self._log_task: asyncio.Task[None] | None = None
 
     @property
@@ -73,22 +168,30 @@ class RcloneChild:
 
     async def start(self) -> None:
         """Start the child and wait until it answers; raises RuntimeError if it cannot."""
-        await self._spawn()
+        self._log_task = asyncio.create_task(self._log.follow(), name=f"log-{self.name}")
+        try:
+            await self._spawn()
+        except BaseException:
+            await self._stop_log()
+            raise
         self._supervisor = asyncio.create_task(self._supervise(), name=f"supervise-{self.name}")
 
     async def _spawn(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.socket_path.unlink()
         self.state = "starting"
-        self.proc = await asyncio.create_subprocess_exec(
-            *self.argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-            env=self.env,
-            preexec_fn=_die_with_parent,
-        )
-        self._log_task = asyncio.create_task(self._relay_log(self.proc), name=f"log-{self.name}")
+        fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                *self.argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=fd,
+                env=self.env,
+                preexec_fn=stop_with_parent,
+            )
+        finally:
+            os.close(fd)
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
             if self.proc.returncode is not None:
@@ -102,10 +205,10 @@ class RcloneChild:
         await self._kill()
         raise RuntimeError(f"backend {self.name} did not start")
 
-    async def _relay_log(self, proc: asyncio.subprocess.Process) -> None:
-        assert proc.stderr is not None
-        while line := await proc.stderr.readline():
-            log.info("%s[%d]: %s", self.name, proc.pid, line.decode(errors="replace").rstrip())
+    async def _stop_log(self) -> None:
+        if self._log_task is not None:
+            self._log_task.cancel()
+            await asyncio.gather(self._log_task, return_exceptions=True)
 
     async def _supervise(self) -> None:
         backoff = self.min_backoff
@@ -149,4 +252,5 @@ class RcloneChild:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._supervisor
         await self._kill(grace)
+        await self._stop_log()
         self.state = "stopped"

@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "destinations (each lists the destination's root)")
     serve.add_argument("--probe-timeout", type=float, default=4.0,
                        help="seconds a probe may take before it counts as failed")
+    serve.add_argument("--remote-check-timeout", type=float, default=15.0,
+                       help="seconds a remote destination gets to answer its start check")
     serve.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "INFO"))
 
     why = commands.add_parser(
@@ -154,6 +156,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         probe_interval=args.probe_interval,
         probe_timeout=args.probe_timeout,
         remote_probe_interval=args.remote_probe_interval,
+        remote_check_timeout=args.remote_check_timeout,
     )
 
 

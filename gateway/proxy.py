@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Collection
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import dataclass
 
 import aiohttp
@@ -72,6 +72,8 @@ def request_headers(incoming: CIMultiDict[str]) -> CIMultiDict[str]:
 BodyFilter = Callable[[AsyncIterator[bytes]], AsyncIterator[bytes]]
 # The X-Gateway-Backend value of a response, fixed or derived from the upstream's headers.
 BackendLabel = str | Callable[[CIMultiDictProxy[str]], str]
+# Sees the backend's status before anything is sent; a response it returns is sent instead.
+StatusHook = Callable[[int], Awaitable[web.StreamResponse | None]]
 
 
 async def _body(request: web.BaseRequest, transfer: Transfer) -> AsyncIterator[bytes]:
@@ -96,6 +98,7 @@ async def forward(
     headers: CIMultiDict[str] | None = None,
     idle_timeout: float = BACKEND_IDLE_TIMEOUT,
     refuse_statuses: Collection[int] = (),
+    on_status: StatusHook | None = None,
 ) -> web.StreamResponse:
     """Streams `request` to `base_url` + the canonical target and the answer back.
 
@@ -133,6 +136,8 @@ async def forward(
     async with upstream:
         if upstream.status in refuse_statuses:
             raise UpstreamRefused(upstream.status, f"answered {upstream.status}")
+        if on_status is not None and (instead := await on_status(upstream.status)):
+            return instead
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
         named = _connection_tokens(upstream.headers)
         for key, value in upstream.headers.items():

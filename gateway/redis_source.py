@@ -107,27 +107,46 @@ class SourceStatus:
     connected: bool = False
     last_sync: float | None = None  # wall clock of the last full read
     last_error: str | None = None
+    down_since: float | None = None  # wall clock of the first failure of the current outage
     events: int = 0
 
 
 StateListener = Callable[[ClusterState], Awaitable[None]]
+REDIS_ERRORS = (RedisError, OSError, TimeoutError)
 
 
 class RedisSource:
     """Keeps a current `ClusterState`: a full read at start, on every event and periodically.
 
-    When Redis is away, the last good state stays in force and reads are retried with backoff.
+    A short PING every `probe_interval` notices a Redis that stopped answering
+    (gone, or stopped without closing its sockets) within a few seconds. While
+    Redis is away the last good state stays in force and reads are retried
+    with backoff; when it answers again everything is read again and the event
+    subscription is renewed, since events may have been missed.
     """
 
-    def __init__(self, url: str, *, resync_interval: float = 60.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        resync_interval: float = 60.0,
+        probe_interval: float = 1.0,
+        probe_timeout: float = 2.0,
+        read_timeout: float = 5.0,
+    ) -> None:
         self.url = url
         self.resync_interval = resync_interval
+        self.probe_interval = probe_interval
+        self.probe_timeout = probe_timeout
+        self.read_timeout = read_timeout
         self.state: ClusterState | None = None
         self.status = SourceStatus()
         self._listeners: list[StateListener] = []
         self._client = connect(url)
         self._events_client = connect(url, socket_timeout=None)
         self._wake = asyncio.Event()
+        self._renew_subscription = asyncio.Event()
+        self._notify_next = False
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
 
@@ -136,17 +155,21 @@ class RedisSource:
 
     async def load(self) -> ClusterState:
         """The first full read; raises when Redis cannot be read."""
-        state = await read_state(self._client)
-        await self._apply(state)
-        return state
+        await self._sync_once()
+        assert self.state is not None
+        return self.state
 
     def start(self) -> None:
         self._tasks = [
             asyncio.create_task(self._resync_loop(), name="redis-resync"),
             asyncio.create_task(self._event_loop(), name="redis-events"),
+            asyncio.create_task(self._probe_loop(), name="redis-probe"),
         ]
 
-    def request_resync(self) -> None:
+    def request_resync(self, *, notify: bool = False) -> None:
+        """Read everything again soon; `notify`: tell the listeners even if nothing changed."""
+        if notify:
+            self._notify_next = True
         self._wake.set()
 
     async def close(self) -> None:
@@ -157,14 +180,27 @@ class RedisSource:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._client.aclose()
-        await self._events_client.aclose()
+        for client in (self._client, self._events_client):
+            with contextlib.suppress(*REDIS_ERRORS):
+                await asyncio.wait_for(client.aclose(), 2.0)
+
+    def _mark_down(self, exc: BaseException) -> None:
+        if self.status.connected or self.status.down_since is None:
+            log.warning("Redis unavailable (%s); serving the last good configuration",
+                        type(exc).__name__)
+            self.status.down_since = time.time()
+        self.status.connected = False
+        self.status.last_error = type(exc).__name__
 
     async def _apply(self, state: ClusterState) -> None:
+        if not self.status.connected and self.status.down_since is not None:
+            log.info("Redis available again")
         self.status.connected = True
         self.status.last_sync = time.time()
         self.status.last_error = None
-        if state == self.state:
+        self.status.down_since = None
+        notify, self._notify_next = self._notify_next, False
+        if state == self.state and not notify:
             return
         self.state = state
         for listener in self._listeners:
@@ -175,56 +211,67 @@ class RedisSource:
 
     async def _sync_once(self) -> None:
         try:
-            state = await read_state(self._client)
-        except (RedisError, OSError) as exc:
-            self.status.connected = False
-            self.status.last_error = type(exc).__name__
+            state = await asyncio.wait_for(read_state(self._client), self.read_timeout)
+        except REDIS_ERRORS as exc:
+            self._mark_down(exc)
             raise
         if not self._closing:
             await self._apply(state)
 
+    async def _wait_wake(self, timeout: float) -> None:
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for loses a cancellation that
+        # arrives as the event is set, and close() then waits a whole resync interval.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._wake.wait()
+        self._wake.clear()
+
     async def _resync_loop(self) -> None:
         backoff = 0.5
         while not self._closing:
-            # asyncio.timeout, not wait_for: on Python 3.11 wait_for loses a cancellation that
-            # arrives as the event is set, and close() then waits a whole resync interval.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.resync_interval):
-                    await self._wake.wait()
-            self._wake.clear()
+            await self._wait_wake(self.resync_interval)
             while not self._closing:
                 try:
                     await self._sync_once()
                     backoff = 0.5
                     break
-                except (RedisError, OSError):
-                    log.warning("Redis unavailable; serving the last good configuration")
-                    await asyncio.sleep(backoff)
+                except REDIS_ERRORS:
+                    await self._wait_wake(backoff)  # the probe wakes us when Redis is back
                     backoff = min(backoff * 2, 10.0)
+
+    async def _probe_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.probe_interval)
+            try:
+                await asyncio.wait_for(self._client.ping(), self.probe_timeout)
+            except REDIS_ERRORS as exc:
+                self._mark_down(exc)
+                continue
+            if not self.status.connected:
+                self._renew_subscription.set()
+                self.request_resync()
 
     async def _event_loop(self) -> None:
         backoff = 0.5
         while not self._closing:
             pubsub = self._events_client.pubsub()
+            self._renew_subscription.clear()
             try:
-                await pubsub.psubscribe(EVENT_PATTERN)
+                await asyncio.wait_for(pubsub.psubscribe(EVENT_PATTERN), self.read_timeout)
                 # A (re)subscription may have missed events: read everything again.
                 self.request_resync()
                 backoff = 0.5
-                while not self._closing:
-                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=30)
-                    if message is None:
-                        await pubsub.ping()
-                        continue
-                    if message.get("type") != "pmessage":
+                while not self._closing and not self._renew_subscription.is_set():
+                    message = await pubsub.get_message(ignore_subscribe_messages=True,
+                                                       timeout=1.0)
+                    if message is None or message.get("type") != "pmessage":
                         continue
                     self.status.events += 1
                     log.info("event %s", message.get("channel"))
                     self.request_resync()
-            except (RedisError, OSError):
-                self.status.connected = False
+            except REDIS_ERRORS:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 10.0)
             finally:
-                with contextlib.suppress(RedisError, OSError):
-                    await pubsub.aclose()
+                with contextlib.suppress(*REDIS_ERRORS):
+                    await asyncio.wait_for(pubsub.aclose(), 2.0)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
@@ -11,14 +10,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import aiohttp
 from aiohttp import ClientSession, web
 
 from backends.manager import BackendManager
-from backends.rclone_conf import Placement, render
+from backends.rclone_conf import Placement, RenderedConfig
 from gateway import __version__
 from gateway.cluster import ClusterState, is_trusted_source
 from gateway.credentials import parse_basic, verify
 from gateway.http_errors import GatewayServer, head_too_large
+from gateway.lifecycle import close_after_response, drain_connections
 from gateway.logs import access_level, access_line
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway.metrics import GatewayMetrics
@@ -37,6 +38,8 @@ from gateway.policy import (
 from gateway.proxy import Transfer, UpstreamError, forward, plain
 from gateway.reachability import Reachability
 from gateway.redis_source import RedisSource
+from gateway.reloader import Reloader
+from gateway.repair import discard_partial_upload, is_restic_upload, refused_upload_hook
 from gateway.sd_notify import Notifier
 from gateway.throttle import LoginThrottle
 from gateway.uploads import UploadCheck, expected_digest, object_exists, wait_until_absent
@@ -65,6 +68,7 @@ class Settings:
     probe_interval: float = 2.0  # peer gateways
     probe_timeout: float = 4.0
     remote_probe_interval: float = 10.0  # remote storage served here (costs a listing)
+    remote_check_timeout: float = 15.0
 
 
 @dataclass
@@ -92,44 +96,33 @@ class Gateway:
         self.placement = Placement()
         self.inflight = 0
         self.throttle = LoginThrottle()
+        self.stopping = False
         self.started = time.time()
         self.label_suffix = f"@node{settings.node_id}"
-        self._apply_lock = asyncio.Lock()
         self.metrics = GatewayMetrics(self.health_document)
         self.systemd = Notifier()
-        self.source.on_change(self._on_state)
         self.reachability = Reachability(probe_interval=settings.remote_probe_interval,
                                          probe_timeout=settings.probe_timeout)
         self.peers = PeerGateways(settings.node_id, lambda: self.source.state,
                                   probe_interval=settings.probe_interval,
                                   probe_timeout=settings.probe_timeout)
+        self.reloader = Reloader(
+            self.backends, node_id=settings.node_id, local_repo=settings.local_repo,
+            check_timeout=settings.remote_check_timeout, on_serving=self._serving_config,
+        )
+        self.source.on_change(self.reloader.on_state)
 
     # --- configuration -------------------------------------------------------------------
 
-    async def _on_state(self, state: ClusterState) -> None:
-        await self.reload(state)
+    def _serving_config(self, rendered: RenderedConfig) -> None:
+        self.placement = rendered.placement
+        if self.serving():
+            self.systemd.serving()
 
     async def reload(self, state: ClusterState | None = None) -> None:
         state = state or self.source.state
-        if state is None:
-            return
-        async with self._apply_lock:
-            rendered = render(
-                state, self.settings.node_id, str(self.settings.local_repo),
-                self.backends.empty_root,
-            )
-            if rendered.placement.local and str(self.settings.local_repo) in (
-                rendered.placement.local.values()
-            ):
-                self.settings.local_repo.mkdir(parents=True, exist_ok=True)
-            try:
-                await self.backends.apply(rendered)
-            except RuntimeError:
-                log.exception("backends for the new configuration did not start")
-                return
-            self.placement = rendered.placement
-            if self.serving():
-                self.systemd.serving()
+        if state is not None:
+            await self.reloader.reload(state)
 
     # --- request handling ----------------------------------------------------------------
 
@@ -150,6 +143,8 @@ class Gateway:
                 bytes_in=outcome.transfer.bytes_in, bytes_out=outcome.transfer.bytes_out,
                 reason=outcome.reason,
             )
+            if self.stopping:
+                close_after_response(request)
             self._log(request, outcome, response, started)
 
     async def _handle(self, request: web.BaseRequest, outcome: Outcome) -> web.StreamResponse:
@@ -222,29 +217,42 @@ class Gateway:
 
         label = decision.backend.value + self.label_suffix
         outcome.backend = label
+        # Counted before the first await: a reload now retires this generation only after us.
         with generation.use():
             session = generation.session(decision.backend)
+            restic_upload = is_restic_upload(request.method, decision.backend, target)
+            on_status = refused_upload_hook(generation, target, outcome) if restic_upload else None
             if upload is not None and await object_exists(session, target):
+                # What the append-only server would answer, without sending it the body first.
+                if on_status is not None and (instead := await on_status(403)) is not None:
+                    return instead
                 outcome.reason = "object exists already"
                 return plain(403, "forbidden: the object exists already (append-only)")
 
             if request.headers.get("Expect", "").lower() == "100-continue":
                 await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-
             try:
                 response = await forward(
-                    request, target, session, label,
-                    outcome.transfer, body_filter=upload.filter if upload else None,
+                    request, target, session, label, outcome.transfer,
+                    body_filter=upload.filter if upload else None, on_status=on_status,
                 )
             except UpstreamError as exc:
                 if upload is not None and upload.mismatch:
                     outcome.reason = "upload does not match its object name"
                     if not await wait_until_absent(session, target):
-                        log.warning("a rejected upload is still in storage: %s", target.display)
+                        outcome.reason += await discard_partial_upload(generation, target)
                     return plain(400, "body does not match the object name (sha256)")
                 outcome.reason = exc.reason
                 self._observe(uuid, exc.status)
+                if exc.status == 502 and restic_upload:
+                    outcome.reason += await discard_partial_upload(generation, target)
                 return plain(exc.status, exc.reason, {"Retry-After": "2"})
+            except aiohttp.ClientError:
+                if request.content.exception() is None:
+                    outcome.reason = "backend error"
+                    return plain(502, "backend error", {"Retry-After": "2"})
+                outcome.reason = "cut: gateway stopping" if self.stopping else "client went away"
+                return web.Response(status=499, reason="Client Closed Request")
             self._observe(uuid, response.status)
             return response
 
@@ -341,9 +349,11 @@ class Gateway:
         if state is not None:
             for uuid, dest in sorted(state.destinations.items()):
                 served = self.served_here(uuid)
-                destinations[uuid] = {"name": dest.name, "provider": dest.provider, **where_served(
-                    served, self.placement, self.reachability.reason(uuid), uuid,
-                    None if served else self.peers.route_for(dest))}
+                entry = where_served(served, self.placement, self.reachability.reason(uuid), uuid,
+                                     None if served else self.peers.route_for(dest))
+                if not served and uuid in self.placement.invalid:
+                    entry.update(self.reloader.destination_problem(uuid) or {})
+                destinations[uuid] = {"name": dest.name, "provider": dest.provider, **entry}
         serving = self.serving()
         if not serving:
             status = "down"
@@ -359,6 +369,8 @@ class Gateway:
             "redis": {
                 "connected": self.source.status.connected,
                 "last_sync": self.source.status.last_sync,
+                "last_error": self.source.status.last_error,
+                "down_since": self.source.status.down_since,
             },
             "backends": backends,
             "destinations": destinations,
@@ -431,6 +443,7 @@ class Gateway:
             reuse_address=True, backlog=1024,
         )
         log.info("listening on %s:%d", self.settings.listen_host, self.settings.listen_port)
+        self.reloader.start()
         try:
             await self.source.load()
         except Exception as exc:
@@ -443,12 +456,10 @@ class Gateway:
         await stop.wait()
         log.info("stopping: no new connections, finishing in-flight requests")
         self.systemd.stopping()
-        listener.close()
-        deadline = time.monotonic() + self.settings.shutdown_grace
-        while self.inflight and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        with contextlib.suppress(Exception):
-            await server.shutdown(timeout=1.0)
+        self.stopping = True
+        await drain_connections(listener, server, lambda: self.inflight,
+                                self.settings.shutdown_grace)
+        await self.reloader.close()
         await self.source.close()
         await self.peers.close()
         await self.reachability.close()
@@ -457,8 +468,9 @@ class Gateway:
         return 0
 
     def _on_sighup(self) -> None:
-        log.info("SIGHUP: re-reading Redis")
-        self.source.request_resync()
+        log.info("SIGHUP: re-reading Redis and reloading")
+        self.reloader.retry_now()
+        self.source.request_resync(notify=True)
 
 
 def _refuse_upload(
