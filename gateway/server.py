@@ -13,7 +13,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import ClientSession, web
 
-from backends.manager import BackendManager
+from backends.manager import BackendManager, Generation
 from backends.rclone_conf import Placement, RenderedConfig
 from gateway import __version__
 from gateway.cluster import ClusterState, is_trusted_source
@@ -35,11 +35,17 @@ from gateway.policy import (
     module_caller,
     node_caller,
 )
-from gateway.proxy import Transfer, UpstreamError, forward, plain
+from gateway.proxy import Transfer, UpstreamError, forward, plain, request_body
 from gateway.reachability import Reachability
 from gateway.redis_source import RedisSource
 from gateway.reloader import Reloader
-from gateway.repair import discard_partial_upload, is_restic_upload, refused_upload_hook
+from gateway.repair import (
+    COMPLETE,
+    REMOVED,
+    discard_partial_upload,
+    is_restic_upload,
+    refused_upload_hook,
+)
 from gateway.sd_notify import Notifier
 from gateway.throttle import LoginThrottle
 from gateway.uploads import UploadCheck, expected_digest, object_exists, wait_until_absent
@@ -223,11 +229,7 @@ class Gateway:
             restic_upload = is_restic_upload(request.method, decision.backend, target)
             on_status = refused_upload_hook(generation, target, outcome) if restic_upload else None
             if upload is not None and await object_exists(session, target):
-                # What the append-only server would answer, without sending it the body first.
-                if on_status is not None and (instead := await on_status(403)) is not None:
-                    return instead
-                outcome.reason = "object exists already"
-                return plain(403, "forbidden: the object exists already (append-only)")
+                return await self._existing_object(request, generation, target, upload, outcome)
 
             if request.headers.get("Expect", "").lower() == "100-continue":
                 await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -255,6 +257,28 @@ class Gateway:
                 return web.Response(status=499, reason="Client Closed Request")
             self._observe(uuid, response.status)
             return response
+
+    async def _existing_object(
+        self, request: web.BaseRequest, generation: Generation, target: Target,
+        upload: UploadCheck, outcome: Outcome,
+    ) -> web.StreamResponse:
+        """A module upload over an object that exists: what the append-only server would
+        answer, decided without sending it the body."""
+        note = await discard_partial_upload(generation, target)
+        if note == REMOVED:
+            outcome.reason = "object left partial by an earlier upload" + REMOVED
+            return plain(503, "partial object removed; retry", {"Retry-After": "1"})
+        if note == COMPLETE:
+            # restic retries an upload whose answer it lost (a backend or peer died after
+            # storing it). Stored bytes and sent bytes both hash to the object's name: they are
+            # the same bytes, so the retry succeeds and nothing is written.
+            if request.headers.get("Expect", "").lower() == "100-continue":
+                await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            if await upload.body_matches(request_body(request, outcome.transfer)):
+                outcome.reason = "object stored already with the same content"
+                return plain(200, "object stored already")
+        outcome.reason = "object exists already"
+        return plain(403, "forbidden: the object exists already (append-only)")
 
     async def _authenticate(
         self, request: web.BaseRequest, source: str, state: ClusterState, outcome: Outcome

@@ -52,6 +52,15 @@ class UploadCheck:
     def matches_empty_body(self) -> bool:
         return hmac.compare_digest(self.expected, EMPTY_SHA256)
 
+    async def body_matches(self, chunks: AsyncIterator[bytes]) -> bool:
+        """Reads the whole body, keeping none of it: True when it hashes to the name."""
+        try:
+            async for _ in self.filter(chunks):
+                pass
+        except DigestMismatch:
+            return False
+        return True
+
     async def filter(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         digest = hashlib.sha256()
         held: bytes | None = None
