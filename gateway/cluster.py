@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import ipaddress
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -66,17 +65,22 @@ def parse_network(value: str | None) -> tuple[IPNetwork, ...]:
 LOCAL_ADDRESSES = frozenset({ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")})
 
 
-@functools.lru_cache(maxsize=1024)  # asked once per request, for a handful of addresses
-def is_trusted_source(address: str | None, networks: tuple[IPNetwork, ...]) -> bool:
-    """Spec section 4, step 1: loopback clients, or clients inside the cluster network."""
+def source_ip(address: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """A peer address as an IP, IPv4-mapped IPv6 unwrapped; None when it is not one."""
     if not address:
-        return False
+        return None
     try:
         ip = ipaddress.ip_address(address.split("%", 1)[0])
     except ValueError:
-        return False
+        return None
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    if ip in LOCAL_ADDRESSES:
-        return True
-    return any(ip in net for net in networks)
+        return ip.ipv4_mapped
+    return ip
+
+
+def is_trusted_source(address: str | None, networks: tuple[IPNetwork, ...]) -> bool:
+    """Spec section 4, step 1: loopback clients, or clients inside the cluster network."""
+    ip = source_ip(address)
+    if ip is None:
+        return False
+    return ip in LOCAL_ADDRESSES or any(ip in net for net in networks)

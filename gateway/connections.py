@@ -34,6 +34,11 @@ TOO_MANY_CONNECTIONS_RESPONSE = _canned_response(
     "503 Service Unavailable", "too many connections\n", "Retry-After: 1"
 )
 REQUEST_TIMEOUT_RESPONSE = _canned_response("408 Request Timeout", "request header timeout\n")
+HEAD_TOO_LARGE_RESPONSE = _canned_response(
+    "431 Request Header Fields Too Large", "request head too large\n"
+)
+# aiohttp bounds each line and the number of header fields; this bounds a whole request head.
+MAX_HEAD_BYTES = 32 * 1024
 
 
 class GuardedProtocolFactory:
@@ -41,14 +46,15 @@ class GuardedProtocolFactory:
 
     Caps the number of open client connections (over the cap: canned 503, no
     RequestHandler) and closes connections whose request line and headers are not
-    complete within ``header_timeout`` (408 if some bytes arrived, else silently).
+    complete within ``header_timeout`` (408 if some bytes arrived, else silently),
+    or whose request head grows over ``max_head_bytes`` (431).
     """
 
-    __slots__ = ("_header_timeout", "_max_connections", "_open", "_rejected", "_server",
-                 "_timed_out")
+    __slots__ = ("_header_timeout", "_max_connections", "_max_head_bytes", "_open",
+                 "_rejected", "_server", "_timed_out")
 
     def __init__(self, server: web.Server, *, max_connections: int = 2048,
-                 header_timeout: float = 5.0) -> None:
+                 header_timeout: float = 5.0, max_head_bytes: int = MAX_HEAD_BYTES) -> None:
         if max_connections < 1:
             raise ValueError(f"max_connections must be >= 1, got {max_connections}")
         if not header_timeout > 0:
@@ -62,6 +68,7 @@ class GuardedProtocolFactory:
         self._server = server
         self._max_connections = max_connections
         self._header_timeout = float(header_timeout)
+        self._max_head_bytes = max_head_bytes
         self._open = 0
         self._rejected = 0
         self._timed_out = 0
@@ -94,9 +101,10 @@ class GuardedProtocolFactory:
 
 
 def guarded_protocol_factory(server: web.Server, *, max_connections: int = 2048,
-                             header_timeout: float = 5.0) -> GuardedProtocolFactory:
+                             header_timeout: float = 5.0,
+                             max_head_bytes: int = MAX_HEAD_BYTES) -> GuardedProtocolFactory:
     return GuardedProtocolFactory(server, max_connections=max_connections,
-                                  header_timeout=header_timeout)
+                                  header_timeout=header_timeout, max_head_bytes=max_head_bytes)
 
 
 class _RejectedConnection(asyncio.Protocol):
@@ -137,8 +145,8 @@ class _GuardedConnection(asyncio.Protocol):
     header_timeout after the previous response finished.
     """
 
-    __slots__ = ("_factory", "_handler", "_head_bytes_count", "_idle_count", "_timer",
-                 "_transport")
+    __slots__ = ("_factory", "_handler", "_head_bytes", "_head_bytes_count", "_idle_count",
+                 "_timer", "_transport")
 
     def __init__(self, factory: GuardedProtocolFactory) -> None:
         self._factory = factory
@@ -149,6 +157,8 @@ class _GuardedConnection(asyncio.Protocol):
         # handler._request_count when bytes last arrived while no request was in progress:
         # equal to the current count => part of a request head is waiting (408, not silence).
         self._head_bytes_count = -1
+        # Bytes of a request head that has not completed yet.
+        self._head_bytes = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         factory = self._factory
@@ -170,9 +180,19 @@ class _GuardedConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         handler = self._handler
         waiter = handler._waiter
-        if (waiter is not None and not waiter.done()) or not handler._request_count:
-            self._head_bytes_count = handler._request_count
+        count = handler._request_count
+        in_head = (waiter is not None and not waiter.done()) or not count
+        if in_head:
+            self._head_bytes_count = count
         handler.data_received(data)
+        if in_head and handler._request_count == count:
+            self._head_bytes += len(data)
+            if (self._head_bytes > self._factory._max_head_bytes
+                    and not self._transport.is_closing()):
+                self._transport.write(HEAD_TOO_LARGE_RESPONSE)
+                handler.force_close()
+        else:
+            self._head_bytes = 0
 
     def eof_received(self) -> bool | None:
         return self._handler.eof_received()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -26,7 +25,7 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from backends.rclone_conf import Placement
-from gateway.cluster import LOCAL_ADDRESSES, ClusterState, Destination
+from gateway.cluster import LOCAL_ADDRESSES, ClusterState, Destination, source_ip
 from gateway.paths import Target
 from gateway.policy import REST_MEDIA_TYPE
 from gateway.proxy import (
@@ -110,17 +109,10 @@ def candidates(dest: Destination, state: ClusterState, own_node_id: str) -> list
 
 def is_local_client(source: str | None, own_address: str | None) -> bool:
     """Loopback, or this node's own VPN address (only this host can send from it)."""
-    if not source:
+    ip = source_ip(source)
+    if ip is None:
         return False
-    try:
-        ip = ipaddress.ip_address(source.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    if ip in LOCAL_ADDRESSES:
-        return True
-    return own_address is not None and str(ip) == own_address
+    return ip in LOCAL_ADDRESSES or (own_address is not None and str(ip) == own_address)
 
 
 def may_forward(local_client: bool, forwarded_marker: str | None) -> bool:

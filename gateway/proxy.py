@@ -82,7 +82,7 @@ BackendLabel = str | Callable[[CIMultiDictProxy[str]], str]
 StatusHook = Callable[[int], Awaitable[web.StreamResponse | None]]
 
 
-async def _body(request: web.BaseRequest, transfer: Transfer) -> AsyncIterator[bytes]:
+async def request_body(request: web.BaseRequest, transfer: Transfer) -> AsyncIterator[bytes]:
     content = request.content
     while True:
         chunk = await content.readany()
@@ -115,7 +115,7 @@ async def forward(
         headers = request_headers(request.headers)
     data: AsyncIterator[bytes] | None = None
     if request.body_exists:
-        data = _body(request, transfer)
+        data = request_body(request, transfer)
         if body_filter is not None:
             data = body_filter(data)
     url = URL(base_url + target.path_and_query, encoded=True)

@@ -36,6 +36,7 @@ OBJECT_TYPES = frozenset({"data", "keys", "locks", "snapshots", "index"})
 _OBJECT_ID = re.compile(r"[0-9a-f]{64}\Z")
 READY_WAIT = 10.0
 REMOVED = "; partial object removed"
+COMPLETE = "; stored object is complete"
 REST_ACCEPT = "application/vnd.x.restic.rest.v2"
 
 
@@ -86,7 +87,7 @@ async def discard_partial_upload(generation: Generation, target: Target) -> str:
             async for chunk in response.content.iter_chunked(256 * 1024):
                 digest.update(chunk)
         if digest.hexdigest() == object_id:
-            return "; stored object is complete"
+            return COMPLETE
         async with session.delete(url, headers=headers, timeout=timeout) as response:
             if response.status not in (200, 204, 404):
                 return f"; partial object could not be removed ({response.status})"

@@ -13,11 +13,12 @@ from pathlib import Path
 import aiohttp
 from aiohttp import ClientSession, web
 
-from backends.manager import BackendManager
+from backends.manager import BackendManager, Generation
 from backends.rclone_conf import Placement, RenderedConfig
 from gateway import __version__
 from gateway.cluster import ClusterState, is_trusted_source
 from gateway.credentials import parse_basic, verify
+from gateway.http_errors import GatewayServer, head_too_large
 from gateway.lifecycle import close_after_response, drain_connections
 from gateway.logs import access_level, access_line
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -34,12 +35,20 @@ from gateway.policy import (
     module_caller,
     node_caller,
 )
-from gateway.proxy import Transfer, UpstreamError, forward, plain
+from gateway.proxy import Transfer, UpstreamError, forward, plain, request_body
 from gateway.reachability import Reachability
 from gateway.redis_source import RedisSource
 from gateway.reloader import Reloader
-from gateway.repair import discard_partial_upload, is_restic_upload, refused_upload_hook
+from gateway.repair import (
+    COMPLETE,
+    REMOVED,
+    discard_partial_upload,
+    is_restic_upload,
+    refused_upload_hook,
+)
 from gateway.sd_notify import Notifier
+from gateway.throttle import LoginThrottle
+from gateway.uploads import UploadCheck, expected_digest, object_exists, wait_until_absent
 
 log = logging.getLogger("rclone_gateway")
 access_log = logging.getLogger("rclone_gateway.access")
@@ -95,6 +104,7 @@ class Gateway:
         )
         self.placement = Placement()
         self.inflight = 0
+        self.throttle = LoginThrottle()
         self.stopping = False
         self.started = time.time()
         self.label_suffix = f"@node{settings.node_id}"
@@ -154,6 +164,10 @@ class Gateway:
             outcome.reason = "source address not allowed"
             return plain(403, "source address not allowed")
 
+        if head_too_large(request):
+            outcome.reason = "request head too large"
+            return plain(431, "request head too large")
+
         raw = request.raw_path
         if raw in ("/health", "/health/"):
             outcome.path = raw
@@ -173,21 +187,27 @@ class Gateway:
             outcome.rule = "probe"
             return self._probe(target)
 
-        caller = self._authenticate(request, state, outcome)
-        if caller is None:
-            return plain(401, "authentication required", {"WWW-Authenticate": REALM})
+        caller = await self._authenticate(request, source or "", state, outcome)
+        if isinstance(caller, web.Response):
+            return caller
         outcome.user = caller.user
         outcome.caller = caller.group
 
         protocol = detect_protocol(request.headers.get("Accept", ""), target.query)
         outcome.protocol = protocol.value
-        decision = decide(
-            Request(caller, protocol, request.method, target, request.headers.get("Depth"))
-        )
+        described = Request(caller, protocol, request.method, target, request.headers.get("Depth"))
+        decision = decide(described)
         self._record(outcome, decision)
         if not decision.allowed:
             return plain(403, f"forbidden: {decision.reason}")
         assert decision.backend is not None
+
+        upload: UploadCheck | None = None
+        if (expected := expected_digest(described)) is not None:
+            upload = UploadCheck(expected)
+            refusal = _refuse_upload(request, upload, outcome)
+            if refusal is not None:
+                return refusal
 
         uuid = target.segments[0] if target.segments else None
         if uuid is not None and not self.served_here(uuid):
@@ -208,19 +228,28 @@ class Gateway:
         outcome.backend = label
         # Counted before the first await: a reload now retires this generation only after us.
         with generation.use():
+            session = generation.session(decision.backend)
+            restic_upload = is_restic_upload(request.method, decision.backend, target)
+            on_status = refused_upload_hook(generation, target, outcome) if restic_upload else None
+            if upload is not None and await object_exists(session, target):
+                return await self._existing_object(request, generation, target, upload, outcome)
+
             if request.headers.get("Expect", "").lower() == "100-continue":
                 await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            upload = is_restic_upload(request.method, decision.backend, target)
             try:
                 response = await forward(
-                    request, target, generation.session(decision.backend), label,
-                    outcome.transfer,
-                    on_status=refused_upload_hook(generation, target, outcome) if upload else None,
+                    request, target, session, label, outcome.transfer,
+                    body_filter=upload.filter if upload else None, on_status=on_status,
                 )
             except UpstreamError as exc:
+                if upload is not None and upload.mismatch:
+                    outcome.reason = "upload does not match its object name"
+                    if not await wait_until_absent(session, target):
+                        outcome.reason += await discard_partial_upload(generation, target)
+                    return plain(400, "body does not match the object name (sha256)")
                 outcome.reason = exc.reason
                 self._observe(uuid, exc.status)
-                if exc.status == 502 and upload:
+                if exc.status == 502 and restic_upload:
                     outcome.reason += await discard_partial_upload(generation, target)
                 return plain(exc.status, exc.reason, {"Retry-After": "2"})
             except aiohttp.ClientError:
@@ -232,18 +261,50 @@ class Gateway:
             self._observe(uuid, response.status)
             return response
 
-    def _authenticate(
-        self, request: web.BaseRequest, state: ClusterState, outcome: Outcome
-    ) -> Caller | None:
+    async def _existing_object(
+        self, request: web.BaseRequest, generation: Generation, target: Target,
+        upload: UploadCheck, outcome: Outcome,
+    ) -> web.StreamResponse:
+        """A module upload over an object that exists: what the append-only server would
+        answer, decided without sending it the body."""
+        note = await discard_partial_upload(generation, target)
+        if note == REMOVED:
+            outcome.reason = "object left partial by an earlier upload" + REMOVED
+            return plain(503, "partial object removed; retry", {"Retry-After": "1"})
+        if note == COMPLETE:
+            # restic retries an upload whose answer it lost (a backend or peer died after
+            # storing it). Stored bytes and sent bytes both hash to the object's name: they are
+            # the same bytes, so the retry succeeds and nothing is written.
+            if request.headers.get("Expect", "").lower() == "100-continue":
+                await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            if await upload.body_matches(request_body(request, outcome.transfer)):
+                outcome.reason = "object stored already with the same content"
+                return plain(200, "object stored already")
+        outcome.reason = "object exists already"
+        return plain(403, "forbidden: the object exists already (append-only)")
+
+    async def _authenticate(
+        self, request: web.BaseRequest, source: str, state: ClusterState, outcome: Outcome
+    ) -> Caller | web.Response:
         credentials = parse_basic(request.headers.get("Authorization"))
         if credentials is None:
             outcome.reason = "no credentials"
-            return None
+            return plain(401, "authentication required", {"WWW-Authenticate": REALM})
         user, password = credentials
         outcome.user = user if user in state.users else "unknown"
+        now = time.monotonic()
+        verdict = self.throttle.check(source, user, now)
+        if not verdict.allowed:
+            outcome.reason = "too many failed logins"
+            return plain(429, "too many failed logins, retry later",
+                         {"Retry-After": str(verdict.retry_after)})
         if not verify(state.users, user, password):
             outcome.reason = "bad credentials"
-            return None
+            delay = self.throttle.failed(source, user, now)
+            if delay:
+                await asyncio.sleep(delay)
+            return plain(401, "authentication required", {"WWW-Authenticate": REALM})
+        self.throttle.succeeded(source, user)
         if user.startswith("node/"):
             return node_caller(user)
         return module_caller(user, state.module_uuids, state.restore_grants)
@@ -402,8 +463,8 @@ class Gateway:
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
 
-        server = web.Server(self.handle, handler_cancellation=True, access_log=None,
-                            read_bufsize=READ_BUFSIZE)
+        server = GatewayServer(self.handle, handler_cancellation=True, access_log=None,
+                               read_bufsize=READ_BUFSIZE)
         factory = _protocol_factory(server, self.settings)
         listener = await loop.create_server(
             factory, self.settings.listen_host, self.settings.listen_port,
@@ -438,6 +499,19 @@ class Gateway:
         log.info("SIGHUP: re-reading Redis and reloading")
         self.reloader.retry_now()
         self.source.request_resync(notify=True)
+
+
+def _refuse_upload(
+    request: web.BaseRequest, upload: UploadCheck, outcome: Outcome
+) -> web.Response | None:
+    """Verified uploads must say their length; an empty one is checked here and now."""
+    if request.content_length is None:
+        outcome.reason = "upload without Content-Length"
+        return plain(411, "Content-Length required for restic object uploads")
+    if request.content_length == 0 and not upload.matches_empty_body():
+        outcome.reason = "upload does not match its object name"
+        return plain(400, "body does not match the object name (sha256)")
+    return None
 
 
 def _protocol_factory(server: web.Server, settings: Settings):  # type: ignore[no-untyped-def]

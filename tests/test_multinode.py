@@ -121,9 +121,8 @@ class Mesh:
         """The access log lines of node's gateway, oldest first."""
         entries = []
         for line in self.gateways[node].log_text().splitlines():
-            _, sep, payload = line.partition(" rclone_gateway.access ")
-            if sep:
-                entries.append(json.loads(payload))
+            if line.startswith("{"):  # access lines are bare JSON objects
+                entries.append(json.loads(line))
         return entries
 
     @contextlib.contextmanager
