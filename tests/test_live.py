@@ -676,16 +676,26 @@ def test_partial_object_left_by_a_crash_does_not_block_the_retry(live: Live) -> 
     stored = live.gateway.local_repo / "traefik" / module_uuid / "data" / object_id[:2] / object_id
     stored.parent.mkdir(parents=True, exist_ok=True)
     stored.write_bytes(content[: MiB])  # what a backend killed mid-upload leaves behind
-    assert post_object(live.gateway, module_uuid, content) == [503, 200]
-    assert stored.read_bytes() == content
-    # a complete object stays: the append-only refusal stands
-    assert post_object(live.gateway, module_uuid, content) == [403]
-    assert post_object(live.gateway, module_uuid, b"other" + content) == [200]
-    live.cluster.set_module("traefik1", TRAEFIK_UUID)
-    live.cluster.publish("acl-changed")
+    try:
+        assert post_object(live.gateway, module_uuid, content) == [503, 200]
+        assert stored.read_bytes() == content
+        # a complete object stays: the same bytes again are a retry, answered without a write;
+        # other bytes under its name are refused
+        before = stored.stat()
+        assert post_object(live.gateway, module_uuid, content) == [200]
+        path = f"/{DEST}/traefik/{module_uuid}/data/{object_id}"
+        assert get(live.gateway, path, TRAEFIK, method="POST", body=b"other" + content,
+                   rest=True)[0] == 403
+        assert stored.read_bytes() == content
+        assert (stored.stat().st_ino, stored.stat().st_mtime_ns) == (
+            before.st_ino, before.st_mtime_ns)
+    finally:
+        live.cluster.set_module("traefik1", TRAEFIK_UUID)
+        live.cluster.publish("acl-changed")
 
 
 def test_sigkill_of_the_gateway_leaves_no_rclone_and_blocks_no_retry(live: Live) -> None:
+    live.cluster.set_module("traefik1", TRAEFIK_UUID)
     gateway = live.start_gateway("sigkill")
     try:
         module_uuid = TRAEFIK_UUID
