@@ -27,7 +27,6 @@ log = logging.getLogger("rclone_gateway.backends")
 CONNECT_TIMEOUT = 5.0
 # Bytes of a response body read ahead from a backend, as for request bodies in the server.
 READ_BUFSIZE = 512 * 1024
-WRITE_BUFFER = 1024 * 1024
 
 
 def rclone_argv(rclone: str, backend: Backend, conf: Path, socket: Path, root: str) -> list[str]:
@@ -43,21 +42,6 @@ def rclone_argv(rclone: str, backend: Backend, conf: Path, socket: Path, root: s
         return [rclone, "serve", "webdav", root, *common, "--dir-cache-time", "0s"]
     extra = ["--append-only"] if backend is Backend.RESTIC_APPEND_ONLY else []
     return [rclone, "serve", "restic", root, *common, "--cache-objects=false", *extra]
-
-
-class _BufferedUnixConnector(aiohttp.UnixConnector):
-    """Connections whose request bodies may queue WRITE_BUFFER bytes in the event loop.
-
-    A unix socket holds only ~200 KiB: with aiohttp's default 64 KiB high-water mark the
-    upload stops each time rclone is slow to read, and resumes only when the gateway
-    is scheduled again; the event loop can instead keep the socket fed by itself.
-    """
-
-    async def _create_connection(self, req, traces, timeout):  # type: ignore[no-untyped-def]
-        protocol = await super()._create_connection(req, traces, timeout)
-        if protocol.transport is not None:
-            protocol.transport.set_write_buffer_limits(high=WRITE_BUFFER)
-        return protocol
 
 
 @dataclass
@@ -78,7 +62,7 @@ class Generation:
     def session(self, backend: Backend) -> aiohttp.ClientSession:
         session = self.sessions.get(backend)
         if session is None:
-            connector = _BufferedUnixConnector(
+            connector = aiohttp.UnixConnector(
                 path=str(self.children[backend].socket_path), limit=0, keepalive_timeout=30
             )
             session = aiohttp.ClientSession(
