@@ -55,9 +55,6 @@ access_log = logging.getLogger("rclone_gateway.access")
 
 REALM = 'Basic realm="ns8-rclone-gateway"'
 PROBE_SEGMENT = "_probe_rest_404"
-# Bytes of a request body read ahead per connection: enough for a PUT to keep flowing
-# while this process waits for the CPU, small enough for 2048 connections.
-READ_BUFSIZE = 512 * 1024
 
 
 @dataclass
@@ -463,8 +460,7 @@ class Gateway:
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
 
-        server = GatewayServer(self.handle, handler_cancellation=True, access_log=None,
-                               read_bufsize=READ_BUFSIZE)
+        server = GatewayServer(self.handle, handler_cancellation=True, access_log=None)
         factory = _protocol_factory(server, self.settings)
         listener = await loop.create_server(
             factory, self.settings.listen_host, self.settings.listen_port,
