@@ -17,6 +17,7 @@ from backends.manager import BackendManager, Generation
 from backends.rclone_conf import Placement, RenderedConfig
 from gateway import __version__
 from gateway.cluster import ClusterState, is_trusted_source
+from gateway.connections import guarded_protocol_factory
 from gateway.credentials import parse_basic, verify
 from gateway.http_errors import GatewayServer, head_too_large
 from gateway.lifecycle import close_after_response, drain_connections
@@ -127,11 +128,6 @@ class Gateway:
         self.placement = rendered.placement
         if self.serving():
             self.systemd.serving()
-
-    async def reload(self, state: ClusterState | None = None) -> None:
-        state = state or self.source.state
-        if state is not None:
-            await self.reloader.reload(state)
 
     # --- request handling ----------------------------------------------------------------
 
@@ -465,7 +461,10 @@ class Gateway:
 
         server = GatewayServer(self.handle, handler_cancellation=True, access_log=None,
                                read_bufsize=READ_BUFSIZE)
-        factory = _protocol_factory(server, self.settings)
+        factory = guarded_protocol_factory(
+            server, max_connections=self.settings.max_connections,
+            header_timeout=self.settings.header_timeout,
+        )
         listener = await loop.create_server(
             factory, self.settings.listen_host, self.settings.listen_port,
             reuse_address=True, backlog=1024,
@@ -512,16 +511,6 @@ def _refuse_upload(
         outcome.reason = "upload does not match its object name"
         return plain(400, "body does not match the object name (sha256)")
     return None
-
-
-def _protocol_factory(server: web.Server, settings: Settings):  # type: ignore[no-untyped-def]
-    try:
-        from gateway.connections import guarded_protocol_factory
-    except ImportError:
-        return server
-    return guarded_protocol_factory(
-        server, max_connections=settings.max_connections, header_timeout=settings.header_timeout
-    )
 
 
 def prepare_runtime_dir(path: Path) -> Path:
