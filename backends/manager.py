@@ -25,7 +25,7 @@ from gateway.policy import Backend
 log = logging.getLogger("rclone_gateway.backends")
 
 CONNECT_TIMEOUT = 5.0
-# Bytes of a response body read ahead from a backend (aiohttp's default: 64 KiB).
+# Bytes of a response body read ahead from a backend, as for request bodies in the server.
 READ_BUFSIZE = 512 * 1024
 
 

@@ -17,6 +17,7 @@ from backends.manager import BackendManager, Generation
 from backends.rclone_conf import Placement, RenderedConfig
 from gateway import __version__
 from gateway.cluster import ClusterState, is_trusted_source
+from gateway.connections import guarded_protocol_factory
 from gateway.credentials import parse_basic, verify
 from gateway.http_errors import GatewayServer, head_too_large
 from gateway.lifecycle import close_after_response, drain_connections
@@ -55,6 +56,9 @@ access_log = logging.getLogger("rclone_gateway.access")
 
 REALM = 'Basic realm="ns8-rclone-gateway"'
 PROBE_SEGMENT = "_probe_rest_404"
+# Bytes of a request body read ahead per connection: enough for a PUT to keep flowing
+# while this process waits for the CPU, small enough for 2048 connections.
+READ_BUFSIZE = 512 * 1024
 
 
 @dataclass
@@ -124,11 +128,6 @@ class Gateway:
         self.placement = rendered.placement
         if self.serving():
             self.systemd.serving()
-
-    async def reload(self, state: ClusterState | None = None) -> None:
-        state = state or self.source.state
-        if state is not None:
-            await self.reloader.reload(state)
 
     # --- request handling ----------------------------------------------------------------
 
@@ -460,8 +459,12 @@ class Gateway:
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
 
-        server = GatewayServer(self.handle, handler_cancellation=True, access_log=None)
-        factory = _protocol_factory(server, self.settings)
+        server = GatewayServer(self.handle, handler_cancellation=True, access_log=None,
+                               read_bufsize=READ_BUFSIZE)
+        factory = guarded_protocol_factory(
+            server, max_connections=self.settings.max_connections,
+            header_timeout=self.settings.header_timeout,
+        )
         listener = await loop.create_server(
             factory, self.settings.listen_host, self.settings.listen_port,
             reuse_address=True, backlog=1024,
@@ -508,16 +511,6 @@ def _refuse_upload(
         outcome.reason = "upload does not match its object name"
         return plain(400, "body does not match the object name (sha256)")
     return None
-
-
-def _protocol_factory(server: web.Server, settings: Settings):  # type: ignore[no-untyped-def]
-    try:
-        from gateway.connections import guarded_protocol_factory
-    except ImportError:
-        return server
-    return guarded_protocol_factory(
-        server, max_connections=settings.max_connections, header_timeout=settings.header_timeout
-    )
 
 
 def prepare_runtime_dir(path: Path) -> Path:

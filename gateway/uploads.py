@@ -93,15 +93,27 @@ async def object_exists(session: aiohttp.ClientSession, target: Target) -> bool:
 
 
 async def wait_until_absent(
-    session: aiohttp.ClientSession, target: Target, *, within: float = 2.0,
-    every: float = 0.02,
+    session: aiohttp.ClientSession, target: Target, *, within: float = 5.0,
+    every: float = 0.02, settle: float = 0.25,
 ) -> bool:
-    """Polls the backend until the object is gone (True) or `within` seconds passed (False)."""
+    """Polls the backend until the object is gone (True) or `within` seconds passed (False).
+
+    The aborted upload's handler in the backend may not even have created the file when the
+    first check runs (a loaded machine delays it): the object counts as gone only when it is
+    still absent `settle` seconds after it was first seen absent.
+    """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + within
+    absent_since: float | None = None
     while True:
+        now = loop.time()
         if await _status(session, target, 1.0) == 404:
-            return True
-        if loop.time() >= deadline:
+            if absent_since is None:
+                absent_since = now
+            elif now - absent_since >= settle:
+                return True
+        else:
+            absent_since = None
+        if now >= deadline:
             return False
         await asyncio.sleep(every)

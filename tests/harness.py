@@ -62,6 +62,32 @@ def basic(user: str, password: str) -> str:
     return f"Basic {token}"
 
 
+REST_ACCEPT = "application/vnd.x.restic.rest.v2"
+
+
+def send_request(
+    conn: http.client.HTTPConnection,
+    method: str,
+    path: str,
+    who: tuple[str, str] | None = None,
+    *,
+    headers: Mapping[str, str] | None = None,
+    body: bytes | Iterable[bytes] | None = None,
+    rest: bool = False,
+) -> tuple[int, dict[str, str], bytes]:
+    """One request on `conn` as `who` (Basic auth), the Restic Accept header when `rest`;
+    returns status, headers (lower-case names) and the whole body."""
+    all_headers = dict(headers or {})
+    if who is not None:
+        all_headers["Authorization"] = basic(*who)
+    if rest:
+        all_headers["Accept"] = REST_ACCEPT
+    conn.request(method, path, body=body, headers=all_headers)
+    response = conn.getresponse()
+    data = response.read()
+    return response.status, {k.lower(): v for k, v in response.getheaders()}, data
+
+
 def sha256_hex(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 

@@ -15,7 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from harness import Cluster, GatewayProcess, RedisServer, basic, raw_request, restic
+from harness import (
+    REST_ACCEPT,
+    Cluster,
+    GatewayProcess,
+    RedisServer,
+    basic,
+    raw_request,
+    restic,
+    send_request,
+)
 
 DEST = "0d2b7ab6-8f8b-4c43-a1d3-7f3f5f7c1a01"
 REMOTE_DEST = "3f9c0e55-1b2a-4d6e-9f70-aa11bb22cc33"
@@ -37,7 +46,6 @@ WIKI_NEW = ("module/wiki2", "wiki2-secret")
 WIKI_NEW_UUID = "d4d4d4d4-0000-4000-8000-000000000004"
 OFF_USER = ("module/nextcloud1", "off-secret")
 NOPASS_USER = ("module/samba1", "")
-REST_ACCEPT = "application/vnd.x.restic.rest.v2"
 
 
 @dataclass
@@ -64,17 +72,9 @@ class Env:
         body: bytes | None = None,
         rest: bool = False,
     ) -> tuple[int, dict[str, str], bytes]:
-        all_headers = dict(headers or {})
-        if who is not None:
-            all_headers["Authorization"] = basic(*who)
-        if rest:
-            all_headers["Accept"] = REST_ACCEPT
         conn = http.client.HTTPConnection("127.0.0.1", self.gateway.port, timeout=30)
         try:
-            conn.request(method, path, body=body, headers=all_headers)
-            response = conn.getresponse()
-            data = response.read()
-            return response.status, {k.lower(): v for k, v in response.getheaders()}, data
+            return send_request(conn, method, path, who, headers=headers, body=body, rest=rest)
         finally:
             conn.close()
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from harness import Cluster, GatewayProcess, RedisServer, basic, restic
+from harness import REST_ACCEPT, Cluster, GatewayProcess, RedisServer, basic, restic
 
 from backends.remote_check import RemoteHealth, error_summary, section_secrets
 
@@ -30,7 +30,6 @@ REMOTE_DEST = "3f9c0e55-1b2a-4d6e-9f70-aa11bb22cc33"
 NODE = ("node/1", "node-secret-1")
 TRAEFIK = ("module/traefik1", "traefik-secret")
 TRAEFIK_UUID = "5c1d6c1e-2f87-4e7b-9a34-0a1d9f9e4b01"
-REST_ACCEPT = "application/vnd.x.restic.rest.v2"
 S3_SECRET = "s3-secret-Zq8Xv4Lm2Np7"
 SFTP_PASSWORD = "sftp-password-Hq3Tb9"
 MiB = 1024 * 1024

@@ -33,6 +33,7 @@ from harness import (
     basic,
     restic,
     restic_process,
+    send_request,
 )
 from netns import Topology, inside, netns_exec, unavailable_reason
 
@@ -48,7 +49,6 @@ HOSTED_BY_2 = "aa000002-1b2a-4d6e-9f70-aa11bb22cc33"
 REMOTE = "bb000020-1b2a-4d6e-9f70-aa11bb22cc33"
 TRAEFIK = ("module/traefik1", "traefik-secret")
 TRAEFIK_UUID = "5c1d6c1e-2f87-4e7b-9a34-0a1d9f9e4b01"
-REST_ACCEPT = "application/vnd.x.restic.rest.v2"
 S3_KEY = "MESHACCESSKEY"
 S3_SECRET = "mesh-storage-secret-5b1f"
 RCLONE = str(Path(__file__).resolve().parent.parent / ".venv" / "bin" / "rclone")
@@ -76,20 +76,12 @@ class Mesh:
                 rest: bool = False, to: str = "127.0.0.1", source: str | None = None,
                 ) -> tuple[int, dict[str, str], bytes]:
         """One request from inside node `node`'s namespace (to its own gateway by default)."""
-        all_headers = dict(headers or {})
-        if who is not None:
-            all_headers["Authorization"] = basic(*who)
-        if rest:
-            all_headers["Accept"] = REST_ACCEPT
         conn = http.client.HTTPConnection(
             to, PORT, timeout=30, source_address=(source, 0) if source else None)
         try:
             with inside(self.ns(node)):
                 conn.connect()
-            conn.request(method, path, body=body, headers=all_headers)
-            response = conn.getresponse()
-            data = response.read()
-            return response.status, {k.lower(): v for k, v in response.getheaders()}, data
+            return send_request(conn, method, path, who, headers=headers, body=body, rest=rest)
         finally:
             conn.close()
 

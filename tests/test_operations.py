@@ -32,6 +32,7 @@ import pytest
 import redis
 from harness import (
     REPO_ROOT,
+    REST_ACCEPT,
     Cluster,
     GatewayProcess,
     RedisServer,
@@ -39,6 +40,7 @@ from harness import (
     free_port,
     raw_request,
     restic,
+    send_request,
     sha256_hex,
 )
 from prometheus_client.parser import text_string_to_metric_families
@@ -57,7 +59,6 @@ MAIL_UUID = "3c5d7e9f-1a2b-4c3d-9e6f-7a8b9c0d1e02"
 WRONG_PASSWORD = "ops-wrong-password-44"
 BEARER_TOKEN = "ops-bearer-token-45"
 CRYPT_PASSWORDS = ("ops-crypt-password-46", "ops-crypt-salt-47")
-REST_ACCEPT = "application/vnd.x.restic.rest.v2"
 ACCESS_FIELDS = {"time", "source", "user", "method", "path", "protocol", "decision", "rule",
                  "reason", "status", "bytes_in", "bytes_out", "duration_ms", "backend"}
 OBJECT_ID = "ab" * 32
@@ -80,17 +81,9 @@ class Ops:
     def request(self, method: str, path: str, who: tuple[str, str] | None = None, *,
                 body: bytes | None = None, rest: bool = False,
                 headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
-        all_headers = dict(headers or {})
-        if who is not None:
-            all_headers["Authorization"] = basic(*who)
-        if rest:
-            all_headers["Accept"] = REST_ACCEPT
         conn = http.client.HTTPConnection("127.0.0.1", self.gateway.port, timeout=30)
         try:
-            conn.request(method, path, body=body, headers=all_headers)
-            response = conn.getresponse()
-            return (response.status, {k.lower(): v for k, v in response.getheaders()},
-                    response.read())
+            return send_request(conn, method, path, who, headers=headers, body=body, rest=rest)
         finally:
             conn.close()
 

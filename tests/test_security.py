@@ -16,7 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from harness import Cluster, GatewayProcess, RedisServer, basic, raw_request
+from harness import (
+    REST_ACCEPT,
+    Cluster,
+    GatewayProcess,
+    RedisServer,
+    basic,
+    raw_request,
+    send_request,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -32,7 +40,6 @@ CAROL = ("module/mail1", "carol-secret")
 CAROL_UUID = "a1a1a1a1-0000-4000-8000-000000000001"
 DAVE = ("module/ldap1", "dave-secret")
 DAVE_UUID = "b2b2b2b2-0000-4000-8000-000000000002"
-REST_ACCEPT = "application/vnd.x.restic.rest.v2"
 MAX_CONNECTIONS = 400
 HEADER_TIMEOUT = 5.0
 OBJECT_TYPES = ("data", "index", "keys", "locks", "snapshots")
@@ -55,18 +62,10 @@ class Env:
                 headers: dict[str, str] | None = None,
                 conn: http.client.HTTPConnection | None = None,
                 ) -> tuple[int, dict[str, str], bytes]:
-        all_headers = dict(headers or {})
-        if who is not None:
-            all_headers["Authorization"] = basic(*who)
-        if rest:
-            all_headers["Accept"] = REST_ACCEPT
         own = conn is None
         conn = conn or http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
         try:
-            conn.request(method, path, body=body, headers=all_headers)
-            response = conn.getresponse()
-            data = response.read()
-            return response.status, {k.lower(): v for k, v in response.getheaders()}, data
+            return send_request(conn, method, path, who, headers=headers, body=body, rest=rest)
         finally:
             if own:
                 conn.close()
