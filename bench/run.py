@@ -408,6 +408,9 @@ def write_report(path: Path, measured: str) -> None:
 def measured_section(report: str, rounds: str, facts: list[tuple[str, str]], plan: Plan,
                      quick: bool, seconds: float) -> str:
     machine_lines = "\n".join(f"| {k} | {v} |" for k, v in facts)
+    haproxy_note = ""
+    if any(k == "haproxy" for k, _ in facts):
+        haproxy_note = ", and through HAProxy with a Basic-auth userlist\nin front of rclone alone"
     return f"""\
 Figures from `make bench{" BENCH_ARGS=--quick" if quick else ""}` (`bench/run.py`),
 {plan.rounds} rounds, {seconds / 60:.1f} minutes.
@@ -417,9 +420,7 @@ Figures from `make bench{" BENCH_ARGS=--quick" if quick else ""}` (`bench/run.py
 Method: the same storage directory is reached through the gateway (Basic auth,
 policy, its own `rclone serve` children on unix sockets) and through "rclone
 alone" (`rclone serve restic` and `rclone serve webdav` on TCP, no
-authentication, same flags as the gateway's children){
-    ", and through HAProxy with a Basic-auth userlist in front of rclone alone"
-    if any(k == "haproxy" for k, _ in facts) else ""}.
+authentication, same flags as the gateway's children){haproxy_note}.
 Each measure runs the targets one after the other, the order alternating from
 round to round; each round gives one ratio against rclone alone, and the table
 shows the median of those ratios (the figures per target are medians too).
