@@ -323,11 +323,11 @@ def test_acl_change_applies_within_200ms_without_backend_restart(live: Live) -> 
     live.cluster.set_module("wiki7", str(uuidlib.uuid4()))
     published = time.monotonic()
     live.cluster.publish("acl-changed")
-    while status() != 207:
-        assert time.monotonic() - published < 2, "the new module never authenticated"
-    elapsed = time.monotonic() - published
+    # One try at 0.2 s, not a poll: repeated failures would be slowed down by the login
+    # throttle and measure it instead of the configuration change.
+    time.sleep(max(0.0, published + 0.2 - time.monotonic()))
+    assert status() == 207, "the new module could not authenticate 0.2 s after the event"
     conn.close()
-    assert elapsed <= 0.2, f"new module authenticated {elapsed:.3f} s after the event"
     after = health(live.gateway)
     assert after["reloads"] == before["reloads"]
     assert {n: b["pid"] for n, b in after["backends"].items()} == {
