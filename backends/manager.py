@@ -21,6 +21,7 @@ import aiohttp
 from backends.process import RcloneChild, wait_connections_closed
 from backends.rclone_conf import RenderedConfig
 from gateway.policy import Backend
+from gateway.tasks import cancel_and_wait
 
 log = logging.getLogger("rclone_gateway.backends")
 
@@ -174,9 +175,7 @@ class BackendManager:
         log.info("backend generation %d stopped", generation.number)
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(*self._tasks)
         generations = [*self.retiring, *([self.current] if self.current else [])]
         self.current = None
         await asyncio.gather(*(g.stop() for g in generations), return_exceptions=True)

@@ -11,6 +11,8 @@ import signal
 import time
 from pathlib import Path
 
+from gateway.tasks import cancel_and_wait
+
 log = logging.getLogger("rclone_gateway.backends")
 
 _PR_SET_PDEATHSIG = 1
@@ -206,9 +208,7 @@ class RcloneChild:
         raise RuntimeError(f"backend {self.name} did not start")
 
     async def _stop_log(self) -> None:
-        if self._log_task is not None:
-            self._log_task.cancel()
-            await asyncio.gather(self._log_task, return_exceptions=True)
+        await cancel_and_wait(self._log_task)
 
     async def _supervise(self) -> None:
         backoff = self.min_backoff
@@ -247,10 +247,7 @@ class RcloneChild:
 
     async def stop(self, grace: float = 5.0) -> None:
         self._stopping = True
-        if self._supervisor is not None:
-            self._supervisor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._supervisor
+        await cancel_and_wait(self._supervisor)
         await self._kill(grace)
         await self._stop_log()
         self.state = "stopped"

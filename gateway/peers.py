@@ -14,7 +14,6 @@ a request crosses at most one hop: no loop is possible.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -36,6 +35,7 @@ from gateway.proxy import (
     forward,
     request_headers,
 )
+from gateway.tasks import cancel_and_wait
 
 log = logging.getLogger("rclone_gateway.peers")
 
@@ -367,11 +367,8 @@ class PeerGateways:
             self._task = asyncio.create_task(self._probe_loop(), name="peer-probes")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         for session in [*self._closing, *([self._session] if self._session else [])]:
             await session.close()
         self._closing.clear()

@@ -12,13 +12,14 @@ a destination is unreachable, requests for it go to a peer (gateway.peers).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import aiohttp
+
+from gateway.tasks import cancel_and_wait
 
 log = logging.getLogger("rclone_gateway.reachability")
 
@@ -77,11 +78,8 @@ class Reachability:
             self._task = asyncio.create_task(self._loop(remotes, session), name="reachability")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def _loop(
         self,

@@ -15,6 +15,7 @@ from redis.exceptions import RedisError
 
 from gateway.cluster import ClusterState, Destination, parse_network
 from gateway.credentials import parse_acls
+from gateway.tasks import cancel_and_wait
 
 log = logging.getLogger("rclone_gateway.redis")
 
@@ -177,9 +178,7 @@ class RedisSource:
         # can go on for one more turn: it also stops at its next look at _closing.
         self._closing = True
         self._wake.set()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(*self._tasks)
         for client in (self._client, self._events_client):
             with contextlib.suppress(*REDIS_ERRORS):
                 await asyncio.wait_for(client.aclose(), 2.0)

@@ -22,6 +22,7 @@ from backends.manager import BackendManager
 from backends.rclone_conf import RenderedConfig, place, render, section_body
 from backends.remote_check import RemoteHealth, check_remote, fingerprint
 from gateway.cluster import ClusterState
+from gateway.tasks import cancel_and_wait
 
 log = logging.getLogger("rclone_gateway.reload")
 
@@ -91,9 +92,7 @@ class Reloader:
         self._task = asyncio.create_task(self._run(), name="reloader")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await cancel_and_wait(self._task)
 
     def destination_problem(self, uuid: str) -> dict[str, object] | None:
         """What /health says about a remote destination left out of the tree."""
