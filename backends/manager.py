@@ -22,6 +22,7 @@ from backends.process import RcloneChild, wait_connections_closed
 from backends.rclone_conf import RenderedConfig
 from gateway.policy import Backend
 from gateway.tasks import cancel_and_wait
+from gateway.upstream import UpstreamPool
 
 log = logging.getLogger("rclone_gateway.backends")
 
@@ -52,6 +53,7 @@ class Generation:
     config: RenderedConfig
     children: dict[Backend, RcloneChild]
     sessions: dict[Backend, aiohttp.ClientSession] = field(default_factory=dict)
+    pools: dict[Backend, UpstreamPool] = field(default_factory=dict)
     inflight: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     stopping: bool = False
@@ -75,6 +77,15 @@ class Generation:
             self.sessions[backend] = session
         return session
 
+    def pool(self, backend: Backend) -> UpstreamPool:
+        """The connections proxied requests take (the session is for the gateway's own)."""
+        pool = self.pools.get(backend)
+        if pool is None:
+            pool = UpstreamPool.unix(str(self.children[backend].socket_path),
+                                     connect_timeout=CONNECT_TIMEOUT)
+            self.pools[backend] = pool
+        return pool
+
     @contextlib.contextmanager
     def use(self) -> Iterator[Generation]:
         self.inflight += 1
@@ -87,9 +98,11 @@ class Generation:
                 self.idle.set()
 
     async def stop(self) -> None:
-        # Sessions first: closing our end of every backend connection makes rclone discard
+        # Connections first: closing our end of every backend connection makes rclone discard
         # uploads it is receiving, before it is told to stop.
         self.stopping = True
+        for pool in self.pools.values():
+            await pool.close()
         for session in self.sessions.values():
             await session.close()
         await wait_connections_closed([child.socket_path for child in self.children.values()])

@@ -36,6 +36,7 @@ from gateway.proxy import (
     request_headers,
 )
 from gateway.tasks import cancel_and_wait
+from gateway.upstream import ConnectFailed, UpstreamPool
 
 log = logging.getLogger("rclone_gateway.peers")
 
@@ -265,6 +266,7 @@ class PeerGateways:
         self._session_address: str | None = None
         self._task: asyncio.Task[None] | None = None
         self._closing: list[aiohttp.ClientSession] = []
+        self._pools: dict[tuple[str, str], UpstreamPool] = {}
 
     @property
     def own_address(self) -> str | None:
@@ -289,6 +291,20 @@ class PeerGateways:
             )
             self._session_address = address
         return self._session
+
+    def _pool(self, peer: Peer, own_address: str) -> UpstreamPool:
+        """Connections to `peer` for forwarded requests, leaving from `own_address`."""
+        key = (own_address, peer.address)
+        pool = self._pools.get(key)
+        if pool is None:
+            pool = UpstreamPool.tcp(peer.address, PEER_PORT, local_address=own_address,
+                                    keepalive=PEER_KEEPALIVE)
+            self._pools[key] = pool
+        return pool
+
+    async def _close_pools(self, keep: str | None) -> None:
+        for key in [k for k in self._pools if k[0] != keep]:
+            await self._pools.pop(key).close()
 
     def route_for(self, dest: Destination, forwardable: bool = True) -> Route:
         state = self._state() or ClusterState()
@@ -322,8 +338,8 @@ class PeerGateways:
         transfer: Transfer,
     ) -> PeerAnswer:
         """Tries the route's peers in order until one answers; 503 when none can."""
-        session = self._client()
-        if session is None:
+        own_address = self.own_address
+        if own_address is None:
             return _unavailable("this node has no VPN address to reach its peers")
         headers = peer_request_headers(request.headers, self.own_node_id)
         failures: list[str] = []
@@ -332,8 +348,8 @@ class PeerGateways:
                 break  # part of the body is gone: the request cannot be sent again
             try:
                 response = await forward(
-                    request, target, session, _label_from(peer), transfer,
-                    base_url=peer.base_url, headers=headers.copy(),
+                    request, target, self._pool(peer, own_address), _label_from(peer), transfer,
+                    headers=headers.copy(),
                     idle_timeout=PEER_IDLE_TIMEOUT, refuse_statuses=PEER_CANNOT_SERVE,
                 )
             except UpstreamError as exc:
@@ -347,7 +363,7 @@ class PeerGateways:
 
     def _note_failure(self, peer: Peer, uuid: str, exc: UpstreamError) -> str:
         now = time.time()
-        if isinstance(exc.__cause__, aiohttp.ClientConnectorError):
+        if isinstance(exc.__cause__, ConnectFailed):
             reason = "unreachable"
             self.health.record_unreachable(peer.address, reason, now)
             return reason
@@ -373,6 +389,7 @@ class PeerGateways:
             await session.close()
         self._closing.clear()
         self._session = None
+        await self._close_pools(keep=None)
 
     async def _probe_loop(self) -> None:
         while True:
@@ -389,6 +406,7 @@ class PeerGateways:
         for stale in self._closing:
             await stale.close()
         self._closing.clear()
+        await self._close_pools(keep=self.own_address)
         pairs = probe_pairs(state, self.own_node_id)
         self.health.forget_except({p.address for p, _ in pairs}, state.destinations)
         session = self._client()

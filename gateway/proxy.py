@@ -5,16 +5,14 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import dataclass
 
-import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
-from yarl import URL
 
 from gateway.paths import Target
+from gateway.upstream import ConnectFailed, Timeout, UpstreamFailure, UpstreamPool
 
 CHUNK = 256 * 1024
 BACKEND_IDLE_TIMEOUT = 30.0
-CONNECT_TIMEOUT = 5.0
 
 HOP_BY_HOP = frozenset(
     {
@@ -30,7 +28,10 @@ HOP_BY_HOP = frozenset(
     }
 )
 # Never sent to a backend: credentials, and what the gateway itself answers or sets.
-REQUEST_DROP = HOP_BY_HOP | {"authorization", "host", "expect", "x-gateway-forwarded"}
+# Content-Length too: the client sets the framing of what it sends on.
+REQUEST_DROP = HOP_BY_HOP | {
+    "authorization", "host", "expect", "x-gateway-forwarded", "content-length",
+}
 RESPONSE_DROP = HOP_BY_HOP | {"x-gateway-backend", "server", "date"}
 
 
@@ -95,21 +96,22 @@ async def request_body(request: web.BaseRequest, transfer: Transfer) -> AsyncIte
 async def forward(
     request: web.BaseRequest,
     target: Target,
-    session: aiohttp.ClientSession,
+    pool: UpstreamPool,
     backend_label: BackendLabel,
     transfer: Transfer,
     body_filter: BodyFilter | None = None,
     *,
-    base_url: str = "http://backend",
     headers: CIMultiDict[str] | None = None,
     idle_timeout: float = BACKEND_IDLE_TIMEOUT,
     refuse_statuses: Collection[int] = (),
     on_status: StatusHook | None = None,
 ) -> web.StreamResponse:
-    """Streams `request` to `base_url` + the canonical target and the answer back.
+    """Streams `request` to the canonical target on `pool`'s backend and the answer back.
 
     `headers` replaces the filtered client headers; an upstream status in
     `refuse_statuses` raises UpstreamRefused before anything is sent to the client.
+    A request body that fails (the client went away, `body_filter` refused it) raises
+    BodyFailed, after the backend's connection was aborted.
     """
     if headers is None:
         headers = request_headers(request.headers)
@@ -118,25 +120,16 @@ async def forward(
         data = request_body(request, transfer)
         if body_filter is not None:
             data = body_filter(data)
-    url = URL(base_url + target.path_and_query, encoded=True)
-    timeout = aiohttp.ClientTimeout(
-        total=None, connect=CONNECT_TIMEOUT, sock_connect=CONNECT_TIMEOUT,
-        sock_read=idle_timeout,
-    )
     try:
-        upstream = await session.request(
-            request.method, url, headers=headers, data=data, allow_redirects=False,
-            timeout=timeout, compress=None, auto_decompress=False,
+        upstream = await pool.request(
+            request.method, target.path_and_query, headers, data,
+            content_length=request.content_length, timeout=idle_timeout,
         )
-    except TimeoutError as exc:
+    except Timeout as exc:
         raise UpstreamError(504, "backend did not answer in time") from exc
-    except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as exc:
-        if request.content.exception() is not None:
-            raise  # the client went away mid-upload
+    except ConnectFailed as exc:
         raise UpstreamError(502, "backend unavailable") from exc
-    except aiohttp.ClientPayloadError:
-        raise
-    except aiohttp.ClientError as exc:
+    except UpstreamFailure as exc:
         raise UpstreamError(502, "backend error") from exc
 
     async with upstream:
@@ -144,7 +137,7 @@ async def forward(
             raise UpstreamRefused(upstream.status, f"answered {upstream.status}")
         if on_status is not None and (instead := await on_status(upstream.status)):
             return instead
-        response = _ProxyResponse(status=upstream.status, reason=upstream.reason)
+        response = _ProxyResponse(status=upstream.status, reason=upstream.reason or None)
         named = _connection_tokens(upstream.headers)
         for key, value in upstream.headers.items():
             lower = key.lower()
@@ -154,16 +147,15 @@ async def forward(
             backend_label if isinstance(backend_label, str) else backend_label(upstream.headers)
         )
         await response.prepare(request)
-        if request.method != "HEAD":
-            try:
-                async for chunk in upstream.content.iter_chunked(CHUNK):
-                    transfer.bytes_out += len(chunk)
-                    await response.write(chunk)
-            except (TimeoutError, aiohttp.ClientError):
-                # Headers are gone already: all that is left is to cut the response short.
-                if request.transport is not None:
-                    request.transport.close()
-                return response
+        try:
+            async for chunk in upstream.iter_body(CHUNK):
+                transfer.bytes_out += len(chunk)
+                await response.write(chunk)
+        except UpstreamFailure:
+            # Headers are gone already: all that is left is to cut the response short.
+            if request.transport is not None:
+                request.transport.close()
+            return response
         await response.write_eof()
         return response
 

@@ -10,7 +10,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import aiohttp
 from aiohttp import ClientSession, web
 
 from backends.manager import BackendManager, Generation
@@ -49,7 +48,14 @@ from gateway.repair import (
 )
 from gateway.sd_notify import Notifier
 from gateway.throttle import LoginThrottle
-from gateway.uploads import UploadCheck, expected_digest, object_exists, wait_until_absent
+from gateway.uploads import (
+    DigestMismatch,
+    UploadCheck,
+    expected_digest,
+    object_exists,
+    wait_until_absent,
+)
+from gateway.upstream import BodyFailed
 
 log = logging.getLogger("rclone_gateway")
 access_log = logging.getLogger("rclone_gateway.access")
@@ -234,26 +240,24 @@ class Gateway:
                 await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             try:
                 response = await forward(
-                    request, target, session, label, outcome.transfer,
-                    body_filter=upload.filter if upload else None, on_status=on_status,
+                    request, target, generation.pool(decision.backend), label,
+                    outcome.transfer, body_filter=upload.filter if upload else None,
+                    on_status=on_status,
                 )
-            except UpstreamError as exc:
-                if upload is not None and upload.mismatch:
+            except BodyFailed as exc:
+                if isinstance(exc.cause, DigestMismatch):
                     outcome.reason = "upload does not match its object name"
                     if not await wait_until_absent(session, target):
                         outcome.reason += await discard_partial_upload(generation, target)
                     return plain(400, "body does not match the object name (sha256)")
+                outcome.reason = "cut: gateway stopping" if self.stopping else "client went away"
+                return web.Response(status=499, reason="Client Closed Request")
+            except UpstreamError as exc:
                 outcome.reason = exc.reason
                 self._observe(uuid, exc.status)
                 if exc.status == 502 and restic_upload:
                     outcome.reason += await discard_partial_upload(generation, target)
                 return plain(exc.status, exc.reason, {"Retry-After": "2"})
-            except aiohttp.ClientError:
-                if request.content.exception() is None:
-                    outcome.reason = "backend error"
-                    return plain(502, "backend error", {"Retry-After": "2"})
-                outcome.reason = "cut: gateway stopping" if self.stopping else "client went away"
-                return web.Response(status=499, reason="Client Closed Request")
             self._observe(uuid, response.status)
             return response
 

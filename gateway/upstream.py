@@ -1,0 +1,517 @@
+"""The data path's HTTP/1.1 client: keep-alive connections to a backend, bodies streamed.
+
+Every proxied request and its answer go through here; aiohttp's client stays for the
+gateway's own small requests (existence checks, probes). A generic client costs more
+CPU per request than the whole rest of the gateway: this one does only what a proxy to
+a known backend needs. One request at a time per connection, idle connections reused
+last-in first-out, the request body sent while the answer is awaited (a backend may
+answer before reading it all), backpressure both ways, an idle timeout on every wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+MAX_HEAD = 64 * 1024
+# Read from the backend ahead of the client: enough to keep a transfer flowing.
+READ_HIGH_WATER = 1024 * 1024
+NO_BODY_STATUSES = frozenset({204, 304})
+# A first body chunk up to this size goes out in one write with the request head.
+COALESCE = 64 * 1024
+
+Connector = Callable[[Callable[[], asyncio.Protocol]], Awaitable[tuple[Any, Any]]]
+
+
+class UpstreamFailure(Exception):
+    """The backend could not be reached, broke the exchange, or did not answer in time."""
+
+
+class ConnectFailed(UpstreamFailure):
+    """No connection to the backend (refused, missing socket, connect timeout)."""
+
+
+class Timeout(UpstreamFailure):
+    """The backend stayed silent (or did not take data) for the idle timeout."""
+
+
+class Broken(UpstreamFailure):
+    """The connection closed or the answer was malformed."""
+
+
+class BodyFailed(Exception):
+    """Reading the request body failed (the client went away, or a body filter refused it);
+    the backend's connection was aborted so that it keeps nothing of the upload."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(repr(cause))
+        self.cause = cause
+
+
+class _Connection(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.chunks: collections.deque[bytes] = collections.deque()
+        self.buffered = 0
+        self.closed = False
+        self.eof = False
+        self.idle_since = 0.0
+        self._waiter: asyncio.Future[None] | None = None
+        self._drain: asyncio.Future[None] | None = None
+        self._reading_paused = False
+        self._writing_paused = False
+
+    # --- protocol callbacks ----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.chunks.append(data)
+        self.buffered += len(data)
+        if self.buffered > READ_HIGH_WATER and not self._reading_paused and self.transport:
+            self._reading_paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self._wake()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.eof = True
+        self._wake()
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_exception(Broken("backend closed the connection"))
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    # --- waiting ---------------------------------------------------------------------
+
+    async def _wait(self, future: asyncio.Future[None], timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        handle = loop.call_later(timeout, _expire, future)
+        try:
+            await future
+        finally:
+            handle.cancel()
+
+    async def _more(self, timeout: float) -> None:
+        if self.eof:
+            raise Broken("backend closed the connection")
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._wait(self._waiter, timeout)
+        finally:
+            self._waiter = None
+
+    async def write(self, data: bytes, timeout: float) -> None:
+        if self.closed or self.transport is None:
+            raise Broken("backend closed the connection")
+        self.transport.write(data)
+        if self._writing_paused:
+            self._drain = asyncio.get_running_loop().create_future()
+            try:
+                await self._wait(self._drain, timeout)
+            finally:
+                self._drain = None
+
+    # --- reading ---------------------------------------------------------------------
+
+    def _take(self, limit: int) -> bytes:
+        chunk = self.chunks.popleft()
+        if len(chunk) > limit:
+            self.chunks.appendleft(chunk[limit:])
+            chunk = chunk[:limit]
+        self.buffered -= len(chunk)
+        if self._reading_paused and self.buffered <= READ_HIGH_WATER // 4 and self.transport:
+            self._reading_paused = False
+            self.transport.resume_reading()
+        return chunk
+
+    async def read_until(self, marker: bytes, limit: int, timeout: float) -> bytes:
+        """Bytes up to and including `marker`, which must come within `limit` bytes."""
+        while True:
+            if self.chunks:
+                if len(self.chunks) > 1:
+                    joined = b"".join(self.chunks)
+                    self.chunks.clear()
+                    self.chunks.append(joined)
+                data = self.chunks[0]
+                end = data.find(marker)
+                if end >= 0:
+                    return self._take(end + len(marker))
+                if len(data) > limit:
+                    raise Broken("backend answer head too large")
+            await self._more(timeout)
+
+    async def read_some(self, limit: int, timeout: float) -> bytes:
+        """Up to `limit` bytes as they come; b"" at the end of the connection."""
+        while not self.chunks:
+            if self.eof:
+                return b""
+            await self._more(timeout)
+        return self._take(limit)
+
+    async def read_exactly(self, size: int, timeout: float) -> bytes:
+        parts = []
+        while size:
+            chunk = await self.read_some(size, timeout)
+            if not chunk:
+                raise Broken("backend closed the connection mid-answer")
+            parts.append(chunk)
+            size -= len(chunk)
+        return b"".join(parts)
+
+    def abort(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+
+def _expire(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_exception(Timeout("backend did not answer in time"))
+
+
+class Response:
+    """A backend's answer: status and headers read, the body still on the connection."""
+
+    def __init__(self, pool: UpstreamPool, connection: _Connection, status: int, reason: str,
+                 headers: CIMultiDict[str], framing: str, length: int, keep_alive: bool,
+                 timeout: float, sender: asyncio.Task[None] | None) -> None:
+        self._pool = pool
+        self._connection: _Connection | None = connection
+        self.status = status
+        self.reason = reason
+        self.headers = CIMultiDictProxy(headers)
+        self._framing = framing  # "none", "length", "chunked" or "close"
+        self._remaining = length
+        self._keep_alive = keep_alive
+        self._timeout = timeout
+        self._sender = sender
+
+    async def iter_body(self, chunk_size: int) -> AsyncIterator[bytes]:
+        connection = self._connection
+        if connection is None:
+            return
+        timeout = self._timeout
+        if self._framing == "length":
+            while self._remaining:
+                chunk = await connection.read_some(min(self._remaining, chunk_size), timeout)
+                if not chunk:
+                    raise Broken("backend closed the connection mid-answer")
+                self._remaining -= len(chunk)
+                yield chunk
+        elif self._framing == "chunked":
+            async for chunk in self._chunked(connection, chunk_size):
+                yield chunk
+        elif self._framing == "close":
+            while chunk := await connection.read_some(chunk_size, timeout):
+                yield chunk
+        self._framing = "done"
+
+    async def _chunked(self, connection: _Connection, chunk_size: int) -> AsyncIterator[bytes]:
+        timeout = self._timeout
+        while True:
+            line = await connection.read_until(b"\r\n", 1024, timeout)
+            try:
+                size = int(line.split(b";", 1)[0].strip(), 16)
+            except ValueError:
+                raise Broken("malformed chunk in backend answer") from None
+            if size < 0:
+                raise Broken("malformed chunk in backend answer")
+            if size == 0:
+                while await connection.read_until(b"\r\n", MAX_HEAD, timeout) != b"\r\n":
+                    pass  # trailer fields: not passed on
+                return
+            while size:
+                chunk = await connection.read_some(min(size, chunk_size), timeout)
+                if not chunk:
+                    raise Broken("backend closed the connection mid-answer")
+                size -= len(chunk)
+                yield chunk
+            if await connection.read_exactly(2, timeout) != b"\r\n":
+                raise Broken("malformed chunk in backend answer")
+
+    async def release(self) -> None:
+        """Done with the answer: the connection goes back to the pool if it is reusable."""
+        connection, self._connection = self._connection, None
+        if connection is None:
+            return
+        sender = self._sender
+        reusable = self._keep_alive and self._framing in ("none", "done")
+        if sender is not None:
+            if not sender.done():
+                reusable = False
+                sender.cancel()
+            with contextlib.suppress(BaseException):
+                await sender
+            reusable = reusable and not sender.cancelled() and sender.exception() is None
+        self._pool.release(connection, reusable)
+
+    async def __aenter__(self) -> Response:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.release()
+
+
+class UpstreamPool:
+    """Keep-alive connections to one backend address."""
+
+    def __init__(self, connector: Connector, *, host: str = "backend",
+                 connect_timeout: float = 5.0, keepalive: float = 30.0) -> None:
+        self._connector = connector
+        self._host = host
+        self._connect_timeout = connect_timeout
+        self._keepalive = keepalive
+        self._idle: list[_Connection] = []
+        self._all: set[_Connection] = set()
+        self.closed = False
+
+    @classmethod
+    def unix(cls, path: str, **kwargs: Any) -> UpstreamPool:
+        async def connect(factory: Callable[[], asyncio.Protocol]) -> tuple[Any, Any]:
+            return await asyncio.get_running_loop().create_unix_connection(factory, path)
+
+        return cls(connect, **kwargs)
+
+    @classmethod
+    def tcp(cls, host: str, port: int, local_address: str | None = None,
+            **kwargs: Any) -> UpstreamPool:
+        local = (local_address, 0) if local_address else None
+
+        async def connect(factory: Callable[[], asyncio.Protocol]) -> tuple[Any, Any]:
+            return await asyncio.get_running_loop().create_connection(
+                factory, host, port, local_addr=local)
+
+        name = f"[{host}]" if ":" in host else host
+        return cls(connect, host=f"{name}:{port}", **kwargs)
+
+    async def _acquire(self) -> tuple[_Connection, bool]:
+        """A connection, and whether it was used before (it may have been closed since)."""
+        if self.closed:
+            raise ConnectFailed("backend pool closed")
+        now = asyncio.get_running_loop().time()
+        while self._idle:
+            connection = self._idle.pop()
+            if not connection.closed and not connection.eof and not connection.chunks and (
+                now - connection.idle_since < self._keepalive
+            ):
+                return connection, True
+            self._discard(connection)
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                _, connection = await self._connector(_Connection)
+        except TimeoutError:
+            raise ConnectFailed("backend did not accept the connection in time") from None
+        except OSError as exc:
+            raise ConnectFailed(f"backend unreachable ({type(exc).__name__})") from None
+        if self.closed:
+            connection.abort()
+            raise ConnectFailed("backend pool closed")
+        self._all.add(connection)
+        return connection, False
+
+    def release(self, connection: _Connection, reusable: bool) -> None:
+        if reusable and not self.closed and not connection.closed and not connection.eof:
+            connection.idle_since = asyncio.get_running_loop().time()
+            self._idle.append(connection)
+        else:
+            self._discard(connection)
+
+    def _discard(self, connection: _Connection) -> None:
+        # Aborted, not closed: a backend drops an upload whose connection breaks short.
+        self._all.discard(connection)
+        connection.abort()
+
+    async def close(self) -> None:
+        """Closes every connection, in use or idle: a backend drops what it was receiving."""
+        self.closed = True
+        self._idle.clear()
+        for connection in list(self._all):
+            connection.abort()
+        self._all.clear()
+
+    async def request(
+        self,
+        method: str,
+        target: str,
+        headers: CIMultiDict[str],
+        body: AsyncIterator[bytes] | None = None,
+        *,
+        content_length: int | None = None,
+        timeout: float = 30.0,
+    ) -> Response:
+        """Sends the request (its body from `body`) and reads the answer's head.
+
+        `headers` must hold no framing fields: `content_length` (or chunked coding when
+        it is None and there is a body) is added here.
+        """
+        head = _request_head(method, target, self._host, headers, body, content_length)
+        for attempt in (1, 2):
+            connection, reused = await self._acquire()
+            sender: asyncio.Task[None] | None = None
+            try:
+                if body is None:
+                    await connection.write(head, timeout)
+                else:
+                    sender = asyncio.create_task(
+                        _send_body(connection, head, body, content_length, timeout))
+                return await self._read_head(connection, method, timeout, sender)
+            except BodyFailed:
+                self._discard(connection)
+                raise
+            except UpstreamFailure as exc:
+                self._discard(connection)
+                if sender is not None:
+                    sender.cancel()
+                    with contextlib.suppress(BaseException):
+                        await sender
+                    if not sender.cancelled() and isinstance(sender.exception(), BodyFailed):
+                        raise sender.exception() from None  # type: ignore[misc]
+                # A kept-alive connection the backend closed meanwhile: once more, fresh.
+                if (attempt == 1 and reused and body is None and isinstance(exc, Broken)
+                        and not connection.chunks):
+                    continue
+                raise
+            except BaseException:
+                self._discard(connection)
+                if sender is not None:
+                    sender.cancel()
+                raise
+        raise AssertionError("unreachable")
+
+    async def _read_head(self, connection: _Connection, method: str, timeout: float,
+                         sender: asyncio.Task[None] | None) -> Response:
+        while True:
+            raw = await _head_or_body_failure(connection, timeout, sender)
+            status, reason, headers, version = _parse_head(raw)
+            if status >= 200:
+                break
+            if status == 101:
+                raise Broken("backend switched protocols")
+        keep_alive = version == "HTTP/1.1"
+        for token in _tokens(headers.getall("Connection", [])):
+            if token == "close":
+                keep_alive = False
+            elif token == "keep-alive" and version == "HTTP/1.0":
+                keep_alive = True
+        length = -1
+        if method == "HEAD" or status in NO_BODY_STATUSES:
+            framing = "none"
+        elif "Transfer-Encoding" in headers:
+            codings = _tokens(headers.getall("Transfer-Encoding"))
+            if codings[-1:] != ["chunked"]:
+                framing, keep_alive = "close", False
+            else:
+                framing = "chunked"
+        elif "Content-Length" in headers:
+            values = {v.strip() for v in headers.getall("Content-Length")}
+            if len(values) != 1 or not next(iter(values)).isdigit():
+                raise Broken("malformed Content-Length in backend answer")
+            length = int(values.pop())
+            framing = "length" if length else "none"
+        else:
+            framing, keep_alive = "close", False
+        return Response(self, connection, status, reason, headers, framing, length,
+                        keep_alive, timeout, sender)
+
+
+async def _head_or_body_failure(connection: _Connection, timeout: float,
+                                sender: asyncio.Task[None] | None) -> bytes:
+    try:
+        return await connection.read_until(b"\r\n\r\n", MAX_HEAD, timeout)
+    except UpstreamFailure:
+        # The body's failure is what broke the exchange: say that, not the broken connection.
+        if sender is not None and sender.done() and not sender.cancelled():
+            failure = sender.exception()
+            if isinstance(failure, BodyFailed):
+                raise failure from None
+        raise
+
+
+async def _send_body(connection: _Connection, head: bytes, body: AsyncIterator[bytes],
+                     content_length: int | None, timeout: float) -> None:
+    chunked = content_length is None
+    sent = 0
+    head_sent = False
+    try:
+        async for chunk in body:
+            if not chunk:
+                continue
+            sent += len(chunk)
+            if chunked:
+                chunk = b"%x\r\n%b\r\n" % (len(chunk), chunk)
+            if not head_sent:
+                head_sent = True
+                if len(chunk) <= COALESCE:
+                    chunk = head + chunk  # one segment for a small upload
+                else:
+                    await connection.write(head, timeout)
+            await connection.write(chunk, timeout)
+    except UpstreamFailure:
+        connection.abort()
+        raise
+    except (Exception, asyncio.CancelledError) as exc:
+        connection.abort()
+        if isinstance(exc, asyncio.CancelledError):
+            raise
+        raise BodyFailed(exc) from exc
+    if content_length is not None and sent != content_length:
+        connection.abort()
+        raise BodyFailed(ValueError("request body shorter or longer than its Content-Length"))
+    tail = b"0\r\n\r\n" if chunked else b""
+    if not head_sent:
+        tail = head + tail
+    if tail:
+        await connection.write(tail, timeout)
+
+
+def _tokens(values: list[str]) -> list[str]:
+    return [t.strip().lower() for v in values for t in v.split(",") if t.strip()]
+
+
+def _request_head(method: str, target: str, host: str, headers: CIMultiDict[str],
+                  body: AsyncIterator[bytes] | None, content_length: int | None) -> bytes:
+    lines = [f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n"]
+    lines.extend(f"{name}: {value}\r\n" for name, value in headers.items())
+    if content_length is not None:
+        lines.append(f"Content-Length: {content_length}\r\n")
+    elif body is not None:
+        lines.append("Transfer-Encoding: chunked\r\n")
+    lines.append("\r\n")
+    return "".join(lines).encode("utf-8", "surrogateescape")
+
+
+def _parse_head(raw: bytes) -> tuple[int, str, CIMultiDict[str], str]:
+    lines = raw[:-4].decode("latin-1").split("\r\n")
+    version, _, rest = lines[0].partition(" ")
+    code, _, reason = rest.partition(" ")
+    if version not in ("HTTP/1.1", "HTTP/1.0") or len(code) != 3 or not code.isdigit():
+        raise Broken("malformed status line from backend")
+    headers: CIMultiDict[str] = CIMultiDict()
+    for line in lines[1:]:
+        name, colon, value = line.partition(":")
+        if not colon or not name or name != name.strip():
+            raise Broken("malformed header field from backend")
+        headers.add(name, value.strip())
+    return int(code), reason, headers, version

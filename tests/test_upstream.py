@@ -1,0 +1,285 @@
+"""The data path's HTTP/1.1 client against a scripted backend on a unix socket.
+
+The backend here is a few lines of asyncio that answer with exact bytes, so that
+every framing the client must handle (and every way a backend can misbehave) is
+sent for real. The client against real rclone children is covered by the
+end-to-end tests (tests/test_gateway.py and others).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+import uvloop
+from multidict import CIMultiDict
+
+from gateway.upstream import BodyFailed, Broken, ConnectFailed, Timeout, UpstreamPool
+
+Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter, "Backend"], Awaitable[None]]
+
+
+class Backend:
+    """Runs `script` for every connection; records what it received."""
+
+    def __init__(self, script: Script) -> None:
+        self.script = script
+        self.connections = 0
+        self.heads: list[bytes] = []
+        self.bodies: list[bytes] = []
+
+    async def head(self, reader: asyncio.StreamReader) -> bytes:
+        head = await reader.readuntil(b"\r\n\r\n")
+        self.heads.append(head)
+        return head
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            await self.script(reader, writer, self)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+def run(script: Script, client: Callable[[UpstreamPool, Backend], Awaitable[None]],
+        tmp_path: Path) -> Backend:
+    backend = Backend(script)
+    path = str(tmp_path / "backend.sock")
+
+    async def main() -> None:
+        server = await asyncio.start_unix_server(backend.serve, path)
+        pool = UpstreamPool.unix(path, connect_timeout=2.0)
+        try:
+            await asyncio.wait_for(client(pool, backend), 10)
+        finally:
+            await pool.close()
+            server.close()
+
+    uvloop.run(main())
+    return backend
+
+
+def ok(body: bytes, extra: bytes = b"") -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n%b\r\n%b" % (len(body), extra, body)
+
+
+async def answer_each(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                      backend: Backend, response: bytes) -> None:
+    while True:
+        head = await backend.head(reader)
+        if head.startswith(b"HEAD "):
+            end = response.rindex(b"\r\n\r\n") + 4  # the final answer's head, no body
+            writer.write(response[:end])
+        else:
+            writer.write(response)
+        await writer.drain()
+
+
+async def body_of(pool: UpstreamPool, method: str = "GET", target: str = "/x",
+                  timeout: float = 5.0) -> tuple[int, bytes]:
+    async with await pool.request(method, target, CIMultiDict(), timeout=timeout) as response:
+        parts = [chunk async for chunk in response.iter_body(7)]
+        return response.status, b"".join(parts)
+
+
+async def chunks(*parts: bytes, fail: bool = False) -> AsyncIterator[bytes]:
+    for part in parts:
+        await asyncio.sleep(0)
+        yield part
+    if fail:
+        raise ConnectionResetError("client went away")
+
+
+def test_content_length_answers_reuse_one_connection(tmp_path: Path) -> None:
+    async def script(reader, writer, backend):  # type: ignore[no-untyped-def]
+        await answer_each(reader, writer, backend, ok(b"0123456789abcdef", b"X-A: 1\r\n"))
+
+    async def client(pool: UpstreamPool, backend: Backend) -> None:
+        for _ in range(3):
+            assert await body_of(pool) == (200, b"0123456789abcdef")
+        async with await pool.request("GET", "/y", CIMultiDict()) as response:
+            assert response.headers["x-a"] == "1"
+
+    backend = run(script, client, tmp_path)
+    assert backend.connections == 1
+    assert backend.heads[0].startswith(b"GET /x HTTP/1.1\r\nHost: backend\r\n")
+
+
+def test_chunked_answer_is_decoded_and_the_connection_kept(tmp_path: Path) -> None:
+    answer = (b"HTTP/1.1 207 Multi-Status\r\nTransfer-Encoding: chunked\r\n\r\n"
+              b"5;ext=1\r\nhello\r\n1A\r\n" + b"z" * 26 + b"\r\n0\r\nX-Trailer: t\r\n\r\n")
+
+    async def script(reader, writer, backend):  # type: ignore[no-untyped-def]
+        await answer_each(reader, writer, backend, answer)
+
+    async def client(pool: UpstreamPool, backend: Backend) -> None:
+        assert await body_of(pool, "PROPFIND") == (207, b"hello" + b"z" * 26)
+        assert await body_of(pool, "PROPFIND") == (207, b"hello" + b"z" * 26)
+
+    assert run(script, client, tmp_path).connections == 1
+
+
+def test_answer_without_length_runs_to_the_close(tmp_path: Path) -> None:
+    async def script(reader, writer, backend):  # type: ignore[no-untyped-def]
+        await backend.head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\n\r\nuntil the end")
+        await writer.drain()
+
+    async def client(pool: UpstreamPool, backend: Backend) -> None:
+        assert await body_of(pool) == (200, b"until the end")
+        assert await body_of(pool) == (200, b"until the end")
+
+    assert run(script, client, tmp_path).connections == 2
+
+
+def test_head_and_interim_answers_carry_no_body(tmp_path: Path) -> None:
+    async def script(reader, writer, backend):  # type: ignore[no-untyped-def]
+        await answer_each(reader, writer, backend,
+                          b"HTTP/1.1 100 Continue\r\n\r\n" + ok(b"body"))
+
+    async def client(pool: UpstreamPool, backend: Backend) -> None:
+        async with await pool.request("HEAD", "/x", CIMultiDict()) as response:
+            assert (response.status, response.headers["Content-Length"]) == (200, "4")
+            assert [c async for c in response.iter_body(1024)] == []
+        # The HEAD answer's Content-Length did not make the next answer lose 4 bytes.
+        assert await body_of(pool) == (200, b"body")
+
+    assert run(script, client, tmp_path).connections == 1
+
+
+def test_a_kept_connection_the_backend_closed_is_replaced(tmp_path: Path) -> None:
+    async def script(reader, writer, backend):  # type: ignore[no-untyped-def]
+        await backend.head(reader)
+        writer.write(ok(b"once"))
+        await writer.drain()
+        # The connection looks reusable, but the backend closes it before the next request.
+
+    async def client(pool: UpstreamPool, backend: Backend) -> None:
+        assert await body_of(pool) == (200, b"once")
+        await asyncio.sleep(0.05)
+        assert await body_of(pool) == (200, b"once")
+
+    assert run(script, client, tmp_path).connections == 2
+
+
+def test_uploads_are_framed_by_length_or_chunked(tmp_path: Path) -> None:
+    async def script(reader, writer, backend):  # type: ignore[no-untyped-def]
+        while True:
+            head = await backend.head(reader)
+            if b"Content-Length: 11" in head:
+                backend.bodies.append(await reader.readexactly(11))
+            else:
+                assert b"Transfer-Encoding: chunked" in head
+                backend.bodies.append(await reader.readuntil(b"0\r\n\r\n"))
+            writer.write(ok(b""))
+            await writer.drain()
+
+    async def client(pool: UpstreamPool, backend: Backend) -> None:
+        for length in (11, None):
+            response = await pool.request("PUT", "/f", CIMultiDict(), chunks(b"hello", b" world"),
+                                          content_length=length)
+            assert response.status == 200
+            await response.release()
+
+    backend = run(script, client, tmp_path)
+    assert backend.bodies == [b"hello world", b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"]
+    assert backend.connections == 1
+
+
+def test_a_failing_body_aborts_the_upload_short(tmp_path: Path) -> None:
+    async def script(reader, writer, backend):  # type: ignore[no-untyped-def]
+        await backend.head(reader)
+        backend.bodies.append(await reader.read(1 << 20))
+        backend.bodies.append(await reader.read(1 << 20))  # b"": the connection is gone
+
+    async def client(pool: UpstreamPool, backend: Backend) -> None:
+        with pytest.raises(BodyFailed) as caught:
+            await pool.request("PUT", "/f", CIMultiDict(), chunks(b"part", fail=True),
+                               content_length=100)
+        assert isinstance(caught.value.cause, ConnectionResetError)
+        await asyncio.sleep(0.1)
+
+    backend = run(script, client, tmp_path)
+    assert b"".join(backend.bodies) == b"part"
+
+
+def test_an_early_answer_is_passed_on(tmp_path: Path) -> None:
+    async def script(reader, writer, backend):  # type: ignore[no-untyped-def]
+        await backend.head(reader)
+        writer.write(b"HTTP/1.1 413 Too Large\r\nContent-Length: 3\r\n"
+                     b"Connection: close\r\n\r\nno\n")
+        await writer.drain()
+
+    async def endless() -> AsyncIterator[bytes]:
+        while True:
+            await asyncio.sleep(0.001)
+            yield b"x" * 65536
+
+    async def client(pool: UpstreamPool, backend: Backend) -> None:
+        async with await pool.request("PUT", "/f", CIMultiDict(), endless(),
+                                      content_length=1 << 40) as response:
+            assert response.status == 413
+            assert b"".join([c async for c in response.iter_body(1024)]) == b"no\n"
+
+    run(script, client, tmp_path)
+
+
+def test_silence_and_nonsense_are_errors(tmp_path: Path) -> None:
+    async def script(reader, writer, backend):  # type: ignore[no-untyped-def]
+        head = await backend.head(reader)
+        if b"/silent" in head:
+            await asyncio.sleep(5)
+        elif b"/garbage" in head:
+            writer.write(b"SPDY/9 200 OK\r\n\r\n")
+        elif b"/cut" in head:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort")
+        await writer.drain()
+
+    async def client(pool: UpstreamPool, backend: Backend) -> None:
+        with pytest.raises(Timeout):
+            await body_of(pool, target="/silent", timeout=0.2)
+        with pytest.raises(Broken):
+            await body_of(pool, target="/garbage")
+        with pytest.raises(Broken):
+            await body_of(pool, target="/cut")
+
+    run(script, client, tmp_path)
+
+
+def test_no_backend_is_a_connect_failure(tmp_path: Path) -> None:
+    async def main() -> None:
+        pool = UpstreamPool.unix(str(tmp_path / "missing.sock"))
+        with pytest.raises(ConnectFailed):
+            await pool.request("GET", "/", CIMultiDict())
+
+    uvloop.run(main())
+
+
+def test_closing_the_pool_cuts_an_upload_in_flight(tmp_path: Path) -> None:
+    async def script(reader, writer, backend):  # type: ignore[no-untyped-def]
+        await backend.head(reader)
+        received = b""
+        while chunk := await reader.read(1 << 16):
+            received += chunk
+        backend.bodies.append(received)
+
+    async def slow() -> AsyncIterator[bytes]:
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            yield b"y" * 10
+
+    async def client(pool: UpstreamPool, backend: Backend) -> None:
+        upload = asyncio.create_task(
+            pool.request("PUT", "/f", CIMultiDict(), slow(), content_length=1000))
+        await asyncio.sleep(0.2)
+        await pool.close()
+        with pytest.raises((Broken, BodyFailed)):
+            await upload
+        await asyncio.sleep(0.05)
+
+    backend = run(script, client, tmp_path)
+    assert 0 < len(backend.bodies[0]) < 1000
