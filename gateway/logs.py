@@ -9,11 +9,12 @@ keeps the prefixes out of a log file or a terminal that inherited the variable.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import sys
-from datetime import UTC, datetime
+import time
 from typing import Any, TextIO
 
 ACCESS_LOGGER = "rclone_gateway.access"
@@ -42,10 +43,67 @@ def access_level(status: int, decision: str) -> int:
     return logging.INFO
 
 
+_second_cache: tuple[int, str] = (-1, "")
+
+
+def _stamp(now: float) -> str:
+    """RFC 3339 in UTC with milliseconds; the part up to the second is made once a second."""
+    global _second_cache
+    second = int(now)
+    if _second_cache[0] != second:
+        _second_cache = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+    return f"{_second_cache[1]}.{int((now - second) * 1000):03d}Z"
+
+
 def access_line(fields: dict[str, Any], now: float) -> str:
     """One access log line: a JSON object whose first member is the time (RFC 3339, UTC)."""
-    stamp = datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds")
-    return json.dumps({"time": stamp.replace("+00:00", "Z"), **fields}, ensure_ascii=False)
+    return json.dumps({"time": _stamp(now), **fields}, ensure_ascii=False)
+
+
+class AccessLog:
+    """Access lines written straight to the access logger's stream, one write per loop turn.
+
+    Going through `Logger.log` for every request cost more CPU than all of the gateway's
+    checks of it, and each line was a write of its own. Here the lines of the requests
+    that finished in one turn of the event loop go out together at the end of that turn.
+    The logger's level still decides which lines are written.
+    """
+
+    def __init__(self, logger: logging.Logger | None = None) -> None:
+        self._logger = logger or logging.getLogger(ACCESS_LOGGER)
+        self._pending: list[tuple[int, str]] = []
+
+    def enabled(self, level: int) -> bool:
+        return self._logger.isEnabledFor(level)
+
+    def write(self, level: int, line: str) -> None:
+        if not self._pending:
+            try:
+                asyncio.get_running_loop().call_soon(self.flush)
+            except RuntimeError:  # no event loop: write now
+                self._logger.log(level, line)
+                return
+        self._pending.append((level, line))
+
+    def flush(self) -> None:
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        handler = next((h for h in self._logger.handlers
+                        if isinstance(h, logging.StreamHandler)), None)
+        if handler is None:
+            for level, line in pending:
+                self._logger.log(level, line)
+            return
+        if isinstance(handler.formatter, _JournalFormatter):
+            text = "".join(f"<{priority(level)}>{line}\n" for level, line in pending)
+        else:
+            text = "".join(line + "\n" for _, line in pending)
+        try:
+            handler.stream.write(text)
+            handler.stream.flush()
+        except (OSError, ValueError):
+            handler.handleError(logging.makeLogRecord({"msg": "access log write failed"}))
 
 
 def journal_stream(stream: TextIO, env: dict[str, str] | os._Environ[str] = os.environ) -> bool:

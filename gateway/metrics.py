@@ -166,6 +166,7 @@ class GatewayMetrics:
         for reason in AUTH_FAILURE_REASONS.values():
             self.auth_failures.labels(reason=reason)
         ProcessCollector(namespace="", registry=self.registry)
+        self._children: dict[tuple[str, ...], tuple[Any, Any, Any, Any]] = {}
         self.registry.register(_LiveCollector(health))
 
     def observe(
@@ -183,15 +184,22 @@ class GatewayMetrics:
     ) -> None:
         caller = bounded(caller, CALLER_GROUPS, "anonymous")
         protocol = bounded(protocol, PROTOCOLS)
-        self.requests.labels(
-            caller, protocol, method_label(method), bounded(decision, DECISIONS),
-            status_class(status),
-        ).inc()
-        self.duration.labels(caller, protocol).observe(duration)
+        key = (caller, protocol, method_label(method), bounded(decision, DECISIONS),
+               status_class(status))
+        children = self._children.get(key)
+        if children is None:
+            # Every label is from a bounded set: so is this cache.
+            children = self._children[key] = (
+                self.requests.labels(*key), self.duration.labels(caller, protocol),
+                self.bytes_in.labels(caller, protocol), self.bytes_out.labels(caller, protocol),
+            )
+        requests, durations, received, sent = children
+        requests.inc()
+        durations.observe(duration)
         if bytes_in:
-            self.bytes_in.labels(caller, protocol).inc(bytes_in)
+            received.inc(bytes_in)
         if bytes_out:
-            self.bytes_out.labels(caller, protocol).inc(bytes_out)
+            sent.inc(bytes_out)
         if status == 401:
             self.auth_failures.labels(reason=AUTH_FAILURE_REASONS.get(reason, "other")).inc()
 

@@ -20,7 +20,7 @@ from gateway.connections import guarded_protocol_factory
 from gateway.credentials import parse_basic, verify
 from gateway.http_errors import GatewayServer, head_too_large
 from gateway.lifecycle import close_after_response, drain_connections
-from gateway.logs import access_level, access_line
+from gateway.logs import AccessLog, access_level, access_line
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway.metrics import GatewayMetrics
 from gateway.paths import PathError, Target, canonicalise
@@ -58,7 +58,6 @@ from gateway.uploads import (
 from gateway.upstream import BodyFailed
 
 log = logging.getLogger("rclone_gateway")
-access_log = logging.getLogger("rclone_gateway.access")
 
 REALM = 'Basic realm="ns8-rclone-gateway"'
 PROBE_SEGMENT = "_probe_rest_404"
@@ -116,6 +115,7 @@ class Gateway:
         self.started = time.time()
         self.label_suffix = f"@node{settings.node_id}"
         self.metrics = GatewayMetrics(self.health_document)
+        self.access_log = AccessLog()
         self.systemd = Notifier()
         self.reachability = Reachability(probe_interval=settings.remote_probe_interval,
                                          probe_timeout=settings.probe_timeout)
@@ -429,10 +429,10 @@ class Gateway:
     ) -> None:
         status = response.status if response is not None else 499
         level = access_level(status, outcome.decision)
-        if not access_log.isEnabledFor(level):
+        if not self.access_log.enabled(level):
             return
         peer = request.transport.get_extra_info("peername") if request.transport else None
-        access_log.log(
+        self.access_log.write(
             level,
             access_line(
                 {
@@ -495,6 +495,7 @@ class Gateway:
         await self.peers.close()
         await self.reachability.close()
         await self.backends.stop()
+        self.access_log.flush()
         log.info("stopped")
         return 0
 
