@@ -43,6 +43,7 @@ def access_level(status: int, decision: str) -> int:
     return logging.INFO
 
 
+_JSON = json.JSONEncoder(ensure_ascii=False)  # json.dumps(ensure_ascii=False) makes one a call
 _second_cache: tuple[int, str] = (-1, "")
 
 
@@ -57,7 +58,7 @@ def _stamp(now: float) -> str:
 
 def access_line(fields: dict[str, Any], now: float) -> str:
     """One access log line: a JSON object whose first member is the time (RFC 3339, UTC)."""
-    return json.dumps({"time": _stamp(now), **fields}, ensure_ascii=False)
+    return _JSON.encode({"time": _stamp(now), **fields})
 
 
 class AccessLog:

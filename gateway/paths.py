@@ -8,7 +8,7 @@ policy decision, the routing, the request sent to a backend) uses the
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import quote
 
 MAX_SEGMENT_BYTES = 255
@@ -20,6 +20,8 @@ _PATH_SAFE = "-._~!$&'()*+,;=:@"
 _HEX = frozenset(b"0123456789abcdefABCDEF")
 _RAW_FORBIDDEN = re.compile(rb"[\x00-\x20\x7f-\xff\\#]")
 _DECODED_FORBIDDEN = re.compile(rb"[\x00-\x1f\x7f\\]")
+# Segments that quote() would leave as they are (restic's uuids and hex names).
+_PLAIN_SEGMENT = re.compile(r"[A-Za-z0-9_.~-]*\Z")
 
 
 class PathError(ValueError):
@@ -31,14 +33,20 @@ class Target:
     segments: tuple[str, ...]
     trailing_slash: bool
     query: str
+    # The canonical, percent-encoded path sent to the backend (computed once).
+    path: str = field(init=False, repr=False, compare=False)
 
-    @property
-    def path(self) -> str:
-        """The canonical, percent-encoded path sent to the backend."""
+    def __post_init__(self) -> None:
         if not self.segments:
-            return "/"
-        encoded = "/" + "/".join(quote(s, safe=_PATH_SAFE) for s in self.segments)
-        return encoded + "/" if self.trailing_slash else encoded
+            path = "/"
+        else:
+            path = "/" + "/".join(
+                s if _PLAIN_SEGMENT.match(s) else quote(s, safe=_PATH_SAFE)
+                for s in self.segments
+            )
+            if self.trailing_slash:
+                path += "/"
+        object.__setattr__(self, "path", path)
 
     @property
     def path_and_query(self) -> str:
@@ -75,6 +83,12 @@ def _unescape(raw: bytes, what: str) -> bytes:
 
 
 def _segment(raw: bytes) -> str:
+    if b"%" not in raw:  # no escape: canonicalise() has checked every raw byte already
+        if raw in (b".", b".."):
+            raise PathError("dot segment in path")
+        if len(raw) > MAX_SEGMENT_BYTES:
+            raise PathError("path segment too long")
+        return raw.decode("ascii")
     decoded = _unescape(raw, "path")
     if b"/" in decoded:
         raise PathError("escaped '/' in path")

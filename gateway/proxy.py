@@ -86,8 +86,11 @@ StatusHook = Callable[[int], Awaitable[web.StreamResponse | None]]
 async def request_body(request: web.BaseRequest, transfer: Transfer) -> AsyncIterator[bytes]:
     content = request.content
     while True:
-        chunk = await content.readany()
+        # One received piece at a time: readany() would join all that is buffered (a copy).
+        chunk, chunk_end = await content.readchunk()
         if not chunk:
+            if chunk_end:
+                continue  # the end of a chunk of a chunked body
             return
         transfer.bytes_in += len(chunk)
         yield chunk

@@ -503,7 +503,11 @@ def _request_head(method: str, target: str, host: str, headers: CIMultiDict[str]
 
 
 def _parse_head(raw: bytes) -> tuple[int, str, CIMultiDict[str], str]:
-    lines = raw[:-4].decode("latin-1").split("\r\n")
+    text = raw[:-4].decode("latin-1")
+    line_ends = text.count("\r\n")
+    if text.count("\r") != line_ends or text.count("\n") != line_ends:
+        raise Broken("bare CR or LF in the backend's answer head")
+    lines = text.split("\r\n")
     version, _, rest = lines[0].partition(" ")
     code, _, reason = rest.partition(" ")
     if version not in ("HTTP/1.1", "HTTP/1.0") or len(code) != 3 or not code.isdigit():
