@@ -33,7 +33,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
 from harness import Cluster, GatewayProcess, RedisServer, basic, free_port, restic  # noqa: E402
-from services import Service, haproxy, haproxy_config, rclone_restic, rclone_webdav  # noqa: E402
+from services import (  # noqa: E402
+    Service,
+    bare_proxy,
+    haproxy,
+    haproxy_config,
+    rclone_restic,
+    rclone_webdav,
+)
 
 DEST = "0d2b7ab6-8f8b-4c43-a1d3-7f3f5f7c1a01"
 NODE_VPN_IP = "10.5.4.1"
@@ -47,7 +54,7 @@ ACL_USER = "node/7"
 REST_ACCEPT = "application/vnd.x.restic.rest.v2"
 MiB = 1024 * 1024
 
-GATEWAY, RCLONE, HAPROXY = "gateway", "rclone alone", "haproxy"
+GATEWAY, RCLONE, HAPROXY, BARE = "gateway", "rclone alone", "haproxy", "bare proxy"
 
 
 @dataclass(frozen=True)
@@ -274,7 +281,7 @@ ROWS = [
     Row("small GET req/s", "≥ x0.8", lambda r: r >= 0.8),
     Row("small GET p50 ms"),
     Row("small GET p99 ms", "≤ x2", lambda r: r <= 2.0),
-    Row("gateway CPU per GET", scale=1e6),
+    Row("proxy CPU per GET", scale=1e6),
     Row("large PUT MB/s", "≥ x0.9", lambda r: r >= 0.9),
     Row("gateway peak RSS, large PUT", "< 64 MB", lambda v: v < 64, True),
     Row("gateway peak RSS, small PUT", "flat", None, True),
@@ -302,7 +309,7 @@ def table(results: Results, names: list[str], plan: Plan) -> str:
         "small GET p50 ms": "GET 1 KiB, p50 (ms)",
         "small GET p99 ms": "GET 1 KiB, p99 (ms)",
         "acl-changed to new credentials working": "acl-changed to new password working (ms)",
-        "gateway CPU per GET": "gateway CPU per GET (µs)",
+        "proxy CPU per GET": "proxy process CPU per GET (µs)",
         "gateway CPU, restic backup": "gateway CPU during restic backup (s)",
         "gateway CPU, restic restore": "gateway CPU during restic restore (s)",
         "gateway CPU per GiB PUT": "gateway CPU per GiB of PUT (s)",
@@ -427,7 +434,11 @@ shows the median of those ratios (the figures per target are medians too).
 restic runs with `--no-cache` on {plan.restic_mib} MiB of incompressible data in
 files of {plan.file_mib} MiB, as a module (append-only backend), each round into
 a new repository. Small GETs: `wrk -t2 -c16 -d{plan.wrk_seconds}s` on a 1 KiB
-object through the Restic REST API with node credentials. PUT: `curl -T`
+object through the Restic REST API with node credentials; "bare proxy" is
+`bench/bare_proxy.py`, the gateway's own proxy hop (uvloop, aiohttp's server,
+the same streaming code and upstream client) with none of its checks, access
+log or metrics, in front of the gateway's own restic socket: the most this way
+of building a Python proxy can reach. PUT: `curl -T`
 through WebDAV with node credentials; the gateway's resident memory is its
 peak (VmHWM, reset before each upload) of the gateway process alone, not its
 rclone children. acl-changed: time from publishing the event to the first
@@ -533,7 +544,16 @@ def main() -> int:
         if proxy is not None:
             services.append(proxy)
             targets.append(Target(HAPROXY, haproxy_port, haproxy_port, f"/{DEST}", True))
-        names = [t.name for t in targets]
+        # Small GETs only: the gateway's hop without its checks, on the gateway's own socket.
+        get_targets = list(targets)
+        proxy_pids = {GATEWAY: gateway.pid}
+        if "get" in only:
+            sockets = sorted(gateway.runtime_dir.glob("*/restic.sock"))
+            bare_port = free_port()
+            services.append(bare_proxy(sockets[-1], bare_port, workdir))
+            proxy_pids[BARE] = services[-1].pid
+            get_targets.append(Target(BARE, bare_port, bare_port, f"/{DEST}", False))
+        names = [t.name for t in get_targets]
         say(f"bench: {', '.join(names)}; {plan.rounds} rounds; work dir {workdir}")
         if args.hold:
             hold(targets, gateway)
@@ -550,7 +570,7 @@ def main() -> int:
 
         results = Results()
         if "get" in only:
-            for target in targets:
+            for target in get_targets:
                 wrk(target, 1, None)  # warm-up: connections, caches
         for round_no in range(plan.rounds):
             order = targets if round_no % 2 == 0 else targets[::-1]
@@ -560,12 +580,14 @@ def main() -> int:
                     restic_cycle(target, data, storage, scratch, results,
                                  gateway.pid if target.name == GATEWAY else None)
             if "get" in only:
-                for target in order:
-                    before = cpu_seconds(gateway.pid)
+                get_order = get_targets if round_no % 2 == 0 else get_targets[::-1]
+                for target in get_order:
+                    pid = proxy_pids.get(target.name)
+                    before = cpu_seconds(pid) if pid else 0.0
                     requests = wrk(target, plan.wrk_seconds, results)
-                    if target.name == GATEWAY:
-                        results.add("gateway CPU per GET", GATEWAY,
-                                    (cpu_seconds(gateway.pid) - before) / requests)
+                    if pid:
+                        results.add("proxy CPU per GET", target.name,
+                                    (cpu_seconds(pid) - before) / requests)
             if "put" in only:
                 for target in order:
                     if target.name == GATEWAY:

@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -86,6 +87,13 @@ def rclone_webdav(rclone: str, root: Path, port: int, workdir: Path) -> Service:
             "--log-level", "NOTICE", "--cache-dir", str(workdir / "rclone-cache"),
             "--dir-cache-time", "0s", "--config", "/dev/null"]
     return Service("rclone serve webdav", argv, port, workdir / "rclone-webdav.log")
+
+
+def bare_proxy(socket_path: Path, port: int, workdir: Path) -> Service:
+    """bench/bare_proxy.py in front of the gateway's own restic socket."""
+    argv = [sys.executable, str(Path(__file__).with_name("bare_proxy.py")), str(port),
+            str(socket_path)]
+    return Service("bare proxy", argv, port, workdir / "bare-proxy.log")
 
 
 def haproxy_config(port: int, restic_port: int, webdav_port: int, destination: str,

@@ -1,0 +1,51 @@
+"""A reference for `make bench`: the gateway's proxy hop with none of its checks.
+
+The same event loop (uvloop), HTTP server (aiohttp's), canonical path and
+streaming code (`gateway.proxy.forward` over `gateway.upstream`) as the gateway,
+in front of the gateway's own `rclone serve restic` unix socket, and nothing
+else: no source filter, no credentials, no policy, no access log, no metrics.
+What it reaches is the most a Python proxy hop built this way can reach; the
+gap between it and the gateway is what the gateway's own work costs.
+
+    python bench/bare_proxy.py PORT UNIX_SOCKET
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+
+import uvloop
+from aiohttp import web
+
+from gateway.paths import PathError, canonicalise
+from gateway.proxy import Transfer, UpstreamError, forward, plain
+from gateway.upstream import UpstreamPool
+
+
+async def serve(port: int, socket_path: str) -> None:
+    pool = UpstreamPool.unix(socket_path)
+
+    async def handle(request: web.BaseRequest) -> web.StreamResponse:
+        try:
+            target = canonicalise(request.raw_path)
+        except PathError as exc:
+            return plain(400, str(exc))
+        try:
+            return await forward(request, target, pool, "bare", Transfer())
+        except UpstreamError as exc:
+            return plain(exc.status, exc.reason)
+
+    server = web.Server(handle, access_log=None)
+    loop = asyncio.get_running_loop()
+    listener = await loop.create_server(server, "127.0.0.1", port, backlog=1024)
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    await stop.wait()
+    listener.close()
+    await pool.close()
+
+
+if __name__ == "__main__":
+    uvloop.run(serve(int(sys.argv[1]), sys.argv[2]))
