@@ -55,6 +55,8 @@ REST_ACCEPT = "application/vnd.x.restic.rest.v2"
 MiB = 1024 * 1024
 
 GATEWAY, RCLONE, HAPROXY, BARE = "gateway", "rclone alone", "haproxy", "bare proxy"
+# restic through the gateway as a node: the full backend, no check of uploaded objects.
+GATEWAY_NODE = "gateway as node"
 
 
 @dataclass(frozen=True)
@@ -83,11 +85,13 @@ class Target:
     webdav_port: int
     prefix: str
     authenticated: bool
+    restic_user: tuple[str, str] = MODULE
 
     def restic_repo(self) -> str:
         userinfo = ""
         if self.authenticated:
-            userinfo = MODULE[0].replace("/", "%2F") + ":" + MODULE[1] + "@"
+            user, password = self.restic_user
+            userinfo = user.replace("/", "%2F") + ":" + password + "@"
         return f"rest:http://{userinfo}127.0.0.1:{self.port}{self.prefix}/{APP}/{MODULE_UUID}/"
 
     def node_headers(self) -> dict[str, str]:
@@ -163,7 +167,7 @@ def restic_cycle(target: Target, data: Path, storage: Path, scratch: Path,
         seconds = timed(lambda args=args: restic(repo, *args, timeout=1800))
         results.add(f"restic {step}", target.name, seconds)
         if gateway_pid and step in ("backup", "restore"):
-            results.add(f"gateway CPU, restic {step}", GATEWAY,
+            results.add(f"gateway CPU, restic {step}", target.name,
                         cpu_seconds(gateway_pid) - cpu_before)
     restored = sum(p.stat().st_size for p in restore_dir.rglob("*") if p.is_file())
     expected = sum(p.stat().st_size for p in data.iterdir())
@@ -432,8 +436,10 @@ Each measure runs the targets one after the other, the order alternating from
 round to round; each round gives one ratio against rclone alone, and the table
 shows the median of those ratios (the figures per target are medians too).
 restic runs with `--no-cache` on {plan.restic_mib} MiB of incompressible data in
-files of {plan.file_mib} MiB, as a module (append-only backend), each round into
-a new repository. Small GETs: `wrk -t2 -c16 -d{plan.wrk_seconds}s` on a 1 KiB
+files of {plan.file_mib} MiB, as a module (append-only backend, every uploaded
+object checked against its name), each round into a new repository; "gateway
+as node" runs the same through the gateway with node credentials (the full
+backend, no check of uploaded objects). Small GETs: `wrk -t2 -c16 -d{plan.wrk_seconds}s` on a 1 KiB
 object through the Restic REST API with node credentials; "bare proxy" is
 `bench/bare_proxy.py`, the gateway's own proxy hop (uvloop, aiohttp's server,
 the same streaming code and upstream client) with none of its checks, access
@@ -545,6 +551,8 @@ def main() -> int:
             services.append(proxy)
             targets.append(Target(HAPROXY, haproxy_port, haproxy_port, f"/{DEST}", True))
         # Small GETs only: the gateway's hop without its checks, on the gateway's own socket.
+        restic_targets = [*targets, Target(GATEWAY_NODE, gateway.port, gateway.port,
+                                           f"/{DEST}", True, restic_user=NODE)]
         get_targets = list(targets)
         proxy_pids = {GATEWAY: gateway.pid}
         if "get" in only:
@@ -553,7 +561,7 @@ def main() -> int:
             services.append(bare_proxy(sockets[-1], bare_port, workdir))
             proxy_pids[BARE] = services[-1].pid
             get_targets.append(Target(BARE, bare_port, bare_port, f"/{DEST}", False))
-        names = [t.name for t in get_targets]
+        names = [t.name for t in get_targets] + [GATEWAY_NODE]
         say(f"bench: {', '.join(names)}; {plan.rounds} rounds; work dir {workdir}")
         if args.hold:
             hold(targets, gateway)
@@ -576,9 +584,10 @@ def main() -> int:
             order = targets if round_no % 2 == 0 else targets[::-1]
             say(f"round {round_no + 1}/{plan.rounds}: {' -> '.join(t.name for t in order)}")
             if "restic" in only:
-                for target in order:
+                restic_order = restic_targets if round_no % 2 == 0 else restic_targets[::-1]
+                for target in restic_order:
                     restic_cycle(target, data, storage, scratch, results,
-                                 gateway.pid if target.name == GATEWAY else None)
+                                 gateway.pid if target.port == gateway.port else None)
             if "get" in only:
                 get_order = get_targets if round_no % 2 == 0 else get_targets[::-1]
                 for target in get_order:

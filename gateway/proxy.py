@@ -86,11 +86,10 @@ StatusHook = Callable[[int], Awaitable[web.StreamResponse | None]]
 async def request_body(request: web.BaseRequest, transfer: Transfer) -> AsyncIterator[bytes]:
     content = request.content
     while True:
-        # One received piece at a time: readany() would join all that is buffered (a copy).
-        chunk, chunk_end = await content.readchunk()
+        # All that is buffered, joined: fewer, larger writes to the backend cost less CPU
+        # per byte than handing on each received piece (measured on 1 GiB PUTs).
+        chunk = await content.readany()
         if not chunk:
-            if chunk_end:
-                continue  # the end of a chunk of a chunked body
             return
         transfer.bytes_in += len(chunk)
         yield chunk

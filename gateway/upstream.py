@@ -22,6 +22,7 @@ MAX_HEAD = 64 * 1024
 # Read from the backend ahead of the client: enough to keep a transfer flowing.
 READ_HIGH_WATER = 1024 * 1024
 NO_BODY_STATUSES = frozenset({204, 304})
+RETRYABLE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PROPFIND", "DELETE"})
 # A first body chunk up to this size goes out in one write with the request head.
 COALESCE = 64 * 1024
 
@@ -388,9 +389,10 @@ class UpstreamPool:
                         await sender
                     if not sender.cancelled() and isinstance(sender.exception(), BodyFailed):
                         raise sender.exception() from None  # type: ignore[misc]
-                # A kept-alive connection the backend closed meanwhile: once more, fresh.
+                # A kept-alive connection the backend closed meanwhile: an idempotent
+                # request without a body goes once more, on a fresh connection.
                 if (attempt == 1 and reused and body is None and isinstance(exc, Broken)
-                        and not connection.chunks):
+                        and not connection.chunks and method in RETRYABLE_METHODS):
                     continue
                 raise
             except BaseException:
