@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -65,6 +66,7 @@ def parse_network(value: str | None) -> tuple[IPNetwork, ...]:
 LOCAL_ADDRESSES = frozenset({ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")})
 
 
+@functools.lru_cache(maxsize=4096)  # parsed on every request: clients come back
 def source_ip(address: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     """A peer address as an IP, IPv4-mapped IPv6 unwrapped; None when it is not one."""
     if not address:

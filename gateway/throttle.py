@@ -44,6 +44,9 @@ class Verdict:
 _Key = int
 
 
+ALLOWED = Verdict(True)
+
+
 def _key(*parts: str) -> _Key:
     return hash(parts)
 
@@ -93,8 +96,10 @@ class LoginThrottle:
 
     def check(self, source: str, user: str, now: float) -> Verdict:
         """Whether the password of `user` from `source` may be checked at all."""
-        limits = self.limits
         pairs, sources = self._pairs, self._sources
+        if not len(pairs):
+            return ALLOWED  # no failed login on record anywhere
+        limits = self.limits
         # a score stands for its nearest whole number of failures
         refuse_at, hot_at, hot_refuse_at = (
             limits.refuse_at - 0.5, limits.hot_at - 0.5, limits.hot_refuse_at - 0.5)
@@ -103,7 +108,7 @@ class LoginThrottle:
         hot = source_score >= hot_at
         limit = hot_refuse_at if hot else refuse_at
         if score < limit:
-            return Verdict(True)
+            return ALLOWED
         wait = pairs.seconds_until_below(score, limit)
         if hot:  # or until the source cools down, if that comes first
             wait = min(wait, max(sources.seconds_until_below(source_score, hot_at),

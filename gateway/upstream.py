@@ -514,10 +514,10 @@ def _parse_head(raw: bytes) -> tuple[int, str, CIMultiDict[str], str]:
     code, _, reason = rest.partition(" ")
     if version not in ("HTTP/1.1", "HTTP/1.0") or len(code) != 3 or not code.isdigit():
         raise Broken("malformed status line from backend")
-    headers: CIMultiDict[str] = CIMultiDict()
+    fields = []
     for line in lines[1:]:
         name, colon, value = line.partition(":")
         if not colon or not name or name != name.strip():
             raise Broken("malformed header field from backend")
-        headers.add(name, value.strip())
-    return int(code), reason, headers, version
+        fields.append((name, value.strip()))
+    return int(code), reason, CIMultiDict(fields), version
