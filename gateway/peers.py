@@ -36,7 +36,7 @@ from gateway.proxy import (
     request_headers,
 )
 from gateway.tasks import cancel_and_wait
-from gateway.upstream import ConnectFailed, UpstreamPool
+from gateway.upstream import BodyFailed, ConnectFailed, UpstreamPool
 
 log = logging.getLogger("rclone_gateway.peers")
 
@@ -352,6 +352,9 @@ class PeerGateways:
                     headers=headers.copy(),
                     idle_timeout=PEER_IDLE_TIMEOUT, refuse_statuses=PEER_CANNOT_SERVE,
                 )
+            except BodyFailed:
+                response = web.Response(status=499, reason="Client Closed Request")
+                return PeerAnswer(response, peer.name, "client went away", refused=True)
             except UpstreamError as exc:
                 reason = self._note_failure(peer, dest.uuid, exc)
                 failures.append(f"{peer.name}: {reason}")

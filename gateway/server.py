@@ -145,6 +145,9 @@ class Gateway:
         try:
             response = await self._handle(request, outcome)
             return response
+        except asyncio.CancelledError:  # aiohttp cancels the handler of a client that left
+            outcome.reason = "cut: gateway stopping" if self.stopping else "client went away"
+            raise
         finally:
             self.inflight -= 1
             status = response.status if response is not None else 499

@@ -49,7 +49,6 @@ class DigestMismatch(Exception):
 @dataclass
 class UploadCheck:
     expected: str
-    mismatch: bool = False
 
     def matches_empty_body(self) -> bool:
         return hmac.compare_digest(self.expected, EMPTY_SHA256)
@@ -69,7 +68,7 @@ class UploadCheck:
         held: bytes | None = None
         async for chunk in chunks:
             # A large chunk is hashed in a thread (hashlib lets go of the GIL) while the
-            # previous one goes to the backend: the hash costs the upload no time of its own.
+            # previous one goes to the backend: the event loop serves others meanwhile.
             hashing = (loop.run_in_executor(None, digest.update, chunk)
                        if len(chunk) >= THREAD_HASH_MIN else None)
             if hashing is None:
@@ -85,7 +84,6 @@ class UploadCheck:
                 await hashing
             held = chunk
         if not hmac.compare_digest(digest.hexdigest(), self.expected):
-            self.mismatch = True
             raise DigestMismatch(self.expected)
         if held is not None:
             yield held

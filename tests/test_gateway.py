@@ -488,6 +488,9 @@ def test_aborted_upload_leaves_no_partial_object(env: Env) -> None:
     status, _, _ = env.request("HEAD", f"/{DEST}/traefik/{module_uuid}/data/{object_id}",
                                NODE, rest=True)
     assert status == 404
+    logged = [json.loads(line) for line in env.gateway.log_text().splitlines()
+              if line.startswith("{") and f"/data/{object_id}" in line and '"POST"' in line]
+    assert [(e["status"], e["reason"]) for e in logged] == [(499, "client went away")]
 
 
 def test_bad_credentials_encodings_get_401_not_500(env: Env) -> None:

@@ -10,6 +10,7 @@ namespace makes that storage unreachable from that node only.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import http.client
 import json
 import os
@@ -276,6 +277,33 @@ def test_backup_to_a_destination_hosted_by_another_node(mesh: Mesh, tmp_path: Pa
     # node 2 saw the module itself, coming from node 1's VPN address
     seen = [e for e in mesh.access(2) if e["user"] == TRAEFIK[0] and e["method"] == "POST"]
     assert seen and all(e["source"] == mesh.vpn(1) for e in seen)
+
+
+def test_an_upload_cut_short_through_a_peer_leaves_nothing(mesh: Mesh) -> None:
+    mesh.request(1, "POST", f"/{HOSTED_BY_2}/traefik/{TRAEFIK_UUID}/?create=true", TRAEFIK,
+                 rest=True)  # the repository may exist already: any answer will do
+    content = os.urandom(4 * 1024 * 1024)
+    object_id = hashlib.sha256(content).hexdigest()
+    path = f"/{HOSTED_BY_2}/traefik/{TRAEFIK_UUID}/data/{object_id}"
+    head = (f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: {basic(*TRAEFIK)}\r\n"
+            f"Accept: application/vnd.x.restic.rest.v2\r\n"
+            f"Content-Length: {len(content)}\r\n\r\n").encode()
+    with inside(mesh.ns(1)):
+        sock = socket.create_connection(("127.0.0.1", PORT))
+    with sock:
+        sock.sendall(head + content[: len(content) // 2])
+        time.sleep(0.5)
+
+    def cut() -> list[dict]:
+        return [e for e in mesh.access(1) if e["path"] == path]
+
+    wait_for(lambda: bool(cut()), 10, lambda: f"node 1 to log the cut upload: {cut()}")
+    assert (cut()[0]["status"], cut()[0]["reason"]) == (499, "client went away")
+    stored = mesh.gateways[2].local_repo / "traefik" / TRAEFIK_UUID / "data"
+    wait_for(lambda: not list(stored.rglob(object_id + "*")), 5,
+             lambda: f"node 2 to drop the partial object: {list(stored.rglob(object_id + '*'))}")
+    status, _, _ = mesh.request(1, "HEAD", path, TRAEFIK, rest=True)
+    assert status == 404
 
 
 def test_unreachable_remote_is_served_through_the_leader(mesh: Mesh, tmp_path: Path) -> None:
