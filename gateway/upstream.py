@@ -1,9 +1,9 @@
 """The data path's HTTP/1.1 client: keep-alive connections to a backend, bodies streamed.
 
 Every proxied request and its answer go through here; aiohttp's client stays for the
-gateway's own small requests (existence checks, probes). A generic client costs more
-CPU per request than the whole rest of the gateway: this one does only what a proxy to
-a known backend needs. One request at a time per connection, idle connections reused
+gateway's own small requests (existence checks, probes). aiohttp's general client took
+about a third of the gateway's CPU per proxied request: this one does only what a proxy
+to a known backend needs. One request at a time per connection, idle connections reused
 last-in first-out, the request body sent while the answer is awaited (a backend may
 answer before reading it all), backpressure both ways, an idle timeout on every wait.
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -25,6 +26,7 @@ NO_BODY_STATUSES = frozenset({204, 304})
 RETRYABLE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PROPFIND", "DELETE"})
 # A first body chunk up to this size goes out in one write with the request head.
 COALESCE = 64 * 1024
+_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n]*)?\r\n\Z")
 
 Connector = Callable[[Callable[[], asyncio.Protocol]], Awaitable[tuple[Any, Any]]]
 
@@ -233,12 +235,10 @@ class Response:
         timeout = self._timeout
         while True:
             line = await connection.read_until(b"\r\n", 1024, timeout)
-            try:
-                size = int(line.split(b";", 1)[0].strip(), 16)
-            except ValueError:
-                raise Broken("malformed chunk in backend answer") from None
-            if size < 0:
+            match = _CHUNK_SIZE.match(line)
+            if match is None:  # int(x, 16) alone would take "0x1a", "+1a" or "1_a"
                 raise Broken("malformed chunk in backend answer")
+            size = int(match.group(1), 16)
             if size == 0:
                 while await connection.read_until(b"\r\n", MAX_HEAD, timeout) != b"\r\n":
                     pass  # trailer fields: not passed on

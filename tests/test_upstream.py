@@ -237,6 +237,9 @@ def test_silence_and_nonsense_are_errors(tmp_path: Path) -> None:
             writer.write(b"SPDY/9 200 OK\r\n\r\n")
         elif b"/bare-lf" in head:
             writer.write(b"HTTP/1.1 200 OK\r\nX-A: 1\nSet-Cookie: injected\r\n\r\n")
+        elif b"/hex-prefix" in head:
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                         b"0x2\r\nab\r\n0\r\n\r\n")
         elif b"/cut" in head:
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort")
         await writer.drain()
@@ -248,6 +251,8 @@ def test_silence_and_nonsense_are_errors(tmp_path: Path) -> None:
             await body_of(pool, target="/garbage")
         with pytest.raises(Broken):
             await body_of(pool, target="/bare-lf")
+        with pytest.raises(Broken):
+            await body_of(pool, target="/hex-prefix")
         with pytest.raises(Broken):
             await body_of(pool, target="/cut")
 
