@@ -43,7 +43,7 @@ def access_level(status: int, decision: str) -> int:
     return logging.INFO
 
 
-_JSON = json.JSONEncoder(ensure_ascii=False)  # json.dumps(ensure_ascii=False) makes one a call
+_JSON = json.JSONEncoder(ensure_ascii=False)  # json.dumps(ensure_ascii=False) builds one per call
 _second_cache: tuple[int, str] = (-1, "")
 
 
@@ -64,8 +64,8 @@ def access_line(fields: dict[str, Any], now: float) -> str:
 class AccessLog:
     """Access lines written straight to the access logger's stream, one write per loop turn.
 
-    Going through `Logger.log` for every request cost more CPU than all of the gateway's
-    checks of it, and each line was a write of its own. Here the lines of the requests
+    Going through `Logger.log` for every request cost about as much CPU as all of the
+    gateway's checks of it, and each line was a write of its own. Here the lines of the requests
     that finished in one turn of the event loop go out together at the end of that turn.
     The logger's level still decides which lines are written.
     """
