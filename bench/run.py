@@ -550,18 +550,18 @@ def main() -> int:
         if proxy is not None:
             services.append(proxy)
             targets.append(Target(HAPROXY, haproxy_port, haproxy_port, f"/{DEST}", True))
-        # Small GETs only: the gateway's hop without its checks, on the gateway's own socket.
         restic_targets = [*targets, Target(GATEWAY_NODE, gateway.port, gateway.port,
                                            f"/{DEST}", True, restic_user=NODE)]
         get_targets = list(targets)
         proxy_pids = {GATEWAY: gateway.pid}
         if "get" in only:
+            # Small GETs only: the gateway's hop without its checks, on its own restic socket.
             sockets = sorted(gateway.runtime_dir.glob("*/restic.sock"))
             bare_port = free_port()
             services.append(bare_proxy(sockets[-1], bare_port, workdir))
             proxy_pids[BARE] = services[-1].pid
             get_targets.append(Target(BARE, bare_port, bare_port, f"/{DEST}", False))
-        names = [t.name for t in get_targets] + [GATEWAY_NODE]
+        names = [t.name for t in get_targets] + ([GATEWAY_NODE] if "restic" in only else [])
         say(f"bench: {', '.join(names)}; {plan.rounds} rounds; work dir {workdir}")
         if args.hold:
             hold(targets, gateway)
