@@ -90,6 +90,8 @@ class Settings:
 class Outcome:
     """What the access log says about one request."""
 
+    # Read when the request starts: a connection the client cut has no address by the end.
+    source: str | None = None
     user: str = "-"
     caller: str = "anonymous"  # caller group once authenticated: node or module
     protocol: str = "-"
@@ -164,7 +166,7 @@ class Gateway:
     async def _handle(self, request: web.BaseRequest, outcome: Outcome) -> web.StreamResponse:
         state = self.source.state or ClusterState()
         peer = request.transport.get_extra_info("peername") if request.transport else None
-        source = peer[0] if peer else None
+        source = outcome.source = peer[0] if peer else None
         if not is_trusted_source(source, state.networks):
             outcome.reason = "source address not allowed"
             return plain(403, "source address not allowed")
@@ -434,12 +436,11 @@ class Gateway:
         level = access_level(status, outcome.decision)
         if not self.access_log.enabled(level):
             return
-        peer = request.transport.get_extra_info("peername") if request.transport else None
         self.access_log.write(
             level,
             access_line(
                 {
-                    "source": peer[0] if peer else None,
+                    "source": outcome.source,
                     "user": outcome.user,
                     "method": request.method,
                     "path": outcome.path,

@@ -490,7 +490,8 @@ def test_aborted_upload_leaves_no_partial_object(env: Env) -> None:
     assert status == 404
     logged = [json.loads(line) for line in env.gateway.log_text().splitlines()
               if line.startswith("{") and f"/data/{object_id}" in line and '"POST"' in line]
-    assert [(e["status"], e["reason"]) for e in logged] == [(499, "client went away")]
+    assert [(e["status"], e["reason"], e["source"]) for e in logged] == [
+        (499, "client went away", "127.0.0.1")]
 
 
 def test_bad_credentials_encodings_get_401_not_500(env: Env) -> None:
