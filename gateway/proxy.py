@@ -9,7 +9,13 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.paths import Target
-from gateway.upstream import ConnectFailed, Timeout, UpstreamFailure, UpstreamPool
+from gateway.upstream import (
+    ConnectFailed,
+    Timeout,
+    UpstreamFailure,
+    UpstreamPool,
+    header_tokens,
+)
 
 CHUNK = 256 * 1024
 BACKEND_IDLE_TIMEOUT = 30.0
@@ -61,8 +67,7 @@ class Transfer:
 
 
 def _connection_tokens(headers: CIMultiDict[str] | object) -> set[str]:
-    values = headers.getall("Connection", [])  # type: ignore[attr-defined]
-    return {t.strip().lower() for v in values for t in v.split(",") if t.strip()}
+    return set(header_tokens(headers.getall("Connection", [])))  # type: ignore[attr-defined]
 
 
 def request_headers(incoming: CIMultiDict[str]) -> CIMultiDict[str]:

@@ -173,15 +173,14 @@ class _Connection(asyncio.Protocol):
             await self._more(timeout)
         return self._take(limit)
 
-    async def read_exactly(self, size: int, timeout: float) -> bytes:
-        parts = []
+    async def read_sized(self, size: int, limit: int, timeout: float) -> AsyncIterator[bytes]:
+        """Exactly `size` bytes, in pieces of up to `limit` as they come."""
         while size:
-            chunk = await self.read_some(size, timeout)
+            chunk = await self.read_some(min(size, limit), timeout)
             if not chunk:
                 raise Broken("backend closed the connection mid-answer")
-            parts.append(chunk)
             size -= len(chunk)
-        return b"".join(parts)
+            yield chunk
 
     def abort(self) -> None:
         self.closed = True
@@ -206,7 +205,7 @@ class Response:
         self.reason = reason
         self.headers = CIMultiDictProxy(headers)
         self._framing = framing  # "none", "length", "chunked" or "close"
-        self._remaining = length
+        self._length = length
         self._keep_alive = keep_alive
         self._timeout = timeout
         self._sender = sender
@@ -217,11 +216,7 @@ class Response:
             return
         timeout = self._timeout
         if self._framing == "length":
-            while self._remaining:
-                chunk = await connection.read_some(min(self._remaining, chunk_size), timeout)
-                if not chunk:
-                    raise Broken("backend closed the connection mid-answer")
-                self._remaining -= len(chunk)
+            async for chunk in connection.read_sized(self._length, chunk_size, timeout):
                 yield chunk
         elif self._framing == "chunked":
             async for chunk in self._chunked(connection, chunk_size):
@@ -243,13 +238,10 @@ class Response:
                 while await connection.read_until(b"\r\n", MAX_HEAD, timeout) != b"\r\n":
                     pass  # trailer fields: not passed on
                 return
-            while size:
-                chunk = await connection.read_some(min(size, chunk_size), timeout)
-                if not chunk:
-                    raise Broken("backend closed the connection mid-answer")
-                size -= len(chunk)
+            async for chunk in connection.read_sized(size, chunk_size, timeout):
                 yield chunk
-            if await connection.read_exactly(2, timeout) != b"\r\n":
+            crlf = b"".join([c async for c in connection.read_sized(2, 2, timeout)])
+            if crlf != b"\r\n":
                 raise Broken("malformed chunk in backend answer")
 
     async def release(self) -> None:
@@ -378,15 +370,14 @@ class UpstreamPool:
                     sender = asyncio.create_task(
                         _send_body(connection, head, body, content_length, timeout))
                 return await self._read_head(connection, method, timeout, sender)
-            except BodyFailed:
-                self._discard(connection)
-                raise
             except UpstreamFailure as exc:
                 self._discard(connection)
                 if sender is not None:
                     sender.cancel()
                     with contextlib.suppress(BaseException):
                         await sender
+                    # The body's failure is what broke the exchange: say that, not the
+                    # broken connection.
                     if not sender.cancelled() and isinstance(sender.exception(), BodyFailed):
                         raise sender.exception() from None  # type: ignore[misc]
                 # A kept-alive connection the backend closed meanwhile: an idempotent
@@ -405,14 +396,14 @@ class UpstreamPool:
     async def _read_head(self, connection: _Connection, method: str, timeout: float,
                          sender: asyncio.Task[None] | None) -> Response:
         while True:
-            raw = await _head_or_body_failure(connection, timeout, sender)
+            raw = await connection.read_until(b"\r\n\r\n", MAX_HEAD, timeout)
             status, reason, headers, version = _parse_head(raw)
             if status >= 200:
                 break
             if status == 101:
                 raise Broken("backend switched protocols")
         keep_alive = version == "HTTP/1.1"
-        for token in _tokens(headers.getall("Connection", [])):
+        for token in header_tokens(headers.getall("Connection", [])):
             if token == "close":
                 keep_alive = False
             elif token == "keep-alive" and version == "HTTP/1.0":
@@ -421,7 +412,7 @@ class UpstreamPool:
         if method == "HEAD" or status in NO_BODY_STATUSES:
             framing = "none"
         elif "Transfer-Encoding" in headers:
-            codings = _tokens(headers.getall("Transfer-Encoding"))
+            codings = header_tokens(headers.getall("Transfer-Encoding"))
             if codings[-1:] != ["chunked"]:
                 framing, keep_alive = "close", False
             else:
@@ -436,19 +427,6 @@ class UpstreamPool:
             framing, keep_alive = "close", False
         return Response(self, connection, status, reason, headers, framing, length,
                         keep_alive, timeout, sender)
-
-
-async def _head_or_body_failure(connection: _Connection, timeout: float,
-                                sender: asyncio.Task[None] | None) -> bytes:
-    try:
-        return await connection.read_until(b"\r\n\r\n", MAX_HEAD, timeout)
-    except UpstreamFailure:
-        # The body's failure is what broke the exchange: say that, not the broken connection.
-        if sender is not None and sender.done() and not sender.cancelled():
-            failure = sender.exception()
-            if isinstance(failure, BodyFailed):
-                raise failure from None
-        raise
 
 
 async def _send_body(connection: _Connection, head: bytes, body: AsyncIterator[bytes],
@@ -488,7 +466,8 @@ async def _send_body(connection: _Connection, head: bytes, body: AsyncIterator[b
         await connection.write(tail, timeout)
 
 
-def _tokens(values: list[str]) -> list[str]:
+def header_tokens(values: list[str]) -> list[str]:
+    """The comma-separated tokens of a header's values, lower-cased."""
     return [t.strip().lower() for v in values for t in v.split(",") if t.strip()]
 
 
