@@ -148,7 +148,7 @@ class Gateway:
             response = await self._handle(request, outcome)
             return response
         except asyncio.CancelledError:  # aiohttp cancels the handler of a client that left
-            outcome.reason = "cut: gateway stopping" if self.stopping else "client went away"
+            outcome.reason = self._cut_reason()
             raise
         finally:
             self.inflight -= 1
@@ -255,7 +255,7 @@ class Gateway:
                     if not await wait_until_absent(session, target):
                         outcome.reason += await discard_partial_upload(generation, target)
                     return plain(400, "body does not match the object name (sha256)")
-                outcome.reason = "cut: gateway stopping" if self.stopping else "client went away"
+                outcome.reason = self._cut_reason()
                 return web.Response(status=499, reason="Client Closed Request")
             except UpstreamError as exc:
                 outcome.reason = exc.reason
@@ -313,6 +313,10 @@ class Gateway:
         if user.startswith("node/"):
             return node_caller(user)
         return module_caller(user, state.module_uuids, state.restore_grants)
+
+    def _cut_reason(self) -> str:
+        """Why a request ended before its answer: its client left, or this gateway stops."""
+        return "cut: gateway stopping" if self.stopping else "client went away"
 
     @staticmethod
     def _record(outcome: Outcome, decision: Decision) -> None:

@@ -74,12 +74,7 @@ class UploadCheck:
             if hashing is None:
                 digest.update(chunk)
             if held is not None:
-                try:
-                    yield held
-                except BaseException:
-                    if hashing is not None:
-                        await asyncio.wait([hashing])
-                    raise
+                yield held
             if hashing is not None:
                 await hashing
             held = chunk
