@@ -3,14 +3,16 @@ from __future__ import annotations
 import asyncio
 from typing import cast
 
-from aiohttp import web
+from aiohttp import StreamReader, web
 from aiohttp.web_protocol import RequestHandler
 
 # Read-only peeks into aiohttp's RequestHandler, checked when a factory is built:
 #   _request_count: bumped by the parser once per complete request head (line + headers);
 #   _waiter: a pending future exactly while start() waits for the next request head
-#            (the state aiohttp's own keep-alive timer treats as "idle").
-_HANDLER_INTERNALS = ("_request_count", "_waiter")
+#            (the state aiohttp's own keep-alive timer treats as "idle");
+#   _messages: (message, payload) pairs parsed and not yet handled; data_received appends
+#              the request whose head it completed.
+_HANDLER_INTERNALS = ("_request_count", "_waiter", "_messages")
 
 # Rejected connections keep reading (and discarding) for this long after the 503
 # and a FIN, so that an unread request in the socket buffer does not turn our close
@@ -146,7 +148,7 @@ class _GuardedConnection(asyncio.Protocol):
     """
 
     __slots__ = ("_factory", "_handler", "_head_bytes", "_head_bytes_count", "_idle_count",
-                 "_timer", "_transport")
+                 "_payload", "_timer", "_transport")
 
     def __init__(self, factory: GuardedProtocolFactory) -> None:
         self._factory = factory
@@ -159,6 +161,8 @@ class _GuardedConnection(asyncio.Protocol):
         self._head_bytes_count = -1
         # Bytes of a request head that has not completed yet.
         self._head_bytes = 0
+        # Body of the last request whose head completed (aiohttp's StreamReader).
+        self._payload: StreamReader | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         factory = self._factory
@@ -181,10 +185,18 @@ class _GuardedConnection(asyncio.Protocol):
         handler = self._handler
         waiter = handler._waiter
         count = handler._request_count
-        in_head = (waiter is not None and not waiter.done()) or not count
+        # Bytes start the next request head when aiohttp waits for one, or when the body of
+        # the last request is all in: a client may send its next head as soon as it has the
+        # answer, before aiohttp's loop is back to waiting (on a loaded machine it often is).
+        payload = self._payload
+        in_head = ((waiter is not None and not waiter.done()) or not count
+                   or (payload is not None and payload.is_eof()))
         if in_head:
             self._head_bytes_count = count
         handler.data_received(data)
+        if handler._request_count != count:
+            messages = handler._messages
+            self._payload = messages[-1][1] if messages else None
         if in_head and handler._request_count == count:
             self._head_bytes += len(data)
             if (self._head_bytes > self._factory._max_head_bytes
