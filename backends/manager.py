@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,9 @@ from gateway.upstream import UpstreamPool
 log = logging.getLogger("rclone_gateway.backends")
 
 CONNECT_TIMEOUT = 5.0
+# How long a replaced child keeps serving the requests it had: the backend idle timeout
+# (after which they are answered 504) and a margin.
+CHILD_DRAIN_GRACE = 35.0
 # Bytes of a response body read ahead from a backend, as for request bodies in the server.
 READ_BUFSIZE = 512 * 1024
 
@@ -40,10 +44,22 @@ def rclone_argv(rclone: str, backend: Backend, conf: Path, socket: Path, root: s
         "--ask-password=false",
     ]
     if backend is Backend.WEBDAV:
-        # Without this a repository created through REST stays invisible over WebDAV for minutes.
-        return [rclone, "serve", "webdav", root, *common, "--dir-cache-time", "0s"]
+        # The default (5 minutes) keeps a repository created through REST invisible over
+        # WebDAV for minutes. Not 0s: with 0 the child falls into a busy loop after an
+        # ordinary mix of node WebDAV operations; 1ms is as fresh without the loop.
+        return [rclone, "serve", "webdav", root, *common, "--dir-cache-time", "1ms"]
     extra = ["--append-only"] if backend is Backend.RESTIC_APPEND_ONLY else []
     return [rclone, "serve", "restic", root, *common, "--cache-objects=false", *extra]
+
+
+@dataclass(frozen=True, slots=True)
+class Replacement:
+    """Why and when a child that still ran was replaced."""
+
+    reason: str
+    at: float  # wall clock
+    old_pid: int | None
+    new_pid: int | None
 
 
 @dataclass
@@ -111,16 +127,23 @@ class Generation:
 
 
 class BackendManager:
-    def __init__(self, runtime_dir: Path, rclone: str, *, drain_grace: float = 600.0) -> None:
+    def __init__(self, runtime_dir: Path, rclone: str, *, drain_grace: float = 600.0,
+                 child_drain_grace: float = CHILD_DRAIN_GRACE) -> None:
         self.runtime_dir = runtime_dir
         self.rclone = rclone
         self.drain_grace = drain_grace
+        self.child_drain_grace = child_drain_grace
         self.current: Generation | None = None
         self.retiring: list[Generation] = []
+        self.retiring_children: list[RcloneChild] = []
         self._counter = 0
+        self._child_counter = 0
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         self.reloads = 0
+        # Children replaced while they still ran, per backend, since start.
+        self.replacements: dict[Backend, int] = dict.fromkeys(Backend, 0)
+        self.last_replacement: dict[Backend, Replacement] = {}
         self.empty_root = str(runtime_dir / "empty")
         os.makedirs(self.empty_root, mode=0o700, exist_ok=True)
 
@@ -155,13 +178,7 @@ class BackendManager:
         with os.fdopen(fd, "w") as f:
             f.write(config.text)
         children = {
-            backend: RcloneChild(
-                f"{backend.value}@gen{self._counter}",
-                rclone_argv(self.rclone, backend, conf, directory / f"{backend.value}.sock",
-                            config.tree_root),
-                directory / f"{backend.value}.sock",
-                self.child_env(),
-            )
+            backend: self._child(backend, directory, config, f"gen{self._counter}")
             for backend in Backend
         }
         try:
@@ -173,6 +190,67 @@ class BackendManager:
         generation = Generation(self._counter, directory, config, children)
         generation.idle.set()
         return generation
+
+    def _child(self, backend: Backend, directory: Path, config: RenderedConfig,
+               label: str) -> RcloneChild:
+        suffix = label.partition(".")[2]
+        socket = directory / (f"{backend.value}-{suffix}.sock" if suffix else
+                              f"{backend.value}.sock")
+        argv = rclone_argv(self.rclone, backend, directory / "rclone.conf", socket,
+                           config.tree_root)
+        return RcloneChild(f"{backend.value}@{label}", argv, socket, self.child_env())
+
+    async def replace_child(self, generation: Generation, backend: Backend, reason: str) -> bool:
+        """Starts a new child for `backend` of `generation` and moves new requests to it.
+
+        The old one keeps the requests it has until they finish or time out, then it is
+        stopped, SIGKILL after a short grace: a child that does not answer may not
+        answer SIGTERM either. False when the new child did not start (the old one stays).
+        """
+        async with self._lock:
+            if generation.stopping or generation is not self.current:
+                return False
+            old = generation.children[backend]
+            self._child_counter += 1
+            new = self._child(backend, generation.directory, generation.config,
+                              f"gen{generation.number}.r{self._child_counter}")
+            try:
+                await new.start()
+            except (RuntimeError, OSError):
+                log.error("backend %s could not be replaced: its replacement did not start",
+                          old.name)
+                return False
+            new.restarts = old.restarts
+            generation.children[backend] = new
+            pool = generation.pools.pop(backend, None)
+            session = generation.sessions.pop(backend, None)
+            self.replacements[backend] += 1
+            self.last_replacement[backend] = Replacement(reason, time.time(), old.pid, new.pid)
+            log.warning("backend %s (pid %s) replaced by %s (pid %s): %s",
+                        old.name, old.pid, new.name, new.pid, reason)
+            self.retiring_children.append(old)
+        task = asyncio.create_task(self._retire_child(old, pool, session),
+                                   name=f"retire-{old.name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return True
+
+    async def _retire_child(self, child: RcloneChild, pool: UpstreamPool | None,
+                            session: aiohttp.ClientSession | None) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.child_drain_grace
+        try:
+            while pool is not None and pool.busy and loop.time() < deadline:
+                await asyncio.sleep(0.1)
+        finally:
+            if pool is not None:
+                await pool.close()
+            if session is not None:
+                await session.close()
+            await child.stop(grace=2.0)
+            with contextlib.suppress(ValueError):
+                self.retiring_children.remove(child)
+            log.info("replaced backend %s stopped", child.name)
 
     async def _retire(self, generation: Generation) -> None:
         try:
@@ -191,4 +269,7 @@ class BackendManager:
         await cancel_and_wait(*self._tasks)
         generations = [*self.retiring, *([self.current] if self.current else [])]
         self.current = None
-        await asyncio.gather(*(g.stop() for g in generations), return_exceptions=True)
+        await asyncio.gather(*(g.stop() for g in generations),
+                             *(c.stop(grace=2.0) for c in self.retiring_children),
+                             return_exceptions=True)
+        self.retiring_children.clear()

@@ -41,21 +41,23 @@ def stop_with_parent() -> None:
 
 
 async def http_ready(socket_path: Path, timeout: float = 2.0) -> bool:
-    """True when an HTTP server answers on the unix socket."""
+    """True when an HTTP server answers on the unix socket within `timeout` seconds.
+
+    `OPTIONS /` costs rclone no storage access, so a miss says the process itself does
+    not answer (gone, stopped, busy looping, deadlocked), not that its storage is slow.
+    """
+    writer: asyncio.StreamWriter | None = None
     try:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_unix_connection(str(socket_path)), timeout
-        )
-    except (OSError, TimeoutError):
-        return False
-    try:
-        writer.write(b"OPTIONS / HTTP/1.1\r\nHost: backend\r\nConnection: close\r\n\r\n")
-        line = await asyncio.wait_for(reader.readline(), timeout)
-        return line.startswith(b"HTTP/1.")
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_unix_connection(str(socket_path))
+            writer.write(b"OPTIONS / HTTP/1.1\r\nHost: backend\r\nConnection: close\r\n\r\n")
+            line = await reader.readline()
+            return line.startswith(b"HTTP/1.")
     except (OSError, TimeoutError):
         return False
     finally:
-        writer.close()
+        if writer is not None:
+            writer.close()
 
 
 _SO_ACCEPTCON = 0x10000  # /proc/net/unix flag of a listening socket
@@ -154,6 +156,8 @@ class RcloneChild:
         self.state = "stopped"
         self.restarts = 0
         self.last_exit: int | None = None
+        # Liveness checks in a row this child did not answer (see backends.liveness).
+        self.missed_checks = 0
         self._stopping = False
         self._supervisor: asyncio.Task[None] | None = None
         self.log_path = socket_path.with_suffix(".log")
@@ -200,6 +204,7 @@ class RcloneChild:
                 break
             if self.socket_path.exists() and await http_ready(self.socket_path):
                 self.state = "running"
+                self.missed_checks = 0
                 log.info("backend %s started (pid %d)", self.name, self.proc.pid)
                 return
             await asyncio.sleep(0.05)

@@ -75,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds a probe may take before it counts as failed")
     serve.add_argument("--remote-check-timeout", type=float, default=15.0,
                        help="seconds a remote destination gets to answer its start check")
+    serve.add_argument("--liveness-interval", type=float, default=2.0,
+                       help="seconds between checks that each rclone child still answers")
+    serve.add_argument("--liveness-timeout", type=float, default=5.0,
+                       help="seconds a child has to answer a liveness check")
+    serve.add_argument("--liveness-misses", type=int, default=3,
+                       help="checks missed in a row before a child is replaced")
     serve.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "INFO"))
 
     why = commands.add_parser(
@@ -130,6 +136,7 @@ def run_config_show(args: argparse.Namespace) -> int:
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
     # The server (aiohttp and all) is imported only to serve: the operator commands start faster.
+    from backends.liveness import LivenessSettings
     from gateway.server import Settings, prepare_runtime_dir
 
     node_id = args.node_id or os.environ.get("NODE_ID")
@@ -157,6 +164,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         probe_timeout=args.probe_timeout,
         remote_probe_interval=args.remote_probe_interval,
         remote_check_timeout=args.remote_check_timeout,
+        liveness=LivenessSettings(args.liveness_interval, args.liveness_timeout,
+                                  args.liveness_misses),
     )
 
 

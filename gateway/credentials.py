@@ -70,10 +70,18 @@ def parse_basic(header: str | None) -> tuple[str, str] | None:
     return user, password
 
 
+def password_digest(password: str) -> bytes:
+    return hashlib.sha256(password.encode("utf-8")).digest()
+
+
 def verify(users: dict[str, AclUser], user: str, password: str) -> bool:
     """True when `user` may log in with `password` (spec section 4, step 4)."""
+    return verify_digest(users, user, password_digest(password))
+
+
+def verify_digest(users: dict[str, AclUser], user: str, digest: bytes) -> bool:
+    """verify() for a password already hashed with password_digest()."""
     acl = users.get(user)
-    digest = hashlib.sha256(password.encode("utf-8")).digest()
     if acl is None or not acl.enabled or acl.nopass or not acl.password_hashes:
         # Same amount of work as a real comparison so that timing does not tell
         # whether the user exists.

@@ -78,13 +78,26 @@ def live_families(health: Mapping[str, Any]) -> Iterator[GaugeMetricFamily | Cou
         "Restarts of the rclone serve child of the current backend generation.",
         labels=["backend"],
     )
+    replacements = CounterMetricFamily(
+        f"{ns}_backend_replacements",
+        "rclone serve children replaced while they still ran, because they stopped "
+        "answering the gateway's liveness checks.",
+        labels=["backend", "reason"],
+    )
+    answering = GaugeMetricFamily(
+        f"{ns}_backend_answering",
+        "1 when the rclone serve child answered its last liveness check.", labels=["backend"])
     generation = 0
     for name, child in sorted(backends.items()):
         up.add_metric([name], 1.0 if child.get("state") == "running" else 0.0)
         restarts.add_metric([name], float(child.get("restarts", 0)))
+        replacements.add_metric([name, "unresponsive"], float(child.get("replacements", 0)))
+        answering.add_metric([name], 1.0 if child.get("answering", True) else 0.0)
         generation = max(generation, int(child.get("generation", 0)))
     yield up
     yield restarts
+    yield replacements
+    yield answering
     yield _gauge(f"{ns}_config_generation",
                  "Number of the backend generation serving new requests (0: none).",
                  float(generation))

@@ -37,6 +37,7 @@ from gateway.proxy import (
 )
 from gateway.tasks import cancel_and_wait
 from gateway.upstream import BodyFailed, ConnectFailed, UpstreamPool
+from gateway.webdav_headers import References
 
 log = logging.getLogger("rclone_gateway.peers")
 
@@ -133,22 +134,30 @@ class Observation:
 
 @dataclass
 class PeerHealth:
-    """What is known of each peer's ability to serve each destination."""
+    """What is known of each peer's ability to serve each destination.
+
+    A failure counts against a peer only once that peer has been seen serving the
+    destination since this gateway started. Before that, a failed probe may only say that
+    the peer was still starting (every node of a cluster boots at about the same time):
+    such a peer is tried, not refused; the request finds out for itself.
+    """
 
     pairs: dict[tuple[str, str], Observation] = field(default_factory=dict)  # (address, uuid)
     unreachable: dict[str, Observation] = field(default_factory=dict)  # address -> failure
+    served_before: set[tuple[str, str]] = field(default_factory=set)
 
     def record(self, address: str, uuid: str, ok: bool, reason: str, now: float) -> None:
         self.pairs[(address, uuid)] = Observation(ok, reason, now)
         if ok:
             self.unreachable.pop(address, None)
+            self.served_before.add((address, uuid))
 
     def record_unreachable(self, address: str, reason: str, now: float) -> None:
         """The node itself did not answer: none of its destinations is usable."""
         self.unreachable[address] = Observation(False, reason, now)
 
-    def failure(self, address: str, uuid: str) -> str | None:
-        """Why this peer cannot serve `uuid` now; None when it can or nothing is known."""
+    def known_failure(self, address: str, uuid: str) -> str | None:
+        """The last failure seen of this peer for `uuid`, if its last word was a failure."""
         node = self.unreachable.get(address)
         if node is not None:
             return node.reason
@@ -157,11 +166,19 @@ class PeerHealth:
             return pair.reason
         return None
 
+    def failure(self, address: str, uuid: str) -> str | None:
+        """Why this peer is not to be tried for `uuid` now; None when it is to be tried."""
+        if (address, uuid) not in self.served_before:
+            return None
+        return self.known_failure(address, uuid)
+
     def forget_except(self, addresses: Iterable[str], uuids: Iterable[str]) -> None:
         keep_addresses, keep_uuids = set(addresses), set(uuids)
         self.pairs = {k: v for k, v in self.pairs.items()
                       if k[0] in keep_addresses and k[1] in keep_uuids}
         self.unreachable = {k: v for k, v in self.unreachable.items() if k in keep_addresses}
+        self.served_before = {k for k in self.served_before
+                              if k[0] in keep_addresses and k[1] in keep_uuids}
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,7 +204,10 @@ def route(
         if dest.provider == "cluster":
             return Route((), "destination not served here and no other node hosts it")
         return Route((), "destination not served here and no other node is known")
-    usable = tuple(p for p in possible if health.failure(p.address, dest.uuid) is None)
+    # Peers seen failing but never seen serving go last: they may just be starting.
+    usable = tuple(sorted(
+        (p for p in possible if health.failure(p.address, dest.uuid) is None),
+        key=lambda p: health.known_failure(p.address, dest.uuid) is not None))
     if usable:
         return Route(usable)
     reasons = "; ".join(f"{p.name}: {health.failure(p.address, dest.uuid)}" for p in possible)
@@ -317,6 +337,7 @@ class PeerGateways:
         dest: Destination,
         source: str | None,
         transfer: Transfer,
+        references: References | None = None,
     ) -> PeerAnswer:
         """A request for a destination not served here: send it on, or say why not."""
         forwardable = may_forward(
@@ -327,7 +348,7 @@ class PeerGateways:
             return _unavailable(chosen.refusal)
         if request.headers.get("Expect", "").lower() == "100-continue":
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        return await self.forward(request, target, dest, chosen, transfer)
+        return await self.forward(request, target, dest, chosen, transfer, references)
 
     async def forward(
         self,
@@ -336,8 +357,12 @@ class PeerGateways:
         dest: Destination,
         chosen: Route,
         transfer: Transfer,
+        references: References | None = None,
     ) -> PeerAnswer:
-        """Tries the route's peers in order until one answers; 503 when none can."""
+        """Tries the route's peers in order until one answers; 503 when none can.
+
+        The other resources the request names (`references`) are named at each peer's
+        own authority, where that peer checks them again."""
         own_address = self.own_address
         if own_address is None:
             return _unavailable("this node has no VPN address to reach its peers")
@@ -351,6 +376,7 @@ class PeerGateways:
                     request, target, self._pool(peer, own_address), _label_from(peer), transfer,
                     headers=headers.copy(),
                     idle_timeout=PEER_IDLE_TIMEOUT, refuse_statuses=PEER_CANNOT_SERVE,
+                    references=references,
                 )
             except BodyFailed:
                 response = web.Response(status=499, reason="Client Closed Request")
@@ -422,7 +448,7 @@ class PeerGateways:
         for (peer, uuid), (ok, reason) in zip(pairs, results, strict=True):
             if peer.address in unreachable:
                 continue
-            previous = self.health.failure(peer.address, uuid)
+            previous = self.health.known_failure(peer.address, uuid)
             self.health.record(peer.address, uuid, ok, reason, now)
             if ok and previous is not None:
                 log.info("peer %s serves %s again", peer.name, uuid)

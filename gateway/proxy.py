@@ -16,6 +16,7 @@ from gateway.upstream import (
     UpstreamPool,
     header_tokens,
 )
+from gateway.webdav_headers import References, rewrite_references
 
 CHUNK = 256 * 1024
 BACKEND_IDLE_TIMEOUT = 30.0
@@ -112,16 +113,21 @@ async def forward(
     idle_timeout: float = BACKEND_IDLE_TIMEOUT,
     refuse_statuses: Collection[int] = (),
     on_status: StatusHook | None = None,
+    references: References | None = None,
 ) -> web.StreamResponse:
     """Streams `request` to the canonical target on `pool`'s backend and the answer back.
 
     `headers` replaces the filtered client headers; an upstream status in
     `refuse_statuses` raises UpstreamRefused before anything is sent to the client.
     A request body that fails (the client went away, `body_filter` refused it) raises
-    BodyFailed, after the backend's connection was aborted.
+    BodyFailed, after the backend's connection was aborted. The other resources a WebDAV
+    request names (`references`: its Destination, its If header's) are named at `pool`'s
+    own authority.
     """
     if headers is None:
         headers = request_headers(request.headers)
+    if references is not None:
+        rewrite_references(headers, references, pool.host)
     data: AsyncIterator[bytes] | None = None
     if request.body_exists:
         data = request_body(request, transfer)

@@ -5,13 +5,17 @@ while its backend here runs fine: requests for it would hang in rclone until
 they time out. Each remote destination served here is probed through the local
 WebDAV backend with a listing of its root (`PROPFIND /<uuid>/`, Depth 1; a
 Depth 0 answer can come from what rclone already knows of the tree, without
-reaching the remote), and failures seen on real requests count at once. While
-a destination is unreachable, requests for it go to a peer (gateway.peers).
+reaching the remote). A failure seen on a real request (a 5xx answer, a
+timeout) marks nothing by itself: rclone answers 500 to some requests that have
+nothing to do with the storage (a REST `HEAD` of a directory), so it only brings
+the next probe forward, and the probe decides. While a destination is
+unreachable, requests for it go to a peer (gateway.peers).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Collection
@@ -23,6 +27,7 @@ from gateway.tasks import cancel_and_wait
 
 log = logging.getLogger("rclone_gateway.reachability")
 
+MIN_PROBE_SPACING = 1.0  # seconds
 NO_VERDICT = -1  # the local backend itself did not answer: says nothing of the remote
 
 
@@ -47,6 +52,7 @@ class Reachability:
         self.probe_timeout = probe_timeout
         self.unreachable: dict[str, Unreachable] = {}
         self._task: asyncio.Task[None] | None = None
+        self._probe_soon = asyncio.Event()
 
     def reachable(self, uuid: str) -> bool:
         return uuid not in self.unreachable
@@ -64,9 +70,9 @@ class Reachability:
             self.unreachable[uuid] = Unreachable(failure, time.time())
 
     def observe(self, uuid: str, status: int) -> None:
-        """A real request's answer: a backend failure marks the remote unreachable at once."""
-        if status >= 500:
-            self.mark(uuid, f"request failed ({status})")
+        """A real request's answer: a failure brings the next probe forward."""
+        if status >= 500 and uuid not in self.unreachable:
+            self._probe_soon.set()
 
     def start(
         self,
@@ -87,11 +93,16 @@ class Reachability:
         session: Callable[[], aiohttp.ClientSession | None],
     ) -> None:
         while True:
+            self._probe_soon.clear()
             try:
                 await self.probe_all(remotes(), session())
             except Exception:
                 log.exception("probing remote destinations failed")
-            await asyncio.sleep(self.probe_interval)
+            # Failing requests bring a probe forward, never more often than this.
+            spacing = min(MIN_PROBE_SPACING, self.probe_interval)
+            await asyncio.sleep(spacing)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._probe_soon.wait(), self.probe_interval - spacing)
 
     async def probe_all(
         self, uuids: Collection[str], session: aiohttp.ClientSession | None

@@ -12,12 +12,13 @@ from pathlib import Path
 
 from aiohttp import ClientSession, web
 
+from backends.liveness import LivenessSettings, Watchdog
 from backends.manager import BackendManager, Generation
 from backends.rclone_conf import Placement, RenderedConfig
 from gateway import __version__
 from gateway.cluster import ClusterState, is_trusted_source
 from gateway.connections import guarded_protocol_factory
-from gateway.credentials import parse_basic, verify
+from gateway.credentials import parse_basic, password_digest, verify_digest
 from gateway.http_errors import GatewayServer, head_too_large
 from gateway.lifecycle import close_after_response, drain_connections
 from gateway.logs import AccessLog, access_level, access_line
@@ -47,7 +48,7 @@ from gateway.repair import (
     refused_upload_hook,
 )
 from gateway.sd_notify import Notifier
-from gateway.throttle import LoginThrottle
+from gateway.throttle import LoginThrottle, credential_key
 from gateway.uploads import (
     DigestMismatch,
     UploadCheck,
@@ -56,6 +57,8 @@ from gateway.uploads import (
     wait_until_absent,
 )
 from gateway.upstream import BodyFailed
+from gateway.webdav_headers import RULE as REFERENCES_RULE
+from gateway.webdav_headers import HeaderRefused, references_of
 
 log = logging.getLogger("rclone_gateway")
 
@@ -84,6 +87,7 @@ class Settings:
     probe_timeout: float = 4.0
     remote_probe_interval: float = 10.0  # remote storage served here (costs a listing)
     remote_check_timeout: float = 15.0
+    liveness: LivenessSettings = field(default_factory=LivenessSettings)
 
 
 @dataclass
@@ -110,6 +114,7 @@ class Gateway:
         self.backends = BackendManager(
             settings.runtime_dir, settings.rclone, drain_grace=settings.drain_grace
         )
+        self.watchdog = Watchdog(self.backends, settings.liveness)
         self.placement = Placement()
         self.inflight = 0
         self.throttle = LoginThrottle()
@@ -208,6 +213,11 @@ class Gateway:
         if not decision.allowed:
             return plain(403, f"forbidden: {decision.reason}")
         assert decision.backend is not None
+        try:  # WebDAV: the paths named in Destination (COPY, MOVE) and If
+            references = references_of(described, request.headers)
+        except HeaderRefused as exc:
+            outcome.decision, outcome.rule, outcome.reason = "deny", REFERENCES_RULE, exc.reason
+            return plain(exc.status, exc.text)
 
         upload: UploadCheck | None = None
         if (expected := expected_digest(described)) is not None:
@@ -221,7 +231,8 @@ class Gateway:
             dest = state.destinations.get(uuid)
             if dest is None:
                 return plain(404, "unknown destination")
-            answer = await self.peers.serve(request, target, dest, source, outcome.transfer)
+            answer = await self.peers.serve(request, target, dest, source, outcome.transfer,
+                                            references)
             outcome.backend = answer.backend
             if answer.refused:
                 outcome.reason = answer.reason
@@ -247,7 +258,7 @@ class Gateway:
                 response = await forward(
                     request, target, generation.pool(decision.backend), label,
                     outcome.transfer, body_filter=upload.filter if upload else None,
-                    on_status=on_status,
+                    on_status=on_status, references=references,
                 )
             except BodyFailed as exc:
                 if isinstance(exc.cause, DigestMismatch):
@@ -298,18 +309,20 @@ class Gateway:
         user, password = credentials
         outcome.user = user if user in state.users else "unknown"
         now = time.monotonic()
-        verdict = self.throttle.check(source, user, now)
+        digest = password_digest(password)
+        credential = credential_key(user, digest)
+        verdict = self.throttle.check(source, user, now, credential)
         if not verdict.allowed:
             outcome.reason = "too many failed logins"
             return plain(429, "too many failed logins, retry later",
                          {"Retry-After": str(verdict.retry_after)})
-        if not verify(state.users, user, password):
+        if not verify_digest(state.users, user, digest):
             outcome.reason = "bad credentials"
-            delay = self.throttle.failed(source, user, now)
+            delay = self.throttle.failed(source, user, now, credential)
             if delay:
                 await asyncio.sleep(delay)
             return plain(401, "authentication required", {"WWW-Authenticate": REALM})
-        self.throttle.succeeded(source, user)
+        self.throttle.succeeded(credential)
         if user.startswith("node/"):
             return node_caller(user)
         return module_caller(user, state.module_uuids, state.restore_grants)
@@ -377,9 +390,17 @@ class Gateway:
         backends: dict[str, object] = {}
         if generation is not None:
             for backend, child in generation.children.items():
+                replaced = self.backends.last_replacement.get(backend)
                 backends[backend.value] = {
                     "state": child.state, "pid": child.pid, "restarts": child.restarts,
                     "generation": generation.number,
+                    "answering": child.missed_checks == 0,
+                    "missed_checks": child.missed_checks,
+                    "replacements": self.backends.replacements[backend],
+                    "last_replacement": None if replaced is None else {
+                        "reason": replaced.reason, "at": replaced.at,
+                        "old_pid": replaced.old_pid, "new_pid": replaced.new_pid,
+                    },
                 }
         destinations: dict[str, object] = {}
         if state is not None:
@@ -393,7 +414,8 @@ class Gateway:
         serving = self.serving()
         if not serving:
             status = "down"
-        elif not self.source.status.connected:
+        elif not self.source.status.connected or (generation is not None and any(
+                child.missed_checks for child in generation.children.values())):
             status = "degraded"
         else:
             status = "ok"
@@ -457,6 +479,10 @@ class Gateway:
                     "bytes_out": outcome.transfer.bytes_out,
                     "duration_ms": round((time.monotonic() - started) * 1000, 2),
                     "backend": outcome.backend,
+                    # whose answer the status is: a backend's (or a peer's) passed on, or the
+                    # gateway's own (a refusal, or a backend that failed to answer)
+                    "answered_by": "backend" if response is not None
+                    and "X-Gateway-Backend" in response.headers else "gateway",
                 },
                 time.time(),
             ),
@@ -483,6 +509,7 @@ class Gateway:
         )
         log.info("listening on %s:%d", self.settings.listen_host, self.settings.listen_port)
         self.reloader.start()
+        self.watchdog.start()
         try:
             await self.source.load()
         except Exception as exc:
@@ -502,6 +529,7 @@ class Gateway:
         await self.source.close()
         await self.peers.close()
         await self.reachability.close()
+        await self.watchdog.close()
         await self.backends.stop()
         self.access_log.flush()
         log.info("stopped")

@@ -10,6 +10,13 @@ are then refused from `hot_refuse_at` on. A pair with no recent failure is
 never refused, so one user failing (or many invented names failing) from
 127.0.0.1 does not lock out the modules and the node agent that share it.
 
+Throttling stops guessing; it never locks out the holder of the right password.
+Credentials (a user and the SHA-256 of its password) that once succeeded are
+"proven": they are checked whatever others sent under the same name from the
+same source, so a local process failing as `node/1` cannot stop the node
+agent's backups. A success does not wipe the pair's failures either: the
+guesser goes on being refused while the agent is served.
+
 Memory is bounded: at most `capacity` pairs and `capacity` sources are tracked,
 the least recently touched forgotten first, and a key is a number (Python's
 per-process salted string hash, so that collisions cannot be chosen) whatever
@@ -49,6 +56,11 @@ ALLOWED = Verdict(True)
 
 def _key(*parts: str) -> _Key:
     return hash(parts)
+
+
+def credential_key(user: str, password_digest: bytes) -> _Key:
+    """What the throttle remembers of credentials that succeeded: a salted 64-bit hash."""
+    return hash((user, password_digest))
 
 
 class _Scores:
@@ -93,9 +105,14 @@ class LoginThrottle:
         self.limits = limits or Limits()
         self._pairs = _Scores(self.limits.capacity, self.limits.half_life)
         self._sources = _Scores(self.limits.capacity, self.limits.half_life)
+        self._proven: OrderedDict[_Key, None] = OrderedDict()
 
-    def check(self, source: str, user: str, now: float) -> Verdict:
-        """Whether the password of `user` from `source` may be checked at all."""
+    def check(self, source: str, user: str, now: float, credential: _Key | None = None
+              ) -> Verdict:
+        """Whether the password of `user` from `source` may be checked at all.
+
+        `credential` (see credential_key) is always allowed when it succeeded before.
+        """
         pairs, sources = self._pairs, self._sources
         if not len(pairs):
             return ALLOWED  # no failed login on record anywhere
@@ -107,7 +124,7 @@ class LoginThrottle:
         source_score = sources.get(_key(source), now)
         hot = source_score >= hot_at
         limit = hot_refuse_at if hot else refuse_at
-        if score < limit:
+        if score < limit or (credential is not None and credential in self._proven):
             return ALLOWED
         wait = pairs.seconds_until_below(score, limit)
         if hot:  # or until the source cools down, if that comes first
@@ -115,9 +132,12 @@ class LoginThrottle:
                                  pairs.seconds_until_below(score, refuse_at)))
         return Verdict(False, max(1, math.ceil(wait)))
 
-    def failed(self, source: str, user: str, now: float) -> float:
+    def failed(self, source: str, user: str, now: float, credential: _Key | None = None
+               ) -> float:
         """Records a failed login; returns the seconds to wait before answering 401."""
         limits = self.limits
+        if credential is not None:
+            self._proven.pop(credential, None)  # a password since changed or revoked
         score = self._pairs.add(_key(source, user), now)
         self._sources.add(_key(source), now)
         excess = score - limits.slow_after
@@ -125,10 +145,16 @@ class LoginThrottle:
             return 0.0
         return min(limits.max_delay, limits.delay_step * round(excess))
 
-    def succeeded(self, source: str, user: str) -> None:
-        self._pairs.forget(_key(source, user))
+    def succeeded(self, credential: _Key) -> None:
+        proven = self._proven
+        if credential in proven:
+            proven.move_to_end(credential)
+            return
+        proven[credential] = None
+        if len(proven) > self.limits.capacity:
+            proven.popitem(last=False)
 
     @property
     def tracked(self) -> int:
-        """Entries held, pairs and sources together (bounded by 2 * capacity)."""
-        return len(self._pairs) + len(self._sources)
+        """Entries held: pairs, sources and proven credentials (bounded by 3 * capacity)."""
+        return len(self._pairs) + len(self._sources) + len(self._proven)

@@ -280,6 +280,11 @@ class UpstreamPool:
         self._all: set[_Connection] = set()
         self.closed = False
 
+    @property
+    def host(self) -> str:
+        """The `Host` sent with every request: the authority the backend sees itself under."""
+        return self._host
+
     @classmethod
     def unix(cls, path: str, **kwargs: Any) -> UpstreamPool:
         async def connect(factory: Callable[[], asyncio.Protocol]) -> tuple[Any, Any]:
@@ -323,6 +328,11 @@ class UpstreamPool:
             raise ConnectFailed("backend pool closed")
         self._all.add(connection)
         return connection, False
+
+    @property
+    def busy(self) -> int:
+        """Connections carrying a request now."""
+        return len(self._all) - len(self._idle)
 
     def release(self, connection: _Connection, reusable: bool) -> None:
         if reusable and not self.closed and not connection.closed and not connection.eof:

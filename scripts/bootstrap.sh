@@ -42,7 +42,7 @@ apt_install() {
 }
 
 # System tools the tests and the demo run for real.
-apt_install redis-server restic
+apt_install redis-server restic litmus
 command -v python3 >/dev/null 2>&1 || apt_install python3
 
 venv_ok() {

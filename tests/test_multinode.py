@@ -396,6 +396,40 @@ def test_killed_peer_moves_requests_to_the_next_one(mesh: Mesh) -> None:
         mesh.wait_served(1, HOSTED_BY_2, ("peer", "node2"))
 
 
+def test_backup_right_after_a_cluster_boot(mesh: Mesh, tmp_path: Path) -> None:
+    """Node 1 starts before node 2, as a cluster boot may order them: its first probe finds
+    node 2 down. A backup through node 1 to node 2's disk, started as soon as node 2 is
+    up, must not be refused on the strength of that probe (spec 7: a peer not seen serving
+    yet is tried, not refused)."""
+    module_uuid = str(uuidlib.uuid4())
+    who = ("module/traefik3", "traefik3-secret")
+    with mesh.cluster() as cluster:
+        cluster.add_user(*who)
+        cluster.set_module("traefik3", module_uuid, node_id=1)
+    node1, node2 = mesh.gateways[1], mesh.gateways[2]
+    argv = list(node1.argv)
+    try:
+        node1.stop()
+        node2.stop()
+        # a probe interval longer than the test: node 1 probes node 2 once, at its start
+        node1.argv = [*argv, "--probe-interval", "600"]
+        node1._launch()
+        wait_for(lambda: mesh.health(1)["peers"]["node2"]["reachable"] is False, 20,
+                 lambda: f"node 1 to find node 2 down: {mesh.health(1)['peers']}")
+        node2._launch()
+        repo = mesh.repo(1, who, HOSTED_BY_2, module_uuid=module_uuid)
+        mesh.restic(1, repo, "init")
+        mesh.restic(1, repo, "backup", str(make_files(tmp_path / "data", count=2, size=10_000)))
+        assert (node2.local_repo / "traefik" / module_uuid / "config").is_file()
+    finally:
+        node1.stop()
+        node1.argv = argv
+        node1._launch()
+        if node2.proc is None or node2.proc.poll() is not None:
+            node2._launch()
+        mesh.wait_served(1, HOSTED_BY_2, ("peer", "node2"))
+
+
 def test_no_loop_a_forwarded_request_is_never_sent_on(mesh: Mesh) -> None:
     path = f"/{REMOTE}/traefik/{TRAEFIK_UUID}/config"
     node = node_user(1)

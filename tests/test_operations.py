@@ -60,7 +60,8 @@ WRONG_PASSWORD = "ops-wrong-password-44"
 BEARER_TOKEN = "ops-bearer-token-45"
 CRYPT_PASSWORDS = ("ops-crypt-password-46", "ops-crypt-salt-47")
 ACCESS_FIELDS = {"time", "source", "user", "method", "path", "protocol", "decision", "rule",
-                 "reason", "status", "bytes_in", "bytes_out", "duration_ms", "backend"}
+                 "reason", "status", "bytes_in", "bytes_out", "duration_ms", "backend",
+                 "answered_by"}
 OBJECT_ID = "ab" * 32
 
 
@@ -422,9 +423,11 @@ def test_access_log_is_json_lines_with_journal_priorities(ops: Ops) -> None:
     assert (deny["user"], deny["protocol"], deny["decision"], deny["rule"], deny["status"]) == (
         TRAEFIK[0], "rest", "deny", "module-default-deny", 403)
     assert deny["reason"] == "modules may not delete backup data"
+    assert deny["answered_by"] == "gateway"
     read = [(p, r) for p, r in records if r["path"].endswith(f"{TRAEFIK_UUID}/config")][-1]
     assert read[0] == 6
     assert read[1]["backend"] == "restic-append-only@node1"
+    assert read[1]["answered_by"] == "backend"
     assert read[1]["decision"] == "allow" and read[1]["rule"] == "rest-config-read"
 
 

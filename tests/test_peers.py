@@ -96,10 +96,24 @@ def test_only_unmarked_requests_of_local_clients_are_sent_on() -> None:
     assert not may_forward(False, "node2")
 
 
+def test_route_tries_peers_not_seen_serving_yet_last_but_tries_them() -> None:
+    # right after a boot: every peer's first probe failed, none was seen serving yet
+    health = PeerHealth()
+    health.record("10.5.4.3", "remote", False, "probe answered 503", 1.0)
+    health.record_unreachable("10.5.4.10", "unreachable", 1.0)
+    assert names(route(REMOTE, state(), "1", health, forwardable=True).peers) == [
+        "node2", "node3", "node10"]
+    hosted_by_3 = Destination("hosted3", "cluster", "webdav:http://10.5.4.3:4694")
+    health.record("10.5.4.3", "hosted3", False, "unreachable", 1.0)
+    assert names(route(hosted_by_3, state(), "1", health, forwardable=True).peers) == ["node3"]
+
+
 def test_route_skips_peers_known_unable_and_says_why_when_none_is_left() -> None:
     health = PeerHealth()
     assert names(route(REMOTE, state(), "1", health, forwardable=True).peers) == [
         "node3", "node2", "node10"]
+    for address in ("10.5.4.3", "10.5.4.2", "10.5.4.10"):
+        health.record(address, "remote", True, "serves it", 0.5)
     health.record("10.5.4.3", "remote", False, "probe answered 503", 1.0)
     health.record_unreachable("10.5.4.10", "unreachable", 1.0)
     assert names(route(REMOTE, state(), "1", health, forwardable=True).peers) == ["node2"]
@@ -170,14 +184,19 @@ def test_health_entry_says_where_a_destination_is_served() -> None:
                        "error": "no rclone configuration; no node can serve it"}
 
 
-def test_reachability_follows_probes_and_real_failures() -> None:
+def test_reachability_follows_probes_not_single_answers() -> None:
     reach = Reachability()
     assert reach.reachable("remote")
     reach.observe("remote", 404)
     assert reach.reachable("remote")
-    reach.observe("remote", 504)
+    # rclone answers 500 to a REST HEAD of a directory: one answer says nothing of the remote
+    for status in (500, 502, 504):
+        reach.observe("remote", status)
+        assert reach.reachable("remote")
+    assert reach._probe_soon.is_set()  # but the next probe comes at once
+    reach.mark("remote", probe_outcome(None))
     assert not reach.reachable("remote")
-    assert reach.reason("remote") == "request failed (504)"
+    assert reach.reason("remote") == "remote did not answer in time"
     reach.mark("remote", probe_outcome(207))
     assert reach.reachable("remote")
     assert probe_outcome(None) == "remote did not answer in time"

@@ -28,7 +28,7 @@ from harness import (
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.throttle import Limits, LoginThrottle
+from gateway.throttle import Limits, LoginThrottle, credential_key
 
 DEST = "0d2b7ab6-8f8b-4c43-a1d3-7f3f5f7c1a01"
 NODE = ("node/1", "node-secret-1")
@@ -178,7 +178,7 @@ def test_throttle_state_stays_bounded_under_100000_user_names() -> None:
     assert throttle.check("10.5.4.2", "module/real1", now).allowed
 
 
-def test_throttle_forgives_with_time_and_on_success() -> None:
+def test_throttle_forgives_with_time() -> None:
     throttle = LoginThrottle(Limits(half_life=10.0))
     now = 0.0
     for _ in range(10):
@@ -187,11 +187,27 @@ def test_throttle_forgives_with_time_and_on_success() -> None:
     assert not verdict.allowed
     assert not throttle.check("10.5.4.2", "node/2", now + verdict.retry_after - 1).allowed
     assert throttle.check("10.5.4.2", "node/2", now + verdict.retry_after).allowed
-    for _ in range(9):
-        throttle.failed("10.5.4.2", "node/3", now)
-    throttle.succeeded("10.5.4.2", "node/3")
-    throttle.failed("10.5.4.2", "node/3", now)
-    assert throttle.check("10.5.4.2", "node/3", now).allowed
+
+
+def test_throttle_serves_proven_credentials_and_keeps_refusing_guesses() -> None:
+    throttle = LoginThrottle(Limits(half_life=10.0))
+    now = 0.0
+    right = credential_key("node/3", b"r" * 32)
+    throttle.succeeded(right)
+    for i in range(200):
+        guess = credential_key("node/3", i.to_bytes(32, "big"))
+        if throttle.check("127.0.0.1", "node/3", now, guess).allowed:
+            throttle.failed("127.0.0.1", "node/3", now, guess)
+    # the holder of the right password is served, however hot its source is
+    assert throttle.check("127.0.0.1", "node/3", now, right).allowed
+    throttle.succeeded(right)
+    # and its success does not wipe the guesser's record
+    assert not throttle.check("127.0.0.1", "node/3", now,
+                              credential_key("node/3", b"g" * 32)).allowed
+    assert not throttle.check("127.0.0.1", "node/3", now).allowed
+    # credentials that fail (a password since changed) lose their standing
+    throttle.failed("127.0.0.1", "node/3", now, right)
+    assert not throttle.check("127.0.0.1", "node/3", now, right).allowed
 
 
 # --------------------------------------------------------------------------- verified uploads
