@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import signal
 import warnings
 from collections.abc import Iterator
@@ -7,6 +8,34 @@ from pathlib import Path
 
 import pytest
 from harness import Cluster, GatewayProcess, RedisServer
+
+
+# In CI, and wherever the suite runs as root (as `make test` does on a node), the machine is
+# expected to run every test: a skip there hides a test that could have failed.
+STRICT_SKIPS = os.environ.get("CI") == "true" or os.geteuid() == 0
+_skipped: list[tuple[str, str]] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(
+            report.longrepr)
+        _skipped.append((report.nodeid, reason))
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if STRICT_SKIPS and _skipped and exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if not _skipped:
+        return
+    title = ("skipped tests FAIL this run (CI=true or root: every test must run here)"
+             if STRICT_SKIPS else "skipped tests")
+    terminalreporter.section(title, sep="!" if STRICT_SKIPS else "-", red=STRICT_SKIPS)
+    for nodeid, reason in _skipped:
+        terminalreporter.line(f"{nodeid}: {reason}")
 
 
 @pytest.fixture(scope="session")

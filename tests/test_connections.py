@@ -372,7 +372,10 @@ def test_keep_alive_serves_requests_then_closes_when_idle(start_gateway: StartGa
 
 @uvloop_only
 def test_header_dribblers_do_not_delay_legitimate_requests(start_gateway: StartGateway) -> None:
-    gateway = start_gateway(header_timeout=3.0)
+    # The dribblers and the measured client share this process with the server's thread:
+    # the bound on a legitimate request's latency is far below the header timeout (what a
+    # request stuck behind the dribblers would wait), not a measure of speed.
+    gateway = start_gateway(header_timeout=10.0)
     dribblers = 200
 
     async def dribble(stop: asyncio.Event) -> None:
@@ -403,9 +406,10 @@ def test_header_dribblers_do_not_delay_legitimate_requests(start_gateway: StartG
         for _ in range(8):
             latencies.append(await legitimate())
             await asyncio.sleep(0.1)
+        assert gateway.count >= dribblers  # all of them still there, none timed out
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
-        assert max(latencies) < 1.0, latencies
+        assert max(latencies) < 3.0, latencies
         await wait_for(lambda: gateway.count == 0)
         assert gateway.factory is not None and gateway.factory.timed_out == 0
 

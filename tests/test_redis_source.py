@@ -25,7 +25,12 @@ def test_idle_source_does_not_spin(redis_server: RedisServer) -> None:
         await source.load()
         source.start()
         try:
-            await asyncio.sleep(0.5)  # subscribed, first resync done
+            # subscribed to the events, and the first periodic probe done
+            deadline = time.monotonic() + 20
+            while client.execute_command("PUBSUB", "NUMPAT") < 1 or (
+                    client.info("commandstats").get("cmdstat_ping", {}).get("calls", 0) < 1):
+                assert time.monotonic() < deadline, "the source did not subscribe in time"
+                await asyncio.sleep(0.05)
             client.config_resetstat()
             cpu = time.process_time()
             await asyncio.sleep(1.5)
