@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 from harness import Cluster, GatewayProcess, RedisServer
 
-
 # In CI, and wherever the suite runs as root (as `make test` does on a node), the machine is
 # expected to run every test: a skip there hides a test that could have failed.
 STRICT_SKIPS = os.environ.get("CI") == "true" or os.geteuid() == 0

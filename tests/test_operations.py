@@ -154,11 +154,12 @@ def ops(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> 
         yield Ops(gateway, cluster, redis_url, notify, crypt_section, crypt_storage, obscured)
     finally:
         gateway.stop()
-        gateway.kill_leftovers()
+        leftovers = gateway.kill_leftovers()
         notify.close()
         shutil.rmtree(notify_dir, ignore_errors=True)
         cluster.flush()
         client.close()
+        assert not leftovers, f"processes outlived the gateway: {leftovers}"
 
 
 # --------------------------------------------------------------------------- metrics

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from urllib.parse import unquote_to_bytes
 
 from hypothesis import HealthCheck, example, given, settings
@@ -10,6 +11,7 @@ from yarl import URL
 
 from gateway.paths import MAX_SEGMENT_BYTES, PathError, Target, canonicalise
 from gateway.policy import (
+    CREATE_QUERY,
     OBJECT_TYPES,
     Backend,
     Protocol,
@@ -166,17 +168,31 @@ def module_requests(draw: st.DrawFn) -> Request:
                                                     query), depth)
 
 
+OBJECT_ID = re.compile(r"[0-9a-f]{64}\Z")
+
+
+def is_object(inner: tuple[str, ...], slash: bool, kinds: frozenset[str] = OBJECT_TYPES) -> bool:
+    """`/<type>/<id>` below a repository, `<type>` one of `kinds`."""
+    return (len(inner) == 2 and inner[0] in kinds and bool(OBJECT_ID.match(inner[1]))
+            and not slash)
+
+
 def check_module_confinement(request: Request) -> None:
     """A module is allowed nothing outside its own and its granted repository (and their
-    `.json`) but a shallow read of the root, and no write outside its own repository
-    but a lock in the granted one; never through the full-access backend."""
+    `.json`) but a shallow read of the root; never through the full-access backend. Its
+    repository is append-only (spec section 4): it reads the restic layout, and it writes
+    only over REST, only by POSTing a new object (create, config, `<type>/<id>`) to its own
+    repository and by DELETEing a lock (`locks/<id>`, own or granted), never anything
+    else: no DELETE of data, keys, snapshots, index or config, no PUT, no WebDAV write.
+    "POST only when it does not exist yet" is the append-only backend's to enforce, so
+    every module REST request goes there."""
     decision = decide(request)
     if not decision.allowed:
         return
     caller, protocol, method, target = (request.caller, request.protocol, request.method,
                                         request.target)
     assert decision.backend is not Backend.RESTIC
-    segs = target.segments
+    segs, slash, query = target.segments, target.trailing_slash, target.query
     own, granted = caller.own_uuid, caller.restore_uuid
     assert own is not None
     if not segs:
@@ -186,13 +202,32 @@ def check_module_confinement(request: Request) -> None:
     assert len(segs) >= 3 and segs[1] == caller.app
     repos = {own} | ({granted} if granted else set())
     inside = segs[2] in repos
-    assert inside or segs[2] in {f"{u}.json" for u in repos}
-    if method in READS:
+    assert inside or (segs[2] in {f"{u}.json" for u in repos} and len(segs) == 3)
+    inner = segs[3:]
+    if protocol is Protocol.WEBDAV:
+        assert method in READS, "WebDAV is read-only for modules"
+        assert decision.backend is Backend.WEBDAV
         return
-    assert protocol is Protocol.REST and inside
+    assert inside, "the .json metadata is no REST path"
+    assert decision.backend is Backend.RESTIC_APPEND_ONLY
+    if method in ("GET", "HEAD"):
+        lists = len(inner) == 1 and inner[0] in OBJECT_TYPES and slash and method == "GET"
+        config = inner == ("config",) and not slash
+        assert query == "" and (config or lists or is_object(inner, slash)), request
+        return
+    if method == "DELETE":
+        assert query == "" and is_object(inner, slash, frozenset({"locks"})), (
+            f"a module deletes only locks: {request}")
+        return
+    assert method == "POST", f"a module writes with POST and DELETE only: {request}"
     if segs[2] != own:
         assert segs[2] == granted
-        assert method in ("POST", "DELETE") and segs[3:4] == ("locks",) and len(segs) == 5
+        assert query == "" and is_object(inner, slash, frozenset({"locks"})), (
+            f"a granted repository takes only locks: {request}")
+        return
+    create = inner == () and query == CREATE_QUERY
+    config = inner == ("config",) and not slash and query == ""
+    assert create or config or (query == "" and is_object(inner, slash)), request
 
 
 @settings(PROFILE, max_examples=500)
