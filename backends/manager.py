@@ -29,8 +29,9 @@ log = logging.getLogger("rclone_gateway.backends")
 
 CONNECT_TIMEOUT = 5.0
 # How long a replaced child keeps serving the requests it had: the backend idle timeout
-# (after which they are answered 504) and a margin.
-CHILD_DRAIN_GRACE = 35.0
+# (30 s by default, `--backend-timeout`; after it they are answered 504) and a margin.
+CHILD_DRAIN_MARGIN = 5.0
+CHILD_DRAIN_GRACE = 30.0 + CHILD_DRAIN_MARGIN
 # Bytes of a response body read ahead from a backend, as for request bodies in the server.
 READ_BUFSIZE = 512 * 1024
 

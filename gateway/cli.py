@@ -45,6 +45,16 @@ def parse_listen(value: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+def positive_seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected a number of seconds") from None
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError("must be more than 0")
+    return seconds
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rclone-gateway")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -75,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds a probe may take before it counts as failed")
     serve.add_argument("--remote-check-timeout", type=float, default=15.0,
                        help="seconds a remote destination gets to answer its start check")
+    serve.add_argument("--backend-timeout", type=positive_seconds, default=30.0,
+                       help="seconds of backend silence before a request is answered 504 "
+                            "(default 30; peer gateways get 5 s more)")
     serve.add_argument("--liveness-interval", type=float, default=2.0,
                        help="seconds between checks that each rclone child still answers")
     serve.add_argument("--liveness-timeout", type=float, default=5.0,
@@ -164,6 +177,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         probe_timeout=args.probe_timeout,
         remote_probe_interval=args.remote_probe_interval,
         remote_check_timeout=args.remote_check_timeout,
+        backend_timeout=args.backend_timeout,
         liveness=LivenessSettings(args.liveness_interval, args.liveness_timeout,
                                   args.liveness_misses),
     )

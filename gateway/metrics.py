@@ -106,13 +106,13 @@ def live_families(health: Mapping[str, Any]) -> Iterator[GaugeMetricFamily | Cou
 
     dest_up = GaugeMetricFamily(
         f"{ns}_destination_up",
-        "1 when a destination served by this node is healthy; destinations hosted by "
-        "another node are left out.",
+        "1 when a destination is served by this node and healthy, else 0; destinations "
+        "served through a peer gateway are left out.",
         labels=["destination"],
     )
     destinations: Mapping[str, Mapping[str, Any]] = health.get("destinations", {})
     for uuid, dest in sorted(destinations.items()):
-        if dest.get("state") == "remote":
+        if _served_by_peer(dest):
             continue
         dest_up.add_metric([uuid], 1.0 if dest.get("state") == "ok" else 0.0)
     yield dest_up
@@ -125,6 +125,12 @@ def live_families(health: Mapping[str, Any]) -> Iterator[GaugeMetricFamily | Cou
         yield _gauge(f"{ns}_redis_last_sync_timestamp_seconds",
                      "Unix time of the last full read of the configuration from Redis.",
                      float(last_sync))
+
+
+def _served_by_peer(dest: Mapping[str, Any]) -> bool:
+    """A /health destination entry another node serves for this one (peers.where_served:
+    state `forwarded`, served `peer`)."""
+    return dest.get("served") != "here" and dest.get("state") == "forwarded"
 
 
 def _gauge(name: str, doc: str, value: float,

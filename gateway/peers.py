@@ -45,7 +45,8 @@ PEER_PORT = 4694
 FORWARDED_HEADER = "X-Gateway-Forwarded"
 PROBE_SEGMENT = "_probe_rest_404"
 # A peer answers 504 itself after its own backend idle timeout: wait a little longer.
-PEER_IDLE_TIMEOUT = BACKEND_IDLE_TIMEOUT + 5.0
+PEER_TIMEOUT_MARGIN = 5.0
+PEER_IDLE_TIMEOUT = BACKEND_IDLE_TIMEOUT + PEER_TIMEOUT_MARGIN
 # Shorter than the time a gateway lets a connection sit idle (5 s), so that a request
 # is not sent on a connection the peer is closing.
 PEER_KEEPALIVE = 3.0
@@ -276,8 +277,11 @@ class PeerGateways:
         *,
         probe_interval: float = 2.0,
         probe_timeout: float = 4.0,
+        backend_timeout: float = BACKEND_IDLE_TIMEOUT,
     ) -> None:
         self.own_node_id = own_node_id
+        # A peer with the same `--backend-timeout` answers 504 after it: wait a little longer.
+        self.idle_timeout = backend_timeout + PEER_TIMEOUT_MARGIN
         self._state = state
         self.probe_interval = probe_interval
         self.probe_timeout = probe_timeout
@@ -375,7 +379,7 @@ class PeerGateways:
                 response = await forward(
                     request, target, self._pool(peer, own_address), _label_from(peer), transfer,
                     headers=headers.copy(),
-                    idle_timeout=PEER_IDLE_TIMEOUT, refuse_statuses=PEER_CANNOT_SERVE,
+                    idle_timeout=self.idle_timeout, refuse_statuses=PEER_CANNOT_SERVE,
                     references=references,
                 )
             except BodyFailed:

@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 
 import aiohttp
@@ -53,6 +53,7 @@ class Reachability:
         self.unreachable: dict[str, Unreachable] = {}
         self._task: asyncio.Task[None] | None = None
         self._probe_soon = asyncio.Event()
+        self._backend_answers: Callable[[], Awaitable[bool]] | None = None
 
     def reachable(self, uuid: str) -> bool:
         return uuid not in self.unreachable
@@ -78,8 +79,15 @@ class Reachability:
         self,
         remotes: Callable[[], Collection[str]],
         session: Callable[[], aiohttp.ClientSession | None],
+        backend_answers: Callable[[], Awaitable[bool]] | None = None,
     ) -> None:
-        """Probe `remotes()` through the WebDAV backend that `session()` talks to."""
+        """Probe `remotes()` through the WebDAV backend that `session()` talks to.
+
+        `backend_answers()` tells whether that backend itself answers: a probe that timed
+        out while it did not says nothing of the remotes (the child is stuck, and the
+        liveness checks replace it).
+        """
+        self._backend_answers = backend_answers
         if self._task is None:
             self._task = asyncio.create_task(self._loop(remotes, session), name="reachability")
 
@@ -114,6 +122,9 @@ class Reachability:
             return
         ordered = sorted(uuids)
         statuses = await asyncio.gather(*(self._probe(session, uuid) for uuid in ordered))
+        if None in statuses and self._backend_answers is not None and not (
+                await self._backend_answers()):
+            statuses = [NO_VERDICT if status is None else status for status in statuses]
         for uuid, status in zip(ordered, statuses, strict=True):
             if status != NO_VERDICT:
                 self.mark(uuid, probe_outcome(status))

@@ -13,7 +13,8 @@ from pathlib import Path
 from aiohttp import ClientSession, web
 
 from backends.liveness import LivenessSettings, Watchdog
-from backends.manager import BackendManager, Generation
+from backends.manager import CHILD_DRAIN_MARGIN, BackendManager, Generation
+from backends.process import http_ready
 from backends.rclone_conf import Placement, RenderedConfig
 from gateway import __version__
 from gateway.cluster import ClusterState, is_trusted_source
@@ -36,7 +37,14 @@ from gateway.policy import (
     module_caller,
     node_caller,
 )
-from gateway.proxy import Transfer, UpstreamError, forward, plain, request_body
+from gateway.proxy import (
+    BACKEND_IDLE_TIMEOUT,
+    Transfer,
+    UpstreamError,
+    forward,
+    plain,
+    request_body,
+)
 from gateway.reachability import Reachability
 from gateway.redis_source import RedisSource
 from gateway.reloader import Reloader
@@ -64,6 +72,10 @@ log = logging.getLogger("rclone_gateway")
 
 REALM = 'Basic realm="ns8-rclone-gateway"'
 PROBE_SEGMENT = "_probe_rest_404"
+# Seconds a request waits for its backend child to come back from a restart before 503.
+CHILD_RESTART_WAIT = 5.0
+# Seconds the WebDAV child has to answer OPTIONS when a remote probe through it timed out.
+LOCAL_ANSWER_TIMEOUT = 2.0
 # Bytes of a request body read ahead per connection: enough for a PUT to keep flowing
 # while this process waits for the CPU, small enough for 2048 connections.
 READ_BUFSIZE = 512 * 1024
@@ -87,6 +99,7 @@ class Settings:
     probe_timeout: float = 4.0
     remote_probe_interval: float = 10.0  # remote storage served here (costs a listing)
     remote_check_timeout: float = 15.0
+    backend_timeout: float = BACKEND_IDLE_TIMEOUT  # backend silence before 504
     liveness: LivenessSettings = field(default_factory=LivenessSettings)
 
 
@@ -112,7 +125,9 @@ class Gateway:
         self.settings = settings
         self.source = RedisSource(settings.redis_url, resync_interval=settings.resync_interval)
         self.backends = BackendManager(
-            settings.runtime_dir, settings.rclone, drain_grace=settings.drain_grace
+            settings.runtime_dir, settings.rclone, drain_grace=settings.drain_grace,
+            # a replaced child keeps its requests until they finish or time out (504)
+            child_drain_grace=settings.backend_timeout + CHILD_DRAIN_MARGIN,
         )
         self.watchdog = Watchdog(self.backends, settings.liveness)
         self.placement = Placement()
@@ -128,7 +143,8 @@ class Gateway:
                                          probe_timeout=settings.probe_timeout)
         self.peers = PeerGateways(settings.node_id, lambda: self.source.state,
                                   probe_interval=settings.probe_interval,
-                                  probe_timeout=settings.probe_timeout)
+                                  probe_timeout=settings.probe_timeout,
+                                  backend_timeout=settings.backend_timeout)
         self.reloader = Reloader(
             self.backends, node_id=settings.node_id, local_repo=settings.local_repo,
             check_timeout=settings.remote_check_timeout, on_serving=self._serving_config,
@@ -240,7 +256,9 @@ class Gateway:
 
         generation = self.backends.current
         if generation is None or not generation.children[decision.backend].ready:
-            return plain(503, "backend unavailable", {"Retry-After": "2"})
+            generation = await self._ready_generation(decision.backend)
+            if generation is None:
+                return plain(503, "backend unavailable", {"Retry-After": "2"})
 
         label = decision.backend.value + self.label_suffix
         outcome.backend = label
@@ -258,6 +276,7 @@ class Gateway:
                 response = await forward(
                     request, target, generation.pool(decision.backend), label,
                     outcome.transfer, body_filter=upload.filter if upload else None,
+                    idle_timeout=self.settings.backend_timeout,
                     on_status=on_status, references=references,
                 )
             except BodyFailed as exc:
@@ -349,15 +368,37 @@ class Gateway:
             and not target.query
         )
 
+    async def _ready_generation(self, backend: Backend) -> Generation | None:
+        """The serving generation once its `backend` child answers, waiting a little.
+
+        A crashed child is back within a second or two; restic gives up on a 503 to the
+        first request of a run, so a request for it waits rather than fail at once.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CHILD_RESTART_WAIT
+        while True:
+            generation = self.backends.current
+            if generation is not None and generation.children[backend].ready:
+                return generation
+            if loop.time() >= deadline or self.stopping:
+                return None
+            await asyncio.sleep(0.05)
+
     def destination_healthy(self, uuid: str) -> bool:
+        """Served here with every backend answering: what peers ask with the probe."""
         generation = self.backends.current
         return (
             uuid in self.placement.local and generation is not None and generation.healthy
         )
 
     def served_here(self, uuid: str) -> bool:
-        """Whether this node serves `uuid` healthily now; requests for any other go to a peer."""
-        return self.destination_healthy(uuid) and self.reachability.reachable(uuid)
+        """Whether this node serves `uuid` now; requests for any other go to a peer.
+
+        One child restarting does not move a destination away: the requests for that
+        child wait for it (`_ready_generation`), the others go on.
+        """
+        return (uuid in self.placement.local and self.backends.current is not None
+                and self.reachability.reachable(uuid))
 
     def remote_destinations(self) -> list[str]:
         """Destinations served here whose storage is not this node's own disk."""
@@ -375,8 +416,16 @@ class Gateway:
             return None
         return generation.session(Backend.WEBDAV)
 
+    async def _webdav_answers(self) -> bool:
+        generation = self.backends.current
+        if generation is None:
+            return False
+        child = generation.children[Backend.WEBDAV]
+        return child.ready and await http_ready(child.socket_path, LOCAL_ANSWER_TIMEOUT)
+
     def _probe(self, target: Target) -> web.Response:
-        if self.served_here(target.segments[0]):
+        uuid = target.segments[0]
+        if self.served_here(uuid) and self.destination_healthy(uuid):
             return plain(404, "not found")
         return plain(503, "destination not served here", {"Retry-After": "5"})
 
@@ -517,7 +566,8 @@ class Gateway:
         self.source.start()
         self.source.request_resync()
         self.peers.start()
-        self.reachability.start(self.remote_destinations, self._webdav_session)
+        self.reachability.start(self.remote_destinations, self._webdav_session,
+                                self._webdav_answers)
 
         await stop.wait()
         log.info("stopping: no new connections, finishing in-flight requests")

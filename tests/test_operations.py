@@ -241,7 +241,9 @@ def test_live_families_from_a_health_document() -> None:
     document = {
         "status": "down", "version": "9.9", "inflight": 4, "reloads": 2,
         "backends": {"webdav": {"state": "restarting", "restarts": 3, "generation": 7}},
-        "destinations": {"a": {"state": "ok"}, "b": {"state": "remote"}, "c": {"state": "error"}},
+        "destinations": {"a": {"state": "ok", "served": "here"},
+                         "b": {"state": "forwarded", "served": "peer"},
+                         "c": {"state": "error", "served": "no"}},
         "redis": {"connected": False, "last_sync": None},
     }
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value

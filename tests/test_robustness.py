@@ -245,3 +245,40 @@ def test_a_stopped_child_is_replaced_and_killed(env: Env, kind: str) -> None:
     assert line in metrics.decode()
     assert f"pid {old_pid}) replaced by" in env.gateway.log_text()
     assert env.health()["status"] == "ok"
+
+
+# --------------------------------------------------------------------------- found by the soak
+
+
+def test_a_crashed_child_holds_up_only_its_own_requests_and_only_briefly(env: Env) -> None:
+    node_config = f"/{DEST}/traefik/{TRAEFIK_UUID}/config"
+    module_config = f"/{REMOTE_DEST}/traefik/{TRAEFIK_UUID}/config"
+    old_pid = env.health()["backends"]["restic"]["pid"]
+    os.kill(old_pid, signal.SIGKILL)
+    # the module's own child runs: served at once, whatever the node's child does
+    status, headers, _ = env.request("GET", module_config, TRAEFIK, rest=True)
+    assert status in (200, 404) and headers["x-gateway-backend"] == "restic-append-only@node1"
+    # the node's request waits for its child to come back, rather than a 503 that would
+    # end a restic run at its first request
+    status, headers, body = env.request("GET", node_config, NODE, rest=True)
+    assert status in (200, 404), body
+    assert headers["x-gateway-backend"] == "restic@node1"
+    assert env.health()["backends"]["restic"]["pid"] != old_pid
+
+
+def test_a_stuck_webdav_child_does_not_make_a_remote_unreachable(env: Env) -> None:
+    module_config = f"/{REMOTE_DEST}/traefik/{TRAEFIK_UUID}/config"
+    pid = env.health()["backends"]["webdav"]["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        # a 500 brings a probe of the remote forward; it goes through the stuck child
+        assert env.request("HEAD", f"/{REMOTE_DEST}/", NODE, rest=True)[0] == 500
+        until = time.monotonic() + 8  # past the probe's own timeout (4 s)
+        while time.monotonic() < until:
+            status, _, body = env.request("GET", module_config, TRAEFIK, rest=True)
+            assert status in (200, 404), body
+            time.sleep(0.5)
+        assert env.health()["destinations"][REMOTE_DEST]["served"] == "here"
+    finally:
+        if not gone(pid):
+            os.kill(pid, signal.SIGCONT)
