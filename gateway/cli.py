@@ -1,4 +1,5 @@
-"""Command line: `rclone-gateway serve ...` (spec section 9), `explain` and `config show`.
+"""Command line: `rclone-gateway serve ...` (spec section 9), `explain`, `config show` and
+`status` (gateway/insight/command.py).
 
 Exit codes of `explain`: 0 the request would be allowed, 1 refused, 2 usage error,
 3 the configuration could not be read from Redis. `config show`: 0, 2 or 3 likewise.
@@ -19,6 +20,7 @@ from redis.exceptions import RedisError
 
 from gateway import logs
 from gateway.cluster import ClusterState
+from gateway.insight import command as insight_command
 from gateway.operator_commands import (
     explain,
     format_explanation,
@@ -94,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds a child has to answer a liveness check")
     serve.add_argument("--liveness-misses", type=int, default=3,
                        help="checks missed in a row before a child is replaced")
+    serve.add_argument("--scan-interval", type=positive_seconds, default=3600.0,
+                       help="seconds between two listings of the storage for /status and "
+                            "/metrics (default 3600; SIGUSR1 lists it at once)")
     serve.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "INFO"))
 
     why = commands.add_parser(
@@ -109,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a Restic REST request (default: WebDAV unless ?create=true)")
     why.add_argument("--depth", help="WebDAV Depth header of a PROPFIND")
     why.add_argument("--redis-url", help="Redis URL (default: REDIS_URL or the agent environment)")
+
+    insight_command.add_parser(commands)
 
     config = commands.add_parser("config", help="inspect the configuration")
     config_commands = config.add_subparsers(dest="config_command", required=True)
@@ -180,6 +187,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         backend_timeout=args.backend_timeout,
         liveness=LivenessSettings(args.liveness_interval, args.liveness_timeout,
                                   args.liveness_misses),
+        scan_interval=args.scan_interval,
     )
 
 
@@ -187,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "explain":
         return run_explain(args)
+    if args.command == "status":
+        return insight_command.run(args)
     if args.command == "config":
         return run_config_show(args)
     if args.command == "serve":

@@ -53,7 +53,7 @@ class Reachability:
         self.unreachable: dict[str, Unreachable] = {}
         self._task: asyncio.Task[None] | None = None
         self._probe_soon = asyncio.Event()
-        self._backend_answers: Callable[[], Awaitable[bool]] | None = None
+        self._backend_answers: Callable[[aiohttp.ClientSession], Awaitable[bool]] | None = None
 
     def reachable(self, uuid: str) -> bool:
         return uuid not in self.unreachable
@@ -79,13 +79,13 @@ class Reachability:
         self,
         remotes: Callable[[], Collection[str]],
         session: Callable[[], aiohttp.ClientSession | None],
-        backend_answers: Callable[[], Awaitable[bool]] | None = None,
+        backend_answers: Callable[[aiohttp.ClientSession], Awaitable[bool]] | None = None,
     ) -> None:
         """Probe `remotes()` through the WebDAV backend that `session()` talks to.
 
-        `backend_answers()` tells whether that backend itself answers: a probe that timed
-        out while it did not says nothing of the remotes (the child is stuck, and the
-        liveness checks replace it).
+        `backend_answers(session)` tells whether the backend behind that session still
+        answers: a probe that timed out while it did not says nothing of the remotes (the
+        child is stuck, or was replaced meanwhile, by the liveness checks).
         """
         self._backend_answers = backend_answers
         if self._task is None:
@@ -123,7 +123,7 @@ class Reachability:
         ordered = sorted(uuids)
         statuses = await asyncio.gather(*(self._probe(session, uuid) for uuid in ordered))
         if None in statuses and self._backend_answers is not None and not (
-                await self._backend_answers()):
+                await self._backend_answers(session)):
             statuses = [NO_VERDICT if status is None else status for status in statuses]
         for uuid, status in zip(ordered, statuses, strict=True):
             if status != NO_VERDICT:

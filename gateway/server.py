@@ -21,6 +21,11 @@ from gateway.cluster import ClusterState, is_trusted_source
 from gateway.connections import guarded_protocol_factory
 from gateway.credentials import parse_basic, password_digest, verify_digest
 from gateway.http_errors import GatewayServer, head_too_large
+from gateway.insight.metrics import ReportCollector
+from gateway.insight.page import html_page
+from gateway.insight.record import Exchange, Recorder
+from gateway.insight.report import Report, build_report
+from gateway.insight.scan import SCAN_INTERVAL, Layout, Scanner
 from gateway.lifecycle import close_after_response, drain_connections
 from gateway.logs import AccessLog, access_level, access_line
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -101,6 +106,7 @@ class Settings:
     remote_check_timeout: float = 15.0
     backend_timeout: float = BACKEND_IDLE_TIMEOUT  # backend silence before 504
     liveness: LivenessSettings = field(default_factory=LivenessSettings)
+    scan_interval: float = SCAN_INTERVAL  # seconds between full listings of the storage
 
 
 @dataclass
@@ -118,6 +124,9 @@ class Outcome:
     backend: str = "-"
     path: str = "-"
     transfer: Transfer = field(default_factory=Transfer)
+    target: Target | None = None  # once canonical
+    is_node: bool = False
+    served_here: bool = False  # sent to a backend of this node (not refused, not to a peer)
 
 
 class Gateway:
@@ -150,10 +159,17 @@ class Gateway:
             check_timeout=settings.remote_check_timeout, on_serving=self._serving_config,
         )
         self.source.on_change(self.reloader.on_state)
+        self.recorder = Recorder()
+        self.scanner = Scanner(settings.rclone, self._layout, self.backends.child_env(),
+                               interval=settings.scan_interval,
+                               on_scanned=lambda key, _: self.recorder.listed(key))
+        self.metrics.registry.register(ReportCollector(self.report))
 
     # --- configuration -------------------------------------------------------------------
 
     def _serving_config(self, rendered: RenderedConfig) -> None:
+        if rendered.placement.local != self.placement.local:
+            self.scanner.scan_all_soon()  # destinations came or went
         self.placement = rendered.placement
         if self.serving():
             self.systemd.serving()
@@ -180,6 +196,8 @@ class Gateway:
                 bytes_in=outcome.transfer.bytes_in, bytes_out=outcome.transfer.bytes_out,
                 reason=outcome.reason,
             )
+            if outcome.target is not None:
+                self._record(request, outcome, status)
             if self.stopping:
                 close_after_response(request)
             self._log(request, outcome, response, started)
@@ -210,6 +228,7 @@ class Gateway:
             outcome.reason = str(exc)
             return plain(400, f"bad request target: {exc}")
         outcome.path = target.display
+        outcome.target = target
 
         if self._is_probe(request, target):
             outcome.rule = "probe"
@@ -220,12 +239,15 @@ class Gateway:
             return caller
         outcome.user = caller.user
         outcome.caller = caller.group
+        outcome.is_node = caller.is_node
+        if raw in ("/status", "/status/"):
+            return self._status(request, caller.is_node)
 
         protocol = detect_protocol(request.headers.get("Accept", ""), target.query)
         outcome.protocol = protocol.value
         described = Request(caller, protocol, request.method, target, request.headers.get("Depth"))
         decision = decide(described)
-        self._record(outcome, decision)
+        self._decided(outcome, decision)
         if not decision.allowed:
             return plain(403, f"forbidden: {decision.reason}")
         assert decision.backend is not None
@@ -262,6 +284,7 @@ class Gateway:
 
         label = decision.backend.value + self.label_suffix
         outcome.backend = label
+        outcome.served_here = True
         # Counted before the first await: a reload now retires this generation only after us.
         with generation.use():
             session = generation.session(decision.backend)
@@ -350,8 +373,21 @@ class Gateway:
         """Why a request ended before its answer: its client left, or this gateway stops."""
         return "cut: gateway stopping" if self.stopping else "client went away"
 
+    def _record(self, request: web.BaseRequest, outcome: Outcome, status: int) -> None:
+        """Insight: what this exchange did to a repository. A request sent on to a peer is
+        recorded there, by the node that serves it; a refusal, here."""
+        assert outcome.target is not None
+        allowed = outcome.decision == "allow"
+        if allowed and not outcome.served_here:
+            return
+        ended = self.recorder.record(Exchange(
+            outcome.target, request.method, status, allowed, outcome.reason, outcome.is_node,
+            outcome.transfer.bytes_in, outcome.transfer.bytes_out, time.time()))
+        if ended is not None:
+            self.scanner.scan_soon(ended)
+
     @staticmethod
-    def _record(outcome: Outcome, decision: Decision) -> None:
+    def _decided(outcome: Outcome, decision: Decision) -> None:
         outcome.decision = "allow" if decision.allowed else "deny"
         outcome.rule = decision.rule
         outcome.reason = decision.reason
@@ -416,9 +452,10 @@ class Gateway:
             return None
         return generation.session(Backend.WEBDAV)
 
-    async def _webdav_answers(self) -> bool:
+    async def _webdav_answers(self, session: ClientSession) -> bool:
+        """Whether the WebDAV child behind `session` answers (False: it was replaced)."""
         generation = self.backends.current
-        if generation is None:
+        if generation is None or generation.sessions.get(Backend.WEBDAV) is not session:
             return False
         child = generation.children[Backend.WEBDAV]
         return child.ready and await http_ready(child.socket_path, LOCAL_ANSWER_TIMEOUT)
@@ -492,6 +529,36 @@ class Gateway:
         document = self.health_document()
         return web.json_response(document, status=200 if self.serving() else 503)
 
+    def _layout(self) -> Layout | None:
+        generation = self.backends.current
+        if generation is None:
+            return None
+        return Layout(generation.directory / "rclone.conf", generation.config.tree_root,
+                      dict(generation.config.placement.local))
+
+    def report(self) -> Report:
+        state = self.source.state or ClusterState()
+        health = self.health_document()
+        return build_report(
+            node_id=self.settings.node_id, now=time.time(),
+            served_here={uuid for uuid in self.placement.local if self.served_here(uuid)},
+            activity=self.recorder.repositories, stored=self.scanner.stored,
+            spaces=self.scanner.spaces,
+            module_ids={uuid: module for module, uuid in state.module_uuids.items()},
+            destinations=health["destinations"],  # type: ignore[arg-type]
+            last_scan_at=self.scanner.last_full_scan,
+        )
+
+    def _status(self, request: web.BaseRequest, is_node: bool) -> web.Response:
+        if not is_node:
+            return plain(403, "forbidden: /status is for nodes")
+        if request.method not in ("GET", "HEAD"):
+            return plain(405, "method not allowed", {"Allow": "GET, HEAD"})
+        report = self.report()
+        if "text/html" in request.headers.get("Accept", ""):
+            return web.Response(text=html_page(report), content_type="text/html")
+        return web.json_response(report.document())
+
     def _metrics(self, request: web.BaseRequest) -> web.Response:
         if request.method not in ("GET", "HEAD"):
             return plain(405, "method not allowed", {"Allow": "GET, HEAD"})
@@ -545,6 +612,7 @@ class Gateway:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+        loop.add_signal_handler(signal.SIGUSR1, self._on_sigusr1)
 
         server = GatewayServer(self.handle, handler_cancellation=True, access_log=None,
                                read_bufsize=READ_BUFSIZE)
@@ -559,6 +627,7 @@ class Gateway:
         log.info("listening on %s:%d", self.settings.listen_host, self.settings.listen_port)
         self.reloader.start()
         self.watchdog.start()
+        self.scanner.start()
         try:
             await self.source.load()
         except Exception as exc:
@@ -580,10 +649,15 @@ class Gateway:
         await self.peers.close()
         await self.reachability.close()
         await self.watchdog.close()
+        await self.scanner.close()
         await self.backends.stop()
         self.access_log.flush()
         log.info("stopped")
         return 0
+
+    def _on_sigusr1(self) -> None:
+        log.info("SIGUSR1: listing the storage again")
+        self.scanner.scan_all_soon()
 
     def _on_sighup(self) -> None:
         log.info("SIGHUP: re-reading Redis and reloading")

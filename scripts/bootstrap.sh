@@ -41,8 +41,8 @@ apt_install() {
     as_root apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
-# System tools the tests and the demo run for real.
-apt_install redis-server restic litmus
+# System tools the tests and the demo run for real (chromium renders the status page).
+apt_install redis-server restic litmus chromium fonts-dejavu-core
 command -v python3 >/dev/null 2>&1 || apt_install python3
 
 venv_ok() {

@@ -226,8 +226,9 @@ def test_metrics_counters_move_after_known_requests(ops: Ops) -> None:
     assert abs(value(after, "rclone_gateway_redis_last_sync_timestamp_seconds")
                - time.time()) < 3600
     label_names = {name for (_, labels) in after for name, _ in labels}
+    # bounded values only: `module` is a module id (or a repository uuid) served here
     assert label_names <= {"caller", "protocol", "method", "decision", "status_class", "le",
-                           "reason", "backend", "destination", "version"}
+                           "reason", "backend", "destination", "version", "module"}
 
 
 def test_metrics_follow_the_trusted_source_rule(ops: Ops) -> None:

@@ -7,10 +7,12 @@ within seconds here; the defaults and their bound are in docs/operations.md.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
 import signal
+import threading
 import time
 import uuid as uuidlib
 from collections.abc import Callable, Iterator
@@ -270,15 +272,25 @@ def test_a_stuck_webdav_child_does_not_make_a_remote_unreachable(env: Env) -> No
     module_config = f"/{REMOTE_DEST}/traefik/{TRAEFIK_UUID}/config"
     pid = env.health()["backends"]["webdav"]["pid"]
     os.kill(pid, signal.SIGSTOP)
+    # a request stuck on the stopped child keeps it (and its connections) in service
+    # after its replacement, until it times out
+    def stuck_request() -> None:
+        with contextlib.suppress(OSError):
+            env.request("PROPFIND", f"/{DEST}/", NODE, headers={"Depth": "0"}, timeout=60)
+
+    threading.Thread(target=stuck_request, daemon=True).start()
     try:
-        # a 500 brings a probe of the remote forward; it goes through the stuck child
-        assert env.request("HEAD", f"/{REMOTE_DEST}/", NODE, rest=True)[0] == 500
-        until = time.monotonic() + 8  # past the probe's own timeout (4 s)
+        # Each 500 brings a probe of the remote forward: the probes go through the stuck
+        # child and time out (4 s), before its replacement (about 8 s here) and across it.
+        until = time.monotonic() + 14
         while time.monotonic() < until:
+            assert env.request("HEAD", f"/{REMOTE_DEST}/", NODE, rest=True)[0] == 500
             status, _, body = env.request("GET", module_config, TRAEFIK, rest=True)
             assert status in (200, 404), body
-            time.sleep(0.5)
-        assert env.health()["destinations"][REMOTE_DEST]["served"] == "here"
+            time.sleep(1)
+        health = env.health()
+        assert health["destinations"][REMOTE_DEST]["served"] == "here"
+        assert health["backends"]["webdav"]["pid"] != pid  # it was replaced meanwhile
     finally:
         if not gone(pid):
             os.kill(pid, signal.SIGCONT)

@@ -1,0 +1,85 @@
+"""`rclone-gateway status`: the node's backup report in a terminal, from its `/status`.
+
+Exit codes: 0 done (and, with `--stale`, every repository has a recent snapshot), 1 some
+repository has no snapshot within `--stale`, 2 usage error, 3 the gateway could not be
+asked (not running, refused the credentials).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import re
+import sys
+import urllib.error
+import urllib.request
+
+from gateway.insight.page import age, text_table
+from gateway.insight.report import Report
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd]?)\Z")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration(value: str) -> float:
+    """`26h`, `90m`, `2d`, `3600` -> seconds."""
+    match = _DURATION.match(value.strip())
+    if match is None:
+        raise argparse.ArgumentTypeError("expected a duration such as 26h, 90m, 2d or 3600")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    status = commands.add_parser(
+        "status", help="show the backups of the repositories this node serves",
+        description="Asks the local gateway's /status with node credentials and prints a table "
+        "of repositories (last snapshot, stored size, lock age, last restore) and destinations. "
+        "Exit code: 0 ok, 1 a repository has no snapshot within --stale, 2 usage error, "
+        "3 the gateway could not be asked.")
+    status.add_argument("--url", default="http://127.0.0.1:4694",
+                        help="the gateway (default http://127.0.0.1:4694)")
+    status.add_argument("--user", default=None,
+                        help="node user (default: REDIS_USER, else node/$NODE_ID)")
+    status.add_argument("--json", action="store_true", help="print the JSON document")
+    status.add_argument("--stale", type=duration, metavar="DURATION",
+                        help="exit 1 when a repository has no snapshot this recent (e.g. 26h)")
+
+
+def run(args: argparse.Namespace) -> int:
+    user = args.user or os.environ.get("REDIS_USER") or (
+        f"node/{os.environ['NODE_ID']}" if os.environ.get("NODE_ID") else None)
+    password = os.environ.get("REDIS_PASSWORD")
+    if not user or password is None:
+        print("rclone-gateway: node credentials needed: --user (or REDIS_USER or NODE_ID) and "
+              "REDIS_PASSWORD", file=sys.stderr)
+        return 2
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    request = urllib.request.Request(
+        args.url.rstrip("/") + "/status",
+        headers={"Authorization": f"Basic {token}", "Accept": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            document = json.load(response)
+    except urllib.error.HTTPError as exc:
+        print(f"rclone-gateway: the gateway answered {exc.code} {exc.reason}", file=sys.stderr)
+        return 3
+    except (OSError, ValueError) as exc:
+        print(f"rclone-gateway: cannot ask the gateway at {args.url}: {exc}", file=sys.stderr)
+        return 3
+    report = Report.from_document(document)
+    if args.json:
+        json.dump(document, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(text_table(report))
+    if args.stale is not None:
+        stale = report.stale(args.stale)
+        for repo in stale:
+            last = "never" if repo.last_snapshot_at is None else (
+                age(report.generated_at - repo.last_snapshot_at) + " ago")
+            print(f"stale: {repo.label} on {repo.destination}: last snapshot {last}",
+                  file=sys.stderr)
+        return 1 if stale else 0
+    return 0
