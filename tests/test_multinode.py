@@ -279,6 +279,43 @@ def test_backup_to_a_destination_hosted_by_another_node(mesh: Mesh, tmp_path: Pa
     assert seen and all(e["source"] == mesh.vpn(1) for e in seen)
 
 
+def test_a_forwarded_backup_is_recorded_once_by_the_node_that_serves_it(
+        mesh: Mesh, tmp_path: Path) -> None:
+    module_uuid = str(uuidlib.uuid4())
+    who = ("module/traefik4", "traefik4-secret")
+    with mesh.cluster() as cluster:
+        cluster.add_user(*who)
+        cluster.set_module("traefik4", module_uuid, node_id=1)
+        cluster.publish("acl-changed")
+    wait_for(lambda: mesh.request(1, "GET", f"/{HOSTED_BY_2}/traefik/{module_uuid}/config",
+                                  who, rest=True)[0] == 404, 10,
+             lambda: "the new module user to be known")
+    repo = mesh.repo(1, who, HOSTED_BY_2, module_uuid=module_uuid)
+    mesh.restic(1, repo, "init")
+    mesh.restic(1, repo, "backup", str(make_files(tmp_path / "data", count=2, size=50_000)))
+
+    def status(node: int, html: bool = False) -> tuple[int, bytes]:
+        accept = "text/html" if html else "application/json"
+        code, _, body = mesh.request(node, "GET", "/status", node_user(node),
+                                     headers={"Accept": accept})
+        return code, body
+
+    def repositories(node: int) -> dict[str, dict]:
+        code, body = status(node)
+        assert code == 200, body
+        return {r["uuid"]: r for r in json.loads(body)["repositories"]}
+
+    # node 2 serves it and recorded it; node 1 only passed it on
+    recorded = repositories(2)[module_uuid]
+    assert recorded["module"] == "traefik4" and recorded["last_snapshot_at"] is not None
+    assert recorded["uploaded_objects"] >= 4
+    assert module_uuid not in repositories(1)
+    # node 1's page names the node that serves that destination
+    code, page = status(1, html=True)
+    assert code == 200
+    assert f'href="http://{mesh.vpn(2)}:4694/status">node2</a>'.encode() in page
+
+
 def test_an_upload_cut_short_through_a_peer_leaves_nothing(mesh: Mesh) -> None:
     mesh.request(1, "POST", f"/{HOSTED_BY_2}/traefik/{TRAEFIK_UUID}/?create=true", TRAEFIK,
                  rest=True)  # the repository may exist already: any answer will do
