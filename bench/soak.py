@@ -69,6 +69,7 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 IDLE_CPU_LIMIT = 0.05  # CPU seconds per second, each rclone child, once the load stopped
 WINDOW_MARGIN = 5.0  # seconds added to the end of the kill and stop windows
+BACKEND_TIMEOUT = 30.0  # the gateway's --backend-timeout (its default)
 REPLACE_TIMEOUT = 90.0  # a stopped child not replaced within this is a failure
 RUNNING_TIMEOUT = 120.0  # a killed child not running again within this is a failure
 
@@ -115,7 +116,11 @@ class Window:
 
     @property
     def end(self) -> float:
-        return (self.recovered if self.recovered is not None else self.deadline) + WINDOW_MARGIN
+        end = self.recovered if self.recovered is not None else self.deadline
+        if self.what == "stop":
+            # requests already on the stopped child stay there until they time out (504)
+            end += BACKEND_TIMEOUT
+        return end + WINDOW_MARGIN
 
 
 @dataclass
@@ -495,13 +500,14 @@ class Soak:
             if present:  # once /health says it is served, the node uses it at once
                 name = f"/{DEST_EXTRA}/extra-{n}.bin"
                 body = os.urandom(50_000)
-                self.node_call("PUT", name, {201, 204}, "extra: PUT", body=body)
-                self.node_call("GET", name, {200}, "extra: GET",
-                               check=lambda b, body=body: b == body)
-                self.node_call("PROPFIND", f"/{DEST_EXTRA}/", {207}, "extra: PROPFIND Depth 1",
-                               headers={"Depth": "1"},
-                               check=lambda b, n=n: f"extra-{n}.bin".encode() in b)
-                self.node_call("DELETE", name, {200, 204}, "extra: DELETE")
+                status, _ = self.node_call("PUT", name, {201, 204}, "extra: PUT", body=body)
+                if status in (201, 204):  # what was written is read, listed and deleted
+                    self.node_call("GET", name, {200}, "extra: GET",
+                                   check=lambda b, body=body: b == body)
+                    self.node_call("PROPFIND", f"/{DEST_EXTRA}/", {207},
+                                   "extra: PROPFIND Depth 1", headers={"Depth": "1"},
+                                   check=lambda b, n=n: f"extra-{n}.bin".encode() in b)
+                    self.node_call("DELETE", name, {200, 204}, "extra: DELETE")
                 n += 1
 
     # ---------------------------------------------------------------- faults
