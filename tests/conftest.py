@@ -27,7 +27,12 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter,
+                            config: pytest.Config) -> None:
+    seed = getattr(config.option, "randomly_seed", None)
+    if seed is not None:  # -q hides pytest-randomly's own header line
+        terminalreporter.write_line(f"random order: replay with -p randomly "
+                                    f"--randomly-seed={seed}")
     if not _skipped:
         return
     title = ("skipped tests FAIL this run (CI=true or root: every test must run here)"
