@@ -35,6 +35,7 @@ MODULES = {  # user -> (module id, uuid)
     "module/traefik1": ("traefik1", "1a5e1111-2f87-4e7b-9a34-0a1d9f9e4b01"),
     "module/dokuwiki1": ("dokuwiki1", "1a5e2222-2f87-4e7b-9a34-0a1d9f9e4b02"),
     "module/mail1": ("mail1", "1a5e3333-2f87-4e7b-9a34-0a1d9f9e4b03"),
+    "module/ldap1": ("ldap1", "1a5e4444-2f87-4e7b-9a34-0a1d9f9e4b04"),
 }
 PASSWORD = "module-secret"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -145,7 +146,7 @@ def restic_time(snapshot: dict) -> float:
 
 def test_figures_after_a_backup_agree_everywhere_and_come_back_after_a_restart(
         env: Env, tmp_path: Path) -> None:
-    user = "module/traefik1"
+    user = "module/ldap1"  # no other test backs it up
     snapshot = backup(env, user, tmp_path)
     on_disk = env.stored_on_disk(user)
     # the scan after the backup is debounced: wait for it
@@ -155,10 +156,10 @@ def test_figures_after_a_backup_agree_everywhere_and_come_back_after_a_restart(
     assert abs(repo["last_snapshot_at"] - restic_time(snapshot)) < 1.0, (repo, snapshot)
     assert repo["snapshots"] == 1 and repo["objects"]["snapshots"] == 1
     assert repo["uploaded_objects"] >= 4 and repo["uploaded_bytes"] > 0
-    assert repo["module"] == "traefik1" and not repo["stale"]
-    assert env.metric("rclone_gateway_repository_stored_bytes", "traefik1") == on_disk
+    assert repo["module"] == "ldap1" and not repo["stale"]
+    assert env.metric("rclone_gateway_repository_stored_bytes", "ldap1") == on_disk
     assert env.metric("rclone_gateway_last_snapshot_timestamp_seconds",
-                      "traefik1") == repo["last_snapshot_at"]
+                      "ldap1") == repo["last_snapshot_at"]
     cli = env.cli("--json")
     assert cli.returncode == 0, cli.stderr
     from_cli = next(r for r in json.loads(cli.stdout)["repositories"]
@@ -166,7 +167,7 @@ def test_figures_after_a_backup_agree_everywhere_and_come_back_after_a_restart(
     assert (from_cli["stored_bytes"], from_cli["last_snapshot_at"]) == (
         on_disk, repo["last_snapshot_at"])
     table = env.cli()
-    assert table.returncode == 0 and "traefik1" in table.stdout
+    assert table.returncode == 0 and "ldap1" in table.stdout
 
     env.gateway.restart()
     wait_for(lambda: any(r["uuid"] == MODULES[user][1] and r["stored_bytes"] == on_disk
@@ -175,7 +176,7 @@ def test_figures_after_a_backup_agree_everywhere_and_come_back_after_a_restart(
     again = env.repo(user)
     # from the storage alone now: the snapshot file's time
     assert abs(again["last_snapshot_at"] - restic_time(snapshot)) < 1.0, (again, snapshot)
-    assert env.metric("rclone_gateway_repository_stored_bytes", "traefik1") == on_disk
+    assert env.metric("rclone_gateway_repository_stored_bytes", "ldap1") == on_disk
 
 
 def test_a_lock_left_by_a_killed_restic_ages_and_goes_when_the_node_removes_it(
