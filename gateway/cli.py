@@ -30,7 +30,7 @@ from gateway.operator_commands import (
 from gateway.redis_source import redis_url_from_env
 
 if TYPE_CHECKING:
-    from gateway.server import Settings
+    from gateway.settings import Settings
 
 
 def default_rclone() -> str:
@@ -157,7 +157,8 @@ def run_config_show(args: argparse.Namespace) -> int:
 def settings_from_args(args: argparse.Namespace) -> Settings:
     # The server (aiohttp and all) is imported only to serve: the operator commands start faster.
     from backends.liveness import LivenessSettings
-    from gateway.server import Settings, prepare_runtime_dir
+    from gateway.server import prepare_runtime_dir
+    from gateway.settings import Settings
 
     node_id = args.node_id or os.environ.get("NODE_ID")
     if not node_id:

@@ -21,12 +21,12 @@ from gateway.policy import (
     Request,
     decide,
     detect_protocol,
+    is_probe,
     module_caller,
     node_caller,
 )
 from gateway.redis_source import connect, read_state
 
-PROBE_SEGMENT = "_probe_rest_404"
 OPERATIONS_PATHS = frozenset({"/health", "/health/", "/metrics", "/metrics/"})
 MASK = "***"
 
@@ -95,9 +95,7 @@ def explain(
         return Explanation(False, 400, "canonical-path", f"bad request target: {exc}",
                            path=raw_target)
     path = target.display
-    if (method in ("GET", "HEAD") and len(target.segments) == 2
-            and target.segments[1] == PROBE_SEGMENT and not target.trailing_slash
-            and not target.query):
+    if is_probe(method, target):
         return Explanation(True, None, "probe", "health probe needs no credentials", path=path)
 
     refusal = login_refusal(state, user)

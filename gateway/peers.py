@@ -26,9 +26,11 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from backends.rclone_conf import Placement
 from gateway.cluster import LOCAL_ADDRESSES, ClusterState, Destination, source_ip
 from gateway.paths import Target
-from gateway.policy import REST_MEDIA_TYPE
+from gateway.policy import PROBE_SEGMENT, REST_MEDIA_TYPE
 from gateway.proxy import (
     BACKEND_IDLE_TIMEOUT,
+    BodyFilter,
+    BodyRefused,
     Transfer,
     UpstreamError,
     UpstreamRefused,
@@ -43,7 +45,6 @@ log = logging.getLogger("rclone_gateway.peers")
 
 PEER_PORT = 4694
 FORWARDED_HEADER = "X-Gateway-Forwarded"
-PROBE_SEGMENT = "_probe_rest_404"
 # A peer answers 504 itself after its own backend idle timeout: wait a little longer.
 PEER_TIMEOUT_MARGIN = 5.0
 PEER_IDLE_TIMEOUT = BACKEND_IDLE_TIMEOUT + PEER_TIMEOUT_MARGIN
@@ -334,25 +335,15 @@ class PeerGateways:
         state = self._state() or ClusterState()
         return route(dest, state, self.own_node_id, self.health, forwardable=forwardable)
 
-    async def serve(
-        self,
-        request: web.BaseRequest,
-        target: Target,
-        dest: Destination,
-        source: str | None,
-        transfer: Transfer,
-        references: References | None = None,
-    ) -> PeerAnswer:
-        """A request for a destination not served here: send it on, or say why not."""
+    def route_request(
+        self, dest: Destination, source: str | None, headers: CIMultiDictProxy[str]
+    ) -> Route:
+        """The peers to try for a request for `dest` not served here, from `source`: none
+        (and why) unless it comes from a local client and not from a peer already."""
         forwardable = may_forward(
-            is_local_client(source, self.own_address), request.headers.get(FORWARDED_HEADER)
+            is_local_client(source, self.own_address), headers.get(FORWARDED_HEADER)
         )
-        chosen = self.route_for(dest, forwardable)
-        if not chosen.peers:
-            return _unavailable(chosen.refusal)
-        if request.headers.get("Expect", "").lower() == "100-continue":
-            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        return await self.forward(request, target, dest, chosen, transfer, references)
+        return self.route_for(dest, forwardable)
 
     async def forward(
         self,
@@ -362,14 +353,17 @@ class PeerGateways:
         chosen: Route,
         transfer: Transfer,
         references: References | None = None,
+        *,
+        body_filter: BodyFilter | None = None,
     ) -> PeerAnswer:
         """Tries the route's peers in order until one answers; 503 when none can.
 
         The other resources the request names (`references`) are named at each peer's
-        own authority, where that peer checks them again."""
+        own authority, where that peer checks them again. The body goes through
+        `body_filter` on its way, as it would to a backend of this node."""
         own_address = self.own_address
         if own_address is None:
-            return _unavailable("this node has no VPN address to reach its peers")
+            return unavailable("this node has no VPN address to reach its peers")
         headers = peer_request_headers(request.headers, self.own_node_id)
         failures: list[str] = []
         for peer in chosen.peers:
@@ -378,11 +372,14 @@ class PeerGateways:
             try:
                 response = await forward(
                     request, target, self._pool(peer, own_address), _label_from(peer), transfer,
-                    headers=headers.copy(),
+                    body_filter, headers=headers.copy(),
                     idle_timeout=self.idle_timeout, refuse_statuses=PEER_CANNOT_SERVE,
                     references=references,
                 )
-            except BodyFailed:
+            except BodyFailed as exc:
+                if isinstance(exc.cause, BodyRefused):
+                    return PeerAnswer(exc.cause.answer(), peer.name, exc.cause.reason,
+                                      refused=True)
                 response = web.Response(status=499, reason="Client Closed Request")
                 return PeerAnswer(response, peer.name, "client went away", refused=True)
             except UpstreamError as exc:
@@ -392,7 +389,7 @@ class PeerGateways:
                 continue
             return PeerAnswer(response, response.headers.get("X-Gateway-Backend", peer.name),
                               f"served by {peer.name}")
-        return _unavailable("no node could serve this destination (" + "; ".join(failures) + ")")
+        return unavailable("no node could serve this destination (" + "; ".join(failures) + ")")
 
     def _note_failure(self, peer: Peer, uuid: str, exc: UpstreamError) -> str:
         now = time.time()
@@ -509,6 +506,7 @@ def _label_from(peer: Peer) -> Callable[[CIMultiDictProxy[str]], str]:
     return label
 
 
-def _unavailable(reason: str) -> PeerAnswer:
+def unavailable(reason: str) -> PeerAnswer:
+    """No peer can take the request: 503, and why."""
     response = web.Response(status=503, text=reason + "\n", headers={"Retry-After": "5"})
     return PeerAnswer(response, "-", reason, refused=True)

@@ -15,6 +15,7 @@ from gateway.paths import Target
 
 REST_MEDIA_TYPE = "application/vnd.x.restic.rest.v2"
 CREATE_QUERY = "create=true"
+PROBE_SEGMENT = "_probe_rest_404"
 OBJECT_TYPES = frozenset({"data", "keys", "locks", "snapshots", "index"})
 _OBJECT_ID = re.compile(r"[0-9a-f]{64}\Z")
 _TRAILING_DIGITS = re.compile(r"\d+\Z")
@@ -85,6 +86,18 @@ def module_caller(user: str, module_uuids: dict[str, str], restore: dict[str, st
         app=app_type(module_id),
         own_uuid=own,
         restore_uuid=restore.get(own) if own else None,
+    )
+
+
+def is_probe(method: str, target: Target) -> bool:
+    """A peer gateway's health probe, `GET`/`HEAD` of exactly `/<destination>/_probe_rest_404`:
+    the one request naming a destination that needs no credentials."""
+    return (
+        method in ("GET", "HEAD")
+        and len(target.segments) == 2
+        and target.segments[1] == PROBE_SEGMENT
+        and not target.trailing_slash
+        and not target.query
     )
 
 

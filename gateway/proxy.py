@@ -61,6 +61,23 @@ class UpstreamRefused(UpstreamError):
     """The upstream answered with a status the caller asked not to pass on (nothing was sent)."""
 
 
+class BodyRefused(Exception):
+    """A body transform refused the request body before its end: the answer to give instead.
+
+    Raised inside the body stream, it reaches the caller of forward() as the cause of a
+    BodyFailed, after the next hop's connection was aborted short of the announced length.
+    """
+
+    def __init__(self, status: int, text: str, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.text = text  # the body of the answer
+        self.reason = reason  # the access log's
+
+    def answer(self) -> web.Response:
+        return plain(self.status, self.text)
+
+
 @dataclass
 class Transfer:
     bytes_in: int = 0
@@ -87,6 +104,12 @@ BodyFilter = Callable[[AsyncIterator[bytes]], AsyncIterator[bytes]]
 BackendLabel = str | Callable[[CIMultiDictProxy[str]], str]
 # Sees the backend's status before anything is sent; a response it returns is sent instead.
 StatusHook = Callable[[int], Awaitable[web.StreamResponse | None]]
+
+
+async def send_continue(request: web.BaseRequest) -> None:
+    """Answers `Expect: 100-continue`: the client may send its body now."""
+    if request.headers.get("Expect", "").lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
 
 async def request_body(request: web.BaseRequest, transfer: Transfer) -> AsyncIterator[bytes]:

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import sys
+import time
 import urllib.error
 import urllib.request
 
@@ -21,6 +22,12 @@ from gateway.insight.report import Report
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd]?)\Z")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+RESCAN_WAIT = 600.0  # seconds `--rescan` waits for the listing to end
+
+
+def _ask(request: urllib.request.Request) -> dict:  # type: ignore[type-arg]
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.load(response)
 
 
 def duration(value: str) -> float:
@@ -45,6 +52,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[ty
     status.add_argument("--json", action="store_true", help="print the JSON document")
     status.add_argument("--stale", type=duration, metavar="DURATION",
                         help="exit 1 when a repository has no snapshot this recent (e.g. 26h)")
+    status.add_argument("--rescan", action="store_true",
+                        help="have the gateway list the storage first, and wait for it")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -56,12 +65,23 @@ def run(args: argparse.Namespace) -> int:
               "REDIS_PASSWORD", file=sys.stderr)
         return 2
     token = base64.b64encode(f"{user}:{password}".encode()).decode()
-    request = urllib.request.Request(
-        args.url.rstrip("/") + "/status",
-        headers={"Authorization": f"Basic {token}", "Accept": "application/json"})
+    url = args.url.rstrip("/") + "/status"
+    headers = {"Authorization": f"Basic {token}", "Accept": "application/json"}
     try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            document = json.load(response)
+        if args.rescan:
+            asked_at = _ask(urllib.request.Request(url, headers=headers))["generated_at"]
+            with urllib.request.urlopen(
+                    urllib.request.Request(url, headers=headers, method="POST"), timeout=30):
+                pass
+            deadline = time.monotonic() + RESCAN_WAIT
+            while True:  # until a listing that started after the question has ended
+                document = _ask(urllib.request.Request(url, headers=headers))
+                listed = document.get("last_scan_at")
+                if (listed is not None and listed >= asked_at) or time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
+        else:
+            document = _ask(urllib.request.Request(url, headers=headers))
     except urllib.error.HTTPError as exc:
         print(f"rclone-gateway: the gateway answered {exc.code} {exc.reason}", file=sys.stderr)
         return 3

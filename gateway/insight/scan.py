@@ -184,6 +184,7 @@ class Scanner:
         layout = self.layout()
         if layout is None:
             return False
+        started = time.time()
         seen: set[RepositoryKey] = set()
         for destination in sorted(layout.upstreams):
             about = await self._rclone_json("about", "--json", layout.upstreams[destination],
@@ -202,7 +203,7 @@ class Scanner:
             del self.stored[key]  # gone from the storage (or its destination from this node)
         for destination in [d for d in self.spaces if d not in layout.upstreams]:
             del self.spaces[destination]
-        self.last_full_scan = time.time()
+        self.last_full_scan = started  # what it found is the storage as of then
         log.info("storage scan: %d repositories in %d destinations", len(seen),
                  len(layout.upstreams))
         return True

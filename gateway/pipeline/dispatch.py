@@ -1,0 +1,129 @@
+"""The last stage: an allowed request goes to a backend child of this node, or to a peer.
+
+Both ways let the body in the same way (`Exchange.admit_body`: `Expect: 100-continue`,
+then the exchange's body transforms), and answer a body a transform refused the same
+way: a concern on the request body is added once, for both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+
+from backends.manager import Generation
+from gateway.peers import unavailable
+from gateway.pipeline.exchange import Exchange
+from gateway.policy import Backend
+from gateway.proxy import BodyRefused, UpstreamError, forward, plain
+from gateway.upload import Upload
+from gateway.upstream import BodyFailed, ConnectFailed
+
+# Seconds a request waits for its backend child to come back from a restart before 503.
+CHILD_RESTART_WAIT = 5.0
+# Seconds the supervisor takes, at most, to see that a child it thought running has exited.
+CHILD_EXIT_NOTICE = 0.2
+
+
+async def dispatch(x: Exchange) -> web.StreamResponse:
+    """To this node's backend when it serves the destination (or the root), else a peer."""
+    segments = x.target.segments
+    uuid = segments[0] if segments else None
+    if uuid is not None and not x.services.served_here(uuid):
+        return await to_peer(x, uuid)
+    return await to_backend(x, uuid)
+
+
+async def to_peer(x: Exchange, uuid: str) -> web.StreamResponse:
+    """A destination not served here: sent on to the peer gateway that can serve it (spec
+    section 7), which checks the request again."""
+    dest = x.state.destinations.get(uuid)
+    if dest is None:
+        return plain(404, "unknown destination")
+    peers = x.services.peers
+    chosen = peers.route_request(dest, x.source, x.request.headers)
+    if not chosen.peers:
+        answer = unavailable(chosen.refusal)
+    else:
+        answer = await peers.forward(x.request, x.target, dest, chosen, x.outcome.transfer,
+                                     x.references, body_filter=await x.admit_body())
+    x.outcome.backend = answer.backend
+    if answer.refused:
+        x.outcome.reason = answer.reason
+    return answer.response
+
+
+async def to_backend(x: Exchange, uuid: str | None) -> web.StreamResponse:
+    """Streams the request to this node's backend child the policy chose, and back."""
+    backend = x.backend
+    generation = x.services.backends.current
+    if generation is None or not generation.children[backend].ready:
+        generation = await _ready_generation(x, backend)
+        if generation is None:
+            return plain(503, "backend unavailable", {"Retry-After": "2"})
+    label = backend.value + x.services.label_suffix
+    x.outcome.backend = label
+    x.outcome.served_here = True
+    upload = x.upload
+    # Counted before the first await: a reload now retires this generation only after us.
+    with generation.use():
+        if upload is not None:
+            upload.stored_by(generation)
+            if (answer := await upload.over_existing_object(x.read_body, x.outcome)) is not None:
+                return answer
+        body_filter = await x.admit_body()
+        for attempt in (1, 2):
+            try:
+                response = await forward(
+                    x.request, x.target, generation.pool(backend), label, x.outcome.transfer,
+                    body_filter=body_filter, idle_timeout=x.services.settings.backend_timeout,
+                    on_status=upload.refused_status_hook(x.outcome) if upload else None,
+                    references=x.references,
+                )
+            except BodyFailed as exc:
+                return await _body_failed(x, exc, upload)
+            except UpstreamError as exc:
+                if (attempt == 1 and isinstance(exc.__cause__, ConnectFailed)
+                        and not x.outcome.transfer.bytes_in):
+                    # The child died since it was last seen running: nothing was sent, so
+                    # the request waits for its restart like one that came a moment later.
+                    await asyncio.sleep(CHILD_EXIT_NOTICE)
+                    if (restarted := await _ready_generation(x, backend)) is not None:
+                        generation = restarted
+                        continue
+                x.outcome.reason = exc.reason
+                x.services.observe_status(uuid, exc.status)
+                if exc.status == 502 and upload is not None:
+                    x.outcome.reason += (await upload.repair()).note
+                return plain(exc.status, exc.reason, {"Retry-After": "2"})
+            x.services.observe_status(uuid, response.status)
+            return response
+        raise AssertionError("unreachable")
+
+
+async def _body_failed(x: Exchange, exc: BodyFailed, upload: Upload | None) -> web.Response:
+    """The body did not reach its end: a transform refused it, or the client went away."""
+    if isinstance(exc.cause, BodyRefused):
+        x.outcome.reason = exc.cause.reason
+        if upload is not None:
+            x.outcome.reason += await upload.after_refused_body()
+        return exc.cause.answer()
+    x.outcome.reason = x.cut_reason()
+    return web.Response(status=499, reason="Client Closed Request")
+
+
+async def _ready_generation(x: Exchange, backend: Backend) -> Generation | None:
+    """The serving generation once its `backend` child answers, waiting a little.
+
+    A crashed child is back within a second or two; restic gives up on a 503 to the
+    first request of a run, so a request for it waits rather than fail at once.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + CHILD_RESTART_WAIT
+    while True:
+        generation = x.services.backends.current
+        if generation is not None and generation.children[backend].ready:
+            return generation
+        if loop.time() >= deadline or x.services.stopping:
+            return None
+        await asyncio.sleep(0.05)

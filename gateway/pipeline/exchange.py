@@ -1,0 +1,181 @@
+"""One request on its way through the stages, and what the request path uses of the gateway."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
+
+from aiohttp import web
+
+from backends.manager import BackendManager
+from gateway.cluster import ClusterState
+from gateway.insight.record import Recorder
+from gateway.insight.report import Report
+from gateway.insight.scan import Scanner
+from gateway.logs import AccessLog
+from gateway.metrics import GatewayMetrics
+from gateway.paths import Target
+from gateway.peers import PeerGateways
+from gateway.policy import Backend, Caller, Decision, Request
+from gateway.proxy import BodyFilter, Transfer, plain, request_body, send_continue
+from gateway.redis_source import RedisSource
+from gateway.settings import Settings
+from gateway.throttle import LoginThrottle
+from gateway.upload import Upload
+from gateway.webdav_headers import References
+
+T = TypeVar("T")
+
+
+class Services(Protocol):
+    """What the request path uses of this node's gateway (`server.Gateway` wires it)."""
+
+    settings: Settings
+    source: RedisSource
+    backends: BackendManager
+    peers: PeerGateways
+    throttle: LoginThrottle
+    metrics: GatewayMetrics
+    access_log: AccessLog
+    recorder: Recorder
+    scanner: Scanner
+    label_suffix: str  # of X-Gateway-Backend: "@node<id>"
+    stopping: bool
+
+    def served_here(self, uuid: str) -> bool: ...
+    def destination_healthy(self, uuid: str) -> bool: ...
+    def observe_status(self, uuid: str | None, status: int) -> None: ...
+    def serving(self) -> bool: ...
+    def health_document(self) -> dict[str, object]: ...
+    def report(self) -> Report: ...
+
+
+@dataclass
+class Outcome:
+    """What the access log, the metrics and insight say about one request."""
+
+    # Read when the request starts: a connection the client cut has no address by the end.
+    source: str | None = None
+    user: str = "-"
+    caller: str = "anonymous"  # caller group once authenticated: node or module
+    protocol: str = "-"
+    decision: str = "-"
+    rule: str = "-"
+    reason: str = "-"
+    backend: str = "-"
+    path: str = "-"
+    transfer: Transfer = field(default_factory=Transfer)
+    target: Target | None = None  # once canonical
+    is_node: bool = False
+    served_here: bool = False  # sent to a backend of this node (not refused, not to a peer)
+
+
+class Exchange:
+    """The request, what the access log will say of it, and what the stages before found.
+
+    A stage reads what an earlier stage found through the properties below; reading one
+    before the stage that finds it is a bug in the order of the stages.
+    """
+
+    def __init__(self, request: web.BaseRequest, services: Services) -> None:
+        self.request = request
+        self.services = services
+        self.state = services.source.state or ClusterState()  # one snapshot for the request
+        self.outcome = Outcome()
+        self.references: References | None = None  # a WebDAV request's other paths
+        self.upload: Upload | None = None  # a POST of a restic object
+        # Applied in order to the request body, wherever it goes (see `admit_body`).
+        self.body_transforms: list[BodyFilter] = []
+        self._caller: Caller | None = None
+        self._described: Request | None = None
+        self._decision: Decision | None = None
+
+    @property
+    def source(self) -> str | None:
+        return self.outcome.source
+
+    @property
+    def target(self) -> Target:
+        return _found(self.outcome.target, "target")
+
+    @target.setter
+    def target(self, target: Target) -> None:
+        self.outcome.target = target
+        self.outcome.path = target.display
+
+    @property
+    def caller(self) -> Caller:
+        return _found(self._caller, "caller")
+
+    @caller.setter
+    def caller(self, caller: Caller) -> None:
+        self._caller = caller
+        self.outcome.user = caller.user
+        self.outcome.caller = caller.group
+        self.outcome.is_node = caller.is_node
+
+    @property
+    def described(self) -> Request:
+        """The request as the policy sees it."""
+        return _found(self._described, "policy request")
+
+    @property
+    def decision(self) -> Decision:
+        return _found(self._decision, "decision")
+
+    def decided(self, described: Request, decision: Decision) -> None:
+        self._described, self._decision = described, decision
+        self.outcome.protocol = described.protocol.value
+        self.outcome.decision = "allow" if decision.allowed else "deny"
+        self.outcome.rule = decision.rule
+        self.outcome.reason = decision.reason
+
+    @property
+    def backend(self) -> Backend:
+        """The kind of backend child the policy sends an allowed request to."""
+        return _found(self.decision.backend, "backend")
+
+    def refuse(self, status: int, reason: str, text: str | None = None,
+               headers: dict[str, str] | None = None) -> web.Response:
+        """The gateway's own answer, `reason` in the access log (the body says `text`)."""
+        self.outcome.reason = reason
+        return plain(status, reason if text is None else text, headers)
+
+    def cut_reason(self) -> str:
+        """Why a request ended before its answer: its client left, or this gateway stops."""
+        return "cut: gateway stopping" if self.services.stopping else "client went away"
+
+    # --- the body: let in once every check passed, through the same transforms -----------
+
+    async def admit_body(self) -> BodyFilter | None:
+        """Lets the client send its body (`Expect: 100-continue`), for whichever dispatch
+        sends it on: what it must pass through on the way."""
+        await send_continue(self.request)
+        return _chained(self.body_transforms)
+
+    async def read_body(self) -> AsyncIterator[bytes]:
+        """Lets the body in to be read here rather than sent on: through the same transforms."""
+        transform = await self.admit_body()
+        body = request_body(self.request, self.outcome.transfer)
+        return body if transform is None else transform(body)
+
+
+def _found(value: T | None, what: str) -> T:
+    if value is None:
+        raise RuntimeError(f"no {what} yet: a stage runs before the one that finds it")
+    return value
+
+
+def _chained(transforms: list[BodyFilter]) -> BodyFilter | None:
+    if not transforms:
+        return None
+    if len(transforms) == 1:
+        return transforms[0]
+
+    def chain(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        for transform in transforms:
+            chunks = transform(chunks)
+        return chunks
+
+    return chain

@@ -1,0 +1,193 @@
+"""The request path: every request goes through `STAGES` in order (spec section 4).
+
+A stage takes the exchange and returns the answer, or None to let the next stage
+look; the first answer is the response. A stage may note what it found on the
+exchange for the stages after it. The list is at the end of this file, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from gateway.cluster import is_trusted_source
+from gateway.credentials import parse_basic, password_digest, verify_digest
+from gateway.http_errors import head_too_large
+from gateway.insight.page import html_page
+from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from gateway.paths import PathError, canonicalise
+from gateway.pipeline.dispatch import dispatch
+from gateway.pipeline.exchange import Exchange
+from gateway.policy import (
+    Request,
+    decide,
+    detect_protocol,
+    is_probe,
+    module_caller,
+    node_caller,
+)
+from gateway.proxy import plain
+from gateway.throttle import credential_key
+from gateway.upload import Upload
+from gateway.webdav_headers import RULE as REFERENCES_RULE
+from gateway.webdav_headers import HeaderRefused, references_of
+
+Answer = web.StreamResponse | None
+Stage = Callable[[Exchange], Awaitable[Answer]]
+
+REALM = 'Basic realm="ns8-rclone-gateway"'
+READ_ONLY = frozenset({"GET", "HEAD"})
+
+
+async def source_address(x: Exchange) -> Answer:
+    """Local clients and the cluster network only: 403 before anything else is read."""
+    transport = x.request.transport
+    peer = transport.get_extra_info("peername") if transport else None
+    x.outcome.source = peer[0] if peer else None
+    if not is_trusted_source(x.source, x.state.networks):
+        return x.refuse(403, "source address not allowed")
+    return None
+
+
+async def head_size(x: Exchange) -> Answer:
+    if head_too_large(x.request):
+        return x.refuse(431, "request head too large")
+    return None
+
+
+async def operations(x: Exchange) -> Answer:
+    """`/health` and `/metrics`: no credentials from trusted sources (spec section 8)."""
+    raw = x.request.raw_path
+    if raw not in ("/health", "/health/", "/metrics", "/metrics/"):
+        return None
+    x.outcome.path = raw
+    if x.request.method not in READ_ONLY:
+        return _not_allowed()
+    services = x.services
+    if raw.startswith("/health"):
+        document = services.health_document()
+        return web.json_response(document, status=200 if services.serving() else 503)
+    return web.Response(body=services.metrics.exposition(),
+                        headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+
+async def canonical_target(x: Exchange) -> Answer:
+    """The raw target canonicalised once: what the policy decides on and the backend gets."""
+    try:
+        x.target = canonicalise(x.request.raw_path)
+    except PathError as exc:
+        return x.refuse(400, str(exc), f"bad request target: {exc}")
+    return None
+
+
+async def health_probe(x: Exchange) -> Answer:
+    """A peer asks whether a destination is served and healthy here: no credentials."""
+    if not is_probe(x.request.method, x.target):
+        return None
+    x.outcome.rule = "probe"
+    uuid = x.target.segments[0]
+    if x.services.served_here(uuid) and x.services.destination_healthy(uuid):
+        return plain(404, "not found")
+    return plain(503, "destination not served here", {"Retry-After": "5"})
+
+
+async def credentials(x: Exchange) -> Answer:
+    """HTTP Basic against `cluster/acls`; repeated failures slowed, then refused (429)."""
+    parsed = parse_basic(x.request.headers.get("Authorization"))
+    if parsed is None:
+        return x.refuse(401, "no credentials", "authentication required",
+                        {"WWW-Authenticate": REALM})
+    user, password = parsed
+    state, throttle, source = x.state, x.services.throttle, x.source or ""
+    x.outcome.user = user if user in state.users else "unknown"
+    now = time.monotonic()
+    digest = password_digest(password)
+    credential = credential_key(user, digest)
+    verdict = throttle.check(source, user, now, credential)
+    if not verdict.allowed:
+        return x.refuse(429, "too many failed logins", "too many failed logins, retry later",
+                        {"Retry-After": str(verdict.retry_after)})
+    if not verify_digest(state.users, user, digest):
+        x.outcome.reason = "bad credentials"
+        delay = throttle.failed(source, user, now, credential)
+        if delay:
+            await asyncio.sleep(delay)
+        return plain(401, "authentication required", {"WWW-Authenticate": REALM})
+    throttle.succeeded(credential)
+    x.caller = (node_caller(user) if user.startswith("node/")
+                else module_caller(user, state.module_uuids, state.restore_grants))
+    return None
+
+
+async def node_status(x: Exchange) -> Answer:
+    """`/status`: what the gateway knows of the repositories it serves, for nodes only."""
+    if x.request.raw_path not in ("/status", "/status/"):
+        return None
+    if not x.caller.is_node:
+        return plain(403, "forbidden: /status is for nodes")
+    if x.request.method == "POST":  # `rclone-gateway status --rescan`
+        x.services.scanner.scan_all_soon()
+        return plain(202, "listing the storage")
+    if x.request.method not in READ_ONLY:
+        return plain(405, "method not allowed", {"Allow": "GET, HEAD, POST"})
+    report = x.services.report()
+    if "text/html" in x.request.headers.get("Accept", ""):
+        return web.Response(text=html_page(report), content_type="text/html")
+    return web.json_response(report.document())
+
+
+async def policy(x: Exchange) -> Answer:
+    """The protocol (Restic REST or WebDAV), then the access table's decision."""
+    headers = x.request.headers
+    protocol = detect_protocol(headers.get("Accept", ""), x.target.query)
+    described = Request(x.caller, protocol, x.request.method, x.target, headers.get("Depth"))
+    decision = decide(described)
+    x.decided(described, decision)
+    if not decision.allowed:
+        return plain(403, f"forbidden: {decision.reason}")
+    return None
+
+
+async def webdav_references(x: Exchange) -> Answer:
+    """The other paths a WebDAV request names (Destination of COPY and MOVE, If)."""
+    try:
+        x.references = references_of(x.described, x.request.headers)
+    except HeaderRefused as exc:
+        x.outcome.decision, x.outcome.rule = "deny", REFERENCES_RULE
+        return x.refuse(exc.status, exc.reason, exc.text)
+    return None
+
+
+async def upload_precheck(x: Exchange) -> Answer:
+    """A POST of a restic object: a module's is checked before its body is let in, and its
+    body must then hash to the object's name, wherever it is sent."""
+    upload = x.upload = Upload.of(x.described, x.backend)
+    if upload is None:
+        return None
+    if (refusal := upload.precheck(x.request.content_length, x.outcome)) is not None:
+        return refusal
+    if upload.verified:
+        x.body_transforms.append(upload.verify)
+    return None
+
+
+def _not_allowed() -> web.Response:
+    return plain(405, "method not allowed", {"Allow": "GET, HEAD"})
+
+
+STAGES: tuple[Stage, ...] = (
+    source_address,     # 403
+    head_size,          # 431
+    operations,         # /health, /metrics
+    canonical_target,   # 400
+    health_probe,       # 404 or 503, no credentials
+    credentials,        # 401, 429
+    node_status,        # /status
+    policy,             # 403
+    webdav_references,  # 400, 403
+    upload_precheck,    # 411, 400
+    dispatch,           # to a backend of this node, or to a peer gateway
+)

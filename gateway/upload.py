@@ -1,0 +1,339 @@
+"""A POST of a restic object, from its precheck to its outcome: one `Upload` owns it.
+
+Restic names every object but `config` by the SHA-256 of its content, which gives
+the gateway two powers over `/<destination>/<app>/<module>/<type>/<id>`:
+
+- **Verification** (a module's upload; nodes are trusted with full access). The
+  body must say its length (411 otherwise); an empty body is checked at once. It
+  streams on as it arrives, except for the last chunk, held back until the whole
+  body is hashed: on a mismatch `verify` raises, the next hop's connection is
+  aborted short of `Content-Length` and `rclone serve restic` discards the partial
+  file. It does so a moment after it sees the connection close, so the 400 waits
+  until the backend no longer has the object. An upload over an object that exists
+  is answered before any byte is sent, as the append-only backend would answer it;
+  unless the stored object is complete and the body is the same bytes (a retry
+  whose answer was lost): then 200, and nothing is written. Memory: one chunk.
+- **Repair** (every upload, a node's too). `rclone serve restic` writes an object
+  under its final name while it arrives and removes it when the upload fails;
+  killed in the middle, it cannot, and the half-written object stays. The
+  append-only server would then refuse the client's retry (the object "exists")
+  and the repository would hold a broken object. An object whose content does not
+  hash to its name is certainly partial: it holds no backup data and is removed
+  through the full-access server. That is done when an upload breaks on the backend
+  side (before the client is answered), and when the append-only server refuses an
+  upload because the object exists (the leftover of a crash the gateway did not
+  see, such as its own): the client then gets a 503 and its retry goes through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from enum import Enum, auto
+from typing import Protocol
+
+import aiohttp
+from aiohttp import web
+from yarl import URL
+
+from backends.manager import Generation
+from gateway.paths import Target
+from gateway.policy import OBJECTS, REST_MEDIA_TYPE, Backend, Request, shape_of
+from gateway.proxy import BodyRefused, StatusHook, plain
+
+# The name operators' log filters know this from.
+log = logging.getLogger("rclone_gateway.repair")
+
+EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+# Below this, handing a chunk to a thread costs more than hashing it here.
+THREAD_HASH_MIN = 64 * 1024
+# Seconds a repair waits for the full-access child to be back after a crash.
+READY_WAIT = 10.0
+RESTIC_BACKENDS = frozenset({Backend.RESTIC, Backend.RESTIC_APPEND_ONLY})
+PARTIAL = "object left partial by an earlier upload"
+MISMATCH_TEXT = "body does not match the object name (sha256)"
+MISMATCH_REASON = "upload does not match its object name"
+
+# Lets the request body in and gives it to be read here, through the exchange's body
+# transforms (`Upload.verify` among them for a verified upload).
+BodyReader = Callable[[], Awaitable[AsyncIterator[bytes]]]
+
+
+class HasReason(Protocol):
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectPath:
+    """`/<destination>/<app>/<module uuid>/<type>/<id>`, parsed once."""
+
+    target: Target
+    destination: str
+    app: str
+    uuid: str
+    kind: str  # data, keys, locks, snapshots, index
+    object_id: str  # 64 lowercase hex: the SHA-256 of the content
+
+
+def object_path(target: Target) -> ObjectPath | None:
+    """The restic object a canonical target names, or None."""
+    if shape_of(target) not in OBJECTS:
+        return None
+    destination, app, uuid, kind, object_id = target.segments
+    return ObjectPath(target, destination, app, uuid, kind, object_id)
+
+
+class DigestMismatch(BodyRefused):
+    """The body of a verified upload does not hash to the object's name."""
+
+    def __init__(self) -> None:
+        super().__init__(400, MISMATCH_TEXT, MISMATCH_REASON)
+
+
+class RepairOutcome(Enum):
+    """What a repair found under the object's name, and did about it."""
+
+    ABSENT = auto()  # nothing stored
+    LEFT_TO_BACKEND = auto()  # its generation stopped in order: rclone removed it itself
+    COMPLETE = auto()  # the stored content hashes to the name: kept
+    REMOVED = auto()  # partial, removed
+    BACKEND_NOT_BACK = auto()  # the full-access child did not come back in time
+    NOT_CHECKED = auto()  # reading it back answered another status
+    NOT_REMOVED = auto()  # partial, but the removal answered another status
+    BACKEND_ERROR = auto()  # the full-access child failed meanwhile
+
+
+# The access log's reason ends with the note of a repair made on the way.
+_NOTES = {
+    RepairOutcome.ABSENT: "",
+    RepairOutcome.LEFT_TO_BACKEND: "",
+    RepairOutcome.COMPLETE: "; stored object is complete",
+    RepairOutcome.REMOVED: "; partial object removed",
+    RepairOutcome.BACKEND_NOT_BACK: "; backend not back, partial object not checked",
+    RepairOutcome.NOT_CHECKED: "; stored object not checked ({status})",
+    RepairOutcome.NOT_REMOVED: "; partial object could not be removed ({status})",
+    RepairOutcome.BACKEND_ERROR: "; partial object not checked (backend error)",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Repair:
+    outcome: RepairOutcome
+    status: int | None = None  # the backend's answer, for NOT_CHECKED and NOT_REMOVED
+
+    @property
+    def note(self) -> str:
+        return _NOTES[self.outcome].format(status=self.status)
+
+
+class Upload:
+    """One POST of a restic object to a Restic REST backend, a node's or a module's."""
+
+    def __init__(self, path: ObjectPath, backend: Backend, verified: bool) -> None:
+        self.path = path
+        self.backend = backend
+        self.verified = verified  # a module's: the body must hash to the object's name
+        self.body_matched = False  # set by `verify` once the whole body hashed to the name
+        self._generation: Generation | None = None
+        self._session: aiohttp.ClientSession | None = None
+
+    @classmethod
+    def of(cls, request: Request, backend: Backend) -> Upload | None:
+        """The upload `request` is, sent to `backend` as the policy decided; None if none."""
+        if request.method != "POST" or backend not in RESTIC_BACKENDS:
+            return None
+        path = object_path(request.target)
+        if path is None:
+            return None
+        return cls(path, backend, not request.caller.is_node and not request.target.query)
+
+    # --- before the body is let in, wherever it goes ---------------------------------------
+
+    def precheck(self, content_length: int | None, notes: HasReason) -> web.Response | None:
+        """A verified upload must say its length; an empty one is checked here and now."""
+        if not self.verified:
+            return None
+        if content_length is None:
+            notes.reason = "upload without Content-Length"
+            return plain(411, "Content-Length required for restic object uploads")
+        if content_length == 0 and not hmac.compare_digest(self.path.object_id, EMPTY_SHA256):
+            notes.reason = MISMATCH_REASON
+            return plain(400, MISMATCH_TEXT)
+        return None
+
+    async def verify(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        """The body transform of a verified upload: raises DigestMismatch before its end."""
+        digest = hashlib.sha256()
+        loop = asyncio.get_running_loop()
+        held: bytes | None = None
+        async for chunk in chunks:
+            # A large chunk is hashed in a thread (hashlib lets go of the GIL) while the
+            # previous one goes on: the event loop serves others meanwhile.
+            hashing = (loop.run_in_executor(None, digest.update, chunk)
+                       if len(chunk) >= THREAD_HASH_MIN else None)
+            if hashing is None:
+                digest.update(chunk)
+            if held is not None:
+                yield held
+            if hashing is not None:
+                await hashing
+            held = chunk
+        if not hmac.compare_digest(digest.hexdigest(), self.path.object_id):
+            raise DigestMismatch()
+        self.body_matched = True
+        if held is not None:
+            yield held
+
+    # --- at a backend of this node ---------------------------------------------------------
+
+    def stored_by(self, generation: Generation) -> None:
+        """The upload goes to `generation`'s backend (not to a peer, which owns it there)."""
+        self._generation = generation
+        self._session = generation.session(self.backend)
+
+    async def over_existing_object(
+        self, read_body: BodyReader, notes: HasReason
+    ) -> web.StreamResponse | None:
+        """A verified upload over an object that exists: what the append-only server would
+        answer, decided without sending it the body. None when there is no such object."""
+        if not self.verified or not await self._exists():
+            return None
+        repair = await self.repair()
+        if repair.outcome is RepairOutcome.REMOVED:
+            return _partial_removed(repair, notes)
+        # restic retries an upload whose answer it lost (a backend or peer died after storing
+        # it). Stored bytes and sent bytes both hash to the object's name: they are the same
+        # bytes, so the retry succeeds and nothing is written.
+        if repair.outcome is RepairOutcome.COMPLETE and await self._reads_whole(await read_body()):
+            notes.reason = "object stored already with the same content"
+            return plain(200, "object stored already")
+        notes.reason = "object exists already"
+        return plain(403, "forbidden: the object exists already (append-only)")
+
+    def refused_status_hook(self, notes: HasReason) -> StatusHook:
+        """For forward(): a 403 over an existing object that proves partial becomes a 503."""
+
+        async def on_status(status: int) -> web.StreamResponse | None:
+            if status != 403:
+                return None
+            repair = await self.repair()
+            if repair.outcome is not RepairOutcome.REMOVED:
+                return None
+            return _partial_removed(repair, notes)
+
+        return on_status
+
+    async def after_refused_body(self) -> str:
+        """The body was cut short of its end: waits until the backend has dropped what it
+        received. Returns a note for the access log reason."""
+        if await self._wait_until_absent():
+            return ""
+        return (await self.repair()).note
+
+    async def repair(self) -> Repair:
+        """After an upload broke or was refused: removes the stored object if it is partial."""
+        generation = self._bound()
+        if generation.stopping:
+            return Repair(RepairOutcome.LEFT_TO_BACKEND)
+        if not await _wait_ready(generation, Backend.RESTIC):
+            return Repair(RepairOutcome.BACKEND_NOT_BACK)
+        session = generation.session(Backend.RESTIC)
+        url = self._url()
+        headers = {"Accept": REST_MEDIA_TYPE}
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=30)
+        try:
+            async with session.get(url, headers=headers, timeout=timeout) as response:
+                if response.status == 404:
+                    return Repair(RepairOutcome.ABSENT)
+                if response.status != 200:
+                    return Repair(RepairOutcome.NOT_CHECKED, response.status)
+                digest = hashlib.sha256()
+                async for chunk in response.content.iter_chunked(256 * 1024):
+                    digest.update(chunk)
+            if digest.hexdigest() == self.path.object_id:
+                return Repair(RepairOutcome.COMPLETE)
+            async with session.delete(url, headers=headers, timeout=timeout) as response:
+                if response.status not in (200, 204, 404):
+                    return Repair(RepairOutcome.NOT_REMOVED, response.status)
+        except (aiohttp.ClientError, TimeoutError, RuntimeError):  # RuntimeError: session closed
+            return Repair(RepairOutcome.BACKEND_ERROR)
+        log.warning("removed the partial object left by a broken upload: %s",
+                    self.path.target.display)
+        return Repair(RepairOutcome.REMOVED)
+
+    async def _reads_whole(self, body: AsyncIterator[bytes]) -> bool:
+        """Reads `body` (through `verify`) to its end, keeping none of it: True when it
+        hashed to the object's name."""
+        try:
+            async for _ in body:
+                pass
+        except BodyRefused:
+            return False
+        return self.body_matched
+
+    def _bound(self) -> Generation:
+        if self._generation is None:
+            raise RuntimeError("the upload is not at a backend of this node")
+        return self._generation
+
+    def _url(self) -> URL:
+        return URL("http://backend" + self.path.target.path, encoded=True)
+
+    async def _status(self, timeout: float) -> int | None:
+        assert self._session is not None
+        try:
+            async with self._session.head(
+                    self._url(), headers={"Accept": REST_MEDIA_TYPE},
+                    timeout=aiohttp.ClientTimeout(total=timeout)) as response:
+                return response.status
+        except (TimeoutError, aiohttp.ClientError):
+            return None
+
+    async def _exists(self) -> bool:
+        """Whether the backend has the object already (then an append-only upload is refused
+        anyway, and a mismatching body could not be told from the stored object)."""
+        return await self._status(5.0) == 200
+
+    async def _wait_until_absent(
+        self, *, within: float = 5.0, every: float = 0.02, settle: float = 0.25
+    ) -> bool:
+        """Polls the backend until the object is gone (True) or `within` seconds passed (False).
+
+        The aborted upload's handler in the backend may not even have created the file when
+        the first check runs (a loaded machine delays it): the object counts as gone only when
+        it is still absent `settle` seconds after it was first seen absent.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        absent_since: float | None = None
+        while True:
+            now = loop.time()
+            if await self._status(1.0) == 404:
+                if absent_since is None:
+                    absent_since = now
+                elif now - absent_since >= settle:
+                    return True
+            else:
+                absent_since = None
+            if now >= deadline:
+                return False
+            await asyncio.sleep(every)
+
+
+def _partial_removed(repair: Repair, notes: HasReason) -> web.Response:
+    notes.reason = PARTIAL + repair.note
+    return plain(503, "partial object removed; retry", {"Retry-After": "1"})
+
+
+async def _wait_ready(generation: Generation, backend: Backend) -> bool:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + READY_WAIT
+    while not generation.children[backend].ready:
+        if loop.time() > deadline or generation.stopping:
+            return False
+        await asyncio.sleep(0.05)
+    return True
