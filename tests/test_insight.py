@@ -170,6 +170,7 @@ def test_figures_after_a_backup_agree_everywhere_and_come_back_after_a_restart(
     assert table.returncode == 0 and "ldap1" in table.stdout
 
     env.gateway.restart()
+    env.gateway.proc.send_signal(signal.SIGUSR1)  # list the storage now (it does at start too)
     wait_for(lambda: any(r["uuid"] == MODULES[user][1] and r["stored_bytes"] == on_disk
                          for r in env.status()["repositories"]), 60,
              lambda: f"the scan after the restart: {env.status()['repositories']}")
@@ -238,9 +239,9 @@ def test_the_status_page_in_a_browser_marks_the_stale_repository(
     old = time.time() - 30 * 3600
     for snapshot in (stale_repo / "snapshots").iterdir():
         os.utime(snapshot, (old, old))
-    env.gateway.proc.send_signal(signal.SIGUSR1)  # list the storage now
-    wait_for(lambda: any(r["uuid"] == module_uuid for r in env.status()["repositories"]), 60,
-             lambda: "the scan to find the stale repository")
+    rescan = env.cli("--rescan", "--json")  # has the gateway list the storage, waits for it
+    assert rescan.returncode == 0, rescan.stderr
+    assert any(r["uuid"] == module_uuid for r in json.loads(rescan.stdout)["repositories"])
     assert env.repo("module/dokuwiki1")["stale"]
     stale = env.cli("--stale", "26h")
     assert stale.returncode == 1 and "dokuwiki1" in stale.stderr, stale

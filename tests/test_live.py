@@ -308,7 +308,16 @@ def test_remote_error_summary_names_the_cause_without_secrets() -> None:
 
 
 def test_acl_change_applies_at_once_without_backend_restart(live: Live) -> None:
-    before = health(live.gateway)
+    # a reload an earlier test started may still be under way: let it end first
+    settled = health(live.gateway)
+    for _ in range(60):
+        time.sleep(1.0)
+        before = health(live.gateway)
+        if before["reloads"] == settled["reloads"] and before["status"] == "ok":
+            break
+        settled = before
+    else:
+        raise AssertionError(f"the gateway kept reloading: {settled}")
     who = ("module/wiki7", "wiki7-secret")
     conn = http.client.HTTPConnection(live.gateway.host, live.gateway.port, timeout=5)
 
