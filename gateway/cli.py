@@ -57,6 +57,12 @@ def positive_seconds(value: str) -> float:
     return seconds
 
 
+def positive_count(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError("expected a whole number of at least 1")
+    return int(value)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rclone-gateway")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -90,11 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--backend-timeout", type=positive_seconds, default=30.0,
                        help="seconds of backend silence before a request is answered 504 "
                             "(default 30; peer gateways get 5 s more)")
-    serve.add_argument("--liveness-interval", type=float, default=2.0,
+    serve.add_argument("--liveness-interval", type=positive_seconds, default=2.0,
                        help="seconds between checks that each rclone child still answers")
-    serve.add_argument("--liveness-timeout", type=float, default=5.0,
+    serve.add_argument("--liveness-timeout", type=positive_seconds, default=5.0,
                        help="seconds a child has to answer a liveness check")
-    serve.add_argument("--liveness-misses", type=int, default=3,
+    serve.add_argument("--liveness-misses", type=positive_count, default=3,
                        help="checks missed in a row before a child is replaced")
     serve.add_argument("--scan-interval", type=positive_seconds, default=3600.0,
                        help="seconds between two listings of the storage for /status and "
