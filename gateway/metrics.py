@@ -2,7 +2,7 @@
 
 Counters and the duration histogram are fed once per request; everything that
 describes the current state (backends, destinations, Redis, in-flight
-requests) is read from the live health document at scrape time, so a scrape
+requests) is read from the node's status (gateway.status) at scrape time, so a scrape
 always tells the truth. Labels have bounded values only: no paths, no user
 names, no free text.
 """
@@ -24,6 +24,8 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from gateway.status import NodeStatus
+
 NAMESPACE = "rclone_gateway"
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -41,7 +43,7 @@ AUTH_FAILURE_REASONS = {"no credentials": "missing", "bad credentials": "invalid
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300,
                     600)
 
-HealthSource = Callable[[], Mapping[str, Any]]
+HealthSource = Callable[[], NodeStatus]
 
 # No `*_created` series beside every counter: they double the exposition for nothing a
 # scraper of this gateway uses (process_start_time_seconds tells when counting began).
@@ -60,17 +62,15 @@ def bounded(value: str, allowed: frozenset[str], fallback: str = "none") -> str:
     return value if value in allowed else fallback
 
 
-def live_families(health: Mapping[str, Any]) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-    """The state gauges, from one health document (see Gateway.health_document)."""
+def live_families(node: NodeStatus) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    """The state gauges, from the node's status (see Gateway.node_status)."""
     ns = NAMESPACE
     yield _gauge(f"{ns}_build_info", "Version of the running gateway.", 1.0,
-                 {"version": str(health.get("version", ""))})
+                 {"version": node.version})
     yield _gauge(f"{ns}_serving", "1 when the gateway serves requests (/health answers 200).",
-                 1.0 if health.get("status") in ("ok", "degraded") else 0.0)
-    yield _gauge(f"{ns}_inflight_requests", "Requests being handled now.",
-                 float(health.get("inflight", 0)))
+                 1.0 if node.serving else 0.0)
+    yield _gauge(f"{ns}_inflight_requests", "Requests being handled now.", float(node.inflight))
 
-    backends: Mapping[str, Mapping[str, Any]] = health.get("backends", {})
     up = GaugeMetricFamily(f"{ns}_backend_up", "1 when the rclone serve child answers.",
                            labels=["backend"])
     restarts = CounterMetricFamily(
@@ -87,22 +87,20 @@ def live_families(health: Mapping[str, Any]) -> Iterator[GaugeMetricFamily | Cou
     answering = GaugeMetricFamily(
         f"{ns}_backend_answering",
         "1 when the rclone serve child answered its last liveness check.", labels=["backend"])
-    generation = 0
-    for name, child in sorted(backends.items()):
-        up.add_metric([name], 1.0 if child.get("state") == "running" else 0.0)
-        restarts.add_metric([name], float(child.get("restarts", 0)))
-        replacements.add_metric([name, "unresponsive"], float(child.get("replacements", 0)))
-        answering.add_metric([name], 1.0 if child.get("answering", True) else 0.0)
-        generation = max(generation, int(child.get("generation", 0)))
+    for child in sorted(node.backends, key=lambda b: b.name):
+        up.add_metric([child.name], 1.0 if child.running else 0.0)
+        restarts.add_metric([child.name], float(child.restarts))
+        replacements.add_metric([child.name, "unresponsive"], float(child.replacements))
+        answering.add_metric([child.name], 1.0 if child.answering else 0.0)
     yield up
     yield restarts
     yield replacements
     yield answering
     yield _gauge(f"{ns}_config_generation",
                  "Number of the backend generation serving new requests (0: none).",
-                 float(generation))
+                 float(node.generation))
     yield _counter(f"{ns}_reloads", "Backend generations started for a new configuration.",
-                   float(health.get("reloads", 0)))
+                   float(node.reloads))
 
     dest_up = GaugeMetricFamily(
         f"{ns}_destination_up",
@@ -110,27 +108,17 @@ def live_families(health: Mapping[str, Any]) -> Iterator[GaugeMetricFamily | Cou
         "served through a peer gateway are left out.",
         labels=["destination"],
     )
-    destinations: Mapping[str, Mapping[str, Any]] = health.get("destinations", {})
-    for uuid, dest in sorted(destinations.items()):
-        if _served_by_peer(dest):
-            continue
-        dest_up.add_metric([uuid], 1.0 if dest.get("state") == "ok" else 0.0)
+    for dest in sorted(node.destinations, key=lambda d: d.uuid):
+        if not dest.served_by_peer:
+            dest_up.add_metric([dest.uuid], 1.0 if dest.state == "ok" else 0.0)
     yield dest_up
 
-    redis: Mapping[str, Any] = health.get("redis", {})
     yield _gauge(f"{ns}_redis_connected", "1 when the last read of Redis succeeded.",
-                 1.0 if redis.get("connected") else 0.0)
-    last_sync = redis.get("last_sync")
-    if last_sync is not None:
+                 1.0 if node.redis.connected else 0.0)
+    if node.redis.last_sync is not None:
         yield _gauge(f"{ns}_redis_last_sync_timestamp_seconds",
                      "Unix time of the last full read of the configuration from Redis.",
-                     float(last_sync))
-
-
-def _served_by_peer(dest: Mapping[str, Any]) -> bool:
-    """A /health destination entry another node serves for this one (peers.where_served:
-    state `forwarded`, served `peer`)."""
-    return dest.get("served") != "here" and dest.get("state") == "forwarded"
+                     float(node.redis.last_sync))
 
 
 def _gauge(name: str, doc: str, value: float,

@@ -38,6 +38,7 @@ from gateway.redis_source import RedisSource
 from gateway.reloader import Reloader
 from gateway.sd_notify import Notifier
 from gateway.settings import Settings
+from gateway.status import BackendStatus, DestinationHealth, NodeStatus, RedisHealth, Replaced
 from gateway.throttle import LoginThrottle
 
 log = logging.getLogger("rclone_gateway")
@@ -64,7 +65,7 @@ class Gateway:
         self.stopping = False
         self.started = time.time()
         self.label_suffix = f"@node{settings.node_id}"
-        self.metrics = GatewayMetrics(self.health_document)
+        self.metrics = GatewayMetrics(self.node_status)
         self.access_log = AccessLog()
         self.systemd = Notifier()
         self.reachability = Reachability(probe_interval=settings.remote_probe_interval,
@@ -143,25 +144,19 @@ class Gateway:
         generation = self.backends.current
         return generation is not None and generation.healthy
 
-    def health_document(self) -> dict[str, object]:
+    def node_status(self) -> NodeStatus:
         generation = self.backends.current
         state = self.source.state
-        backends: dict[str, object] = {}
+        backends: list[BackendStatus] = []
         if generation is not None:
             for backend, child in generation.children.items():
                 replaced = self.backends.last_replacement.get(backend)
-                backends[backend.value] = {
-                    "state": child.state, "pid": child.pid, "restarts": child.restarts,
-                    "generation": generation.number,
-                    "answering": child.missed_checks == 0,
-                    "missed_checks": child.missed_checks,
-                    "replacements": self.backends.replacements[backend],
-                    "last_replacement": None if replaced is None else {
-                        "reason": replaced.reason, "at": replaced.at,
-                        "old_pid": replaced.old_pid, "new_pid": replaced.new_pid,
-                    },
-                }
-        destinations: dict[str, object] = {}
+                backends.append(BackendStatus(
+                    backend.value, child.state, child.pid, child.restarts, generation.number,
+                    child.missed_checks, self.backends.replacements[backend],
+                    None if replaced is None else Replaced(
+                        replaced.reason, replaced.at, replaced.old_pid, replaced.new_pid)))
+        destinations: list[DestinationHealth] = []
         if state is not None:
             for uuid, dest in sorted(state.destinations.items()):
                 served = self.served_here(uuid)
@@ -169,32 +164,26 @@ class Gateway:
                                      None if served else self.peers.route_for(dest))
                 if not served and uuid in self.placement.invalid:
                     entry.update(self.reloader.destination_problem(uuid) or {})
-                destinations[uuid] = {"name": dest.name, "provider": dest.provider, **entry}
-        serving = self.serving()
-        if not serving:
+                destinations.append(DestinationHealth(uuid, dest.name, dest.provider, entry))
+        if not self.serving():
             status = "down"
-        elif not self.source.status.connected or (generation is not None and any(
-                child.missed_checks for child in generation.children.values())):
+        elif not self.source.status.connected or any(b.missed_checks for b in backends):
             status = "degraded"
         else:
             status = "ok"
-        return {
-            "status": status,
-            "node_id": self.settings.node_id,
-            "version": __version__,
-            "uptime": round(time.time() - self.started, 3),
-            "redis": {
-                "connected": self.source.status.connected,
-                "last_sync": self.source.status.last_sync,
-                "last_error": self.source.status.last_error,
-                "down_since": self.source.status.down_since,
-            },
-            "backends": backends,
-            "destinations": destinations,
-            "peers": self.peers.report(),
-            "inflight": self.pipeline.inflight,
-            "reloads": self.backends.reloads,
-        }
+        redis = self.source.status
+        return NodeStatus(
+            status=status, node_id=self.settings.node_id, version=__version__,
+            uptime=round(time.time() - self.started, 3),
+            redis=RedisHealth(redis.connected, redis.last_sync, redis.last_error,
+                              redis.down_since),
+            backends=tuple(backends), destinations=tuple(destinations),
+            peers=self.peers.report(), inflight=self.pipeline.inflight,
+            reloads=self.backends.reloads,
+        )
+
+    def health_document(self) -> dict[str, object]:
+        return self.node_status().document()
 
     def _layout(self) -> Layout | None:
         generation = self.backends.current
@@ -205,14 +194,13 @@ class Gateway:
 
     def report(self) -> Report:
         state = self.source.state or ClusterState()
-        health = self.health_document()
         return build_report(
             node_id=self.settings.node_id, now=time.time(),
             served_here={uuid for uuid in self.placement.local if self.served_here(uuid)},
             activity=self.recorder.repositories, stored=self.scanner.stored,
             spaces=self.scanner.spaces,
             module_ids={uuid: module for module, uuid in state.module_uuids.items()},
-            destinations=health["destinations"],  # type: ignore[arg-type]
+            destinations=self.node_status().destinations,
             last_scan_at=self.scanner.last_full_scan,
         )
 

@@ -8,6 +8,7 @@ from gateway.insight.record import Exchange, Recorder, RepositoryKey, repository
 from gateway.insight.report import STALE_AFTER, build_report
 from gateway.insight.scan import figures, repositories, space
 from gateway.paths import canonicalise
+from gateway.status import DestinationHealth
 
 DEST = "dddd0000-0000-4000-8000-000000000001"
 UUID = "uuuu0000-0000-4000-8000-000000000001"
@@ -95,11 +96,11 @@ def test_report_flags_stale_repositories_and_old_locks_and_renders() -> None:
     report = build_report(
         node_id="1", now=now, served_here={DEST}, activity=recorder.repositories, stored={},
         spaces={}, module_ids={UUID: "traefik1"},
-        destinations={DEST: {"name": "local", "provider": "cluster", "served": "here",
-                             "state": "ok"},
-                      "elsewhere": {"name": "n2", "provider": "cluster", "served": "peer",
-                                    "state": "forwarded", "peer": "node2",
-                                    "peer_address": "10.5.4.2"}},
+        destinations=[DestinationHealth(DEST, "local", "cluster",
+                                        {"served": "here", "state": "ok"}),
+                      DestinationHealth("elsewhere", "n2", "cluster",
+                                        {"served": "peer", "state": "forwarded",
+                                         "peer": "node2", "peer_address": "10.5.4.2"})],
         last_scan_at=None)
     by_module = {r.label: r for r in report.repositories}
     assert set(by_module) == {"traefik1", "o" * 8}  # only what is served here

@@ -48,6 +48,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway import cli, logs
 from gateway.metrics import live_families
 from gateway.operator_commands import MASK, mask_config
+from gateway.status import BackendStatus, DestinationHealth, NodeStatus, RedisHealth
 
 LOCAL_DEST = "7e1f0c2a-5b3d-4e6f-8a9b-0c1d2e3f4a01"
 CRYPT_DEST = "8f2a1d3b-6c4e-4f70-9bac-1d2e3f4a5b02"
@@ -238,17 +239,18 @@ def test_metrics_follow_the_trusted_source_rule(ops: Ops) -> None:
     assert ops.request("POST", "/metrics", NODE, body=b"x")[0] == 405
 
 
-def test_live_families_from_a_health_document() -> None:
-    document = {
-        "status": "down", "version": "9.9", "inflight": 4, "reloads": 2,
-        "backends": {"webdav": {"state": "restarting", "restarts": 3, "generation": 7}},
-        "destinations": {"a": {"state": "ok", "served": "here"},
-                         "b": {"state": "forwarded", "served": "peer"},
-                         "c": {"state": "error", "served": "no"}},
-        "redis": {"connected": False, "last_sync": None},
-    }
+def test_live_families_from_a_node_status() -> None:
+    node = NodeStatus(
+        status="down", node_id="1", version="9.9", uptime=1.0, inflight=4, reloads=2,
+        backends=(BackendStatus("webdav", "restarting", None, 3, 7, 0, 0, None),),
+        destinations=(DestinationHealth("a", "", "cluster", {"state": "ok", "served": "here"}),
+                      DestinationHealth("b", "", "cluster",
+                                        {"state": "forwarded", "served": "peer"}),
+                      DestinationHealth("c", "", "rclone", {"state": "error", "served": "no"})),
+        redis=RedisHealth(False, None, None, None), peers={},
+    )
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-               for family in live_families(document) for s in family.samples}
+               for family in live_families(node) for s in family.samples}
     assert samples[("rclone_gateway_serving", ())] == 0
     assert samples[("rclone_gateway_inflight_requests", ())] == 4
     assert samples[("rclone_gateway_backend_up", (("backend", "webdav"),))] == 0

@@ -51,6 +51,7 @@ from harness import (
 )
 
 from gateway.metrics import live_families
+from gateway.status import DestinationHealth, NodeStatus, RedisHealth
 
 NODE = ("node/1", "promises-node-password-71")
 TRAEFIK = ("module/traefik1", "promises-traefik-password-72")
@@ -1027,13 +1028,19 @@ def test_destination_up_leaves_out_destinations_served_by_a_peer(shared: Shared)
     assert not [line for line in lines if shared.peer_dest in line], lines
 
     # Every kind of entry /health has (gateway/peers.py where_served).
-    document = {"destinations": {
+    entries = {
         "here-ok": {"state": "ok", "served": "here"},
         "via-peer": {"state": "forwarded", "served": "peer", "peer": "node2",
                      "peer_address": "10.5.4.2", "reason": "remote failed to start"},
         "nowhere": {"state": "error", "served": "no", "error": "remote failed to start"},
         "down": {"state": "down", "served": "no", "error": "backends not ready"},
-    }}
-    up = {s.labels["destination"]: s.value for family in live_families(document)
+    }
+    node = NodeStatus(
+        status="ok", node_id="1", version="0", uptime=1.0,
+        redis=RedisHealth(True, None, None, None), backends=(),
+        destinations=tuple(DestinationHealth(uuid, "", "rclone", where)
+                           for uuid, where in entries.items()),
+        peers={}, inflight=0, reloads=0)
+    up = {s.labels["destination"]: s.value for family in live_families(node)
           for s in family.samples if s.name == "rclone_gateway_destination_up"}
     assert up == {"here-ok": 1.0, "nowhere": 0.0, "down": 0.0}

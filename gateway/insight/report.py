@@ -7,12 +7,13 @@ state. It never holds object names (lock ids included) or secrets.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from gateway.insight.record import Activity, RepositoryKey
 from gateway.insight.scan import Space, StoredFigures
+from gateway.status import DestinationHealth
 
 STALE_AFTER = 26 * 3600.0  # no snapshot for this long: the repository is flagged
 OLD_LOCK_AFTER = 3600.0  # a lock older than this: flagged (restic's own stale lock is 30 min)
@@ -137,7 +138,7 @@ def build_report(
     stored: Mapping[RepositoryKey, StoredFigures],
     spaces: Mapping[str, Space],
     module_ids: Mapping[str, str],  # module uuid -> module id
-    destinations: Mapping[str, Mapping[str, object]],  # uuid -> the /health entry
+    destinations: Iterable[DestinationHealth],
     last_scan_at: float | None,
 ) -> Report:
     keys = sorted(k for k in {*activity, *stored} if k.destination in served_here)
@@ -145,12 +146,13 @@ def build_report(
         repository_status(k, module_ids.get(k.uuid), activity.get(k), stored.get(k), now)
         for k in keys)
     dests = []
-    for uuid, entry in sorted(destinations.items()):
-        space = spaces.get(uuid)
+    for health in sorted(destinations, key=lambda d: d.uuid):
+        space = spaces.get(health.uuid)
         dests.append(DestinationStatus(
-            uuid=uuid, name=str(entry.get("name") or ""), provider=str(entry.get("provider")),
-            served=str(entry.get("served")), state=str(entry.get("state")),
-            peer=_text(entry.get("peer")), peer_address=_text(entry.get("peer_address")),
+            uuid=health.uuid, name=health.name, provider=health.provider,
+            served=health.served, state=health.state,
+            peer=_text(health.where.get("peer")),
+            peer_address=_text(health.where.get("peer_address")),
             total_bytes=space.total if space else None,
             free_bytes=space.free if space else None,
         ))
