@@ -12,12 +12,13 @@ import asyncio
 from aiohttp import web
 
 from backends.manager import Generation
+from backends.process import RcloneChild
 from gateway.peers import unavailable
 from gateway.pipeline.exchange import Exchange
 from gateway.policy import Backend
 from gateway.proxy import BodyRefused, UpstreamError, forward, plain
 from gateway.upload import Upload
-from gateway.upstream import BodyFailed, ConnectFailed
+from gateway.upstream import RETRYABLE_METHODS, BodyFailed, Broken, ConnectFailed
 
 # Seconds a request waits for its backend child to come back from a restart before 503.
 CHILD_RESTART_WAIT = 5.0
@@ -73,6 +74,7 @@ async def to_backend(x: Exchange, uuid: str | None) -> web.StreamResponse:
                 return answer
         body_filter = await x.admit_body()
         for attempt in (1, 2):
+            child = generation.children[backend]
             try:
                 response = await forward(
                     x.request, x.target, generation.pool(backend), label, x.outcome.transfer,
@@ -83,14 +85,12 @@ async def to_backend(x: Exchange, uuid: str | None) -> web.StreamResponse:
             except BodyFailed as exc:
                 return await _body_failed(x, exc, upload)
             except UpstreamError as exc:
-                if (attempt == 1 and isinstance(exc.__cause__, ConnectFailed)
-                        and not x.outcome.transfer.bytes_in):
-                    # The child died since it was last seen running: nothing was sent, so
-                    # the request waits for its restart like one that came a moment later.
-                    await asyncio.sleep(CHILD_EXIT_NOTICE)
-                    if (restarted := await _ready_generation(x, backend)) is not None:
-                        generation = restarted
-                        continue
+                # The child died under a request it had not begun to act on: the request
+                # waits for the restart, like one that came a moment later.
+                if (attempt == 1 and await _child_died(x, exc, child)
+                        and (restarted := await _ready_generation(x, backend)) is not None):
+                    generation = restarted
+                    continue
                 x.outcome.reason = exc.reason
                 x.services.observe_status(uuid, exc.status)
                 if exc.status == 502 and upload is not None:
@@ -110,6 +110,18 @@ async def _body_failed(x: Exchange, exc: BodyFailed, upload: Upload | None) -> w
         return exc.cause.answer()
     x.outcome.reason = x.cut_reason()
     return web.Response(status=499, reason="Client Closed Request")
+
+
+async def _child_died(x: Exchange, exc: UpstreamError, child: RcloneChild) -> bool:
+    """Whether `exc` came from `child` dying, at a point where sending the request again
+    does no harm: refused (nothing sent), or cut on a request that may be repeated."""
+    cause = exc.__cause__
+    if x.outcome.transfer.bytes_in or not (
+            isinstance(cause, ConnectFailed)
+            or (isinstance(cause, Broken) and x.request.method in RETRYABLE_METHODS)):
+        return False
+    await asyncio.sleep(CHILD_EXIT_NOTICE)
+    return not child.ready or child.proc is None or child.proc.returncode is not None
 
 
 async def _ready_generation(x: Exchange, backend: Backend) -> Generation | None:
