@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from gateway.credentials import AclUser
+from gateway.limits.config import RawLimits
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -52,6 +53,7 @@ class ClusterState:
     module_nodes: dict[str, str] = field(default_factory=dict)
     node_vpn: dict[str, str] = field(default_factory=dict)
     leader: str | None = None
+    limits: RawLimits = field(default_factory=RawLimits)  # this gateway's own keys
 
 
 def parse_network(value: str | None) -> tuple[IPNetwork, ...]:

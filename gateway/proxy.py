@@ -137,6 +137,7 @@ async def forward(
     refuse_statuses: Collection[int] = (),
     on_status: StatusHook | None = None,
     references: References | None = None,
+    response_filter: BodyFilter | None = None,
 ) -> web.StreamResponse:
     """Streams `request` to the canonical target on `pool`'s backend and the answer back.
 
@@ -145,7 +146,7 @@ async def forward(
     A request body that fails (the client went away, `body_filter` refused it) raises
     BodyFailed, after the backend's connection was aborted. The other resources a WebDAV
     request names (`references`: its Destination, its If header's) are named at `pool`'s
-    own authority.
+    own authority. `response_filter` transforms the answer's body on its way back.
     """
     if headers is None:
         headers = request_headers(request.headers)
@@ -183,8 +184,11 @@ async def forward(
             backend_label if isinstance(backend_label, str) else backend_label(upstream.headers)
         )
         await response.prepare(request)
+        chunks = upstream.iter_body(CHUNK)
+        if response_filter is not None:
+            chunks = response_filter(chunks)
         try:
-            async for chunk in upstream.iter_body(CHUNK):
+            async for chunk in chunks:
                 transfer.bytes_out += len(chunk)
                 await response.write(chunk)
         except UpstreamFailure:

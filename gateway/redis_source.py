@@ -15,6 +15,7 @@ from redis.exceptions import RedisError
 
 from gateway.cluster import ClusterState, Destination, parse_network
 from gateway.credentials import parse_acls
+from gateway.limits.config import BWLIMIT_KEY, CONCURRENCY_KEY, QUOTA_PREFIX, RawLimits
 from gateway.tasks import cancel_and_wait
 
 log = logging.getLogger("rclone_gateway.redis")
@@ -59,6 +60,7 @@ async def _scan(client: aioredis.Redis, pattern: str) -> list[str]:
 async def read_state(client: aioredis.Redis) -> ClusterState:
     dest_keys = await _scan(client, DESTINATION_PREFIX + "*")
     vpn_keys = await _scan(client, "node/*/vpn")
+    quota_keys = await _scan(client, QUOTA_PREFIX + "*")
     async with client.pipeline(transaction=False) as pipe:
         pipe.smembers("cluster/acls")
         pipe.hgetall("cluster/module_uuid")
@@ -71,10 +73,16 @@ async def read_state(client: aioredis.Redis) -> ClusterState:
             pipe.hgetall(key)
         for key in vpn_keys:
             pipe.hget(key, "ip_address")
+        pipe.hgetall(BWLIMIT_KEY)
+        pipe.hgetall(CONCURRENCY_KEY)
+        for key in quota_keys:
+            pipe.hgetall(key)
         results = await pipe.execute()
     acls, module_uuids, restore, confs, network, module_nodes, environment = results[:7]
-    dest_attrs = results[7 : 7 + len(dest_keys)]
-    vpn_ips = results[7 + len(dest_keys) :]
+    rest = results[7:]
+    dest_attrs, rest = rest[: len(dest_keys)], rest[len(dest_keys) :]
+    vpn_ips, rest = rest[: len(vpn_keys)], rest[len(vpn_keys) :]
+    bwlimit, concurrency, quotas = rest[0], rest[1], rest[2:]
     destinations = {}
     for key, attrs in zip(dest_keys, dest_attrs, strict=True):
         uuid = key.removeprefix(DESTINATION_PREFIX)
@@ -100,6 +108,12 @@ async def read_state(client: aioredis.Redis) -> ClusterState:
         module_nodes=dict(module_nodes),
         node_vpn=node_vpn,
         leader=environment.get("NODE_ID"),
+        limits=RawLimits(
+            quota={key.removeprefix(QUOTA_PREFIX): dict(hashed)
+                   for key, hashed in zip(quota_keys, quotas, strict=True) if hashed},
+            bwlimit=dict(bwlimit),
+            concurrency=dict(concurrency),
+        ),
     )
 
 

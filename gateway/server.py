@@ -24,10 +24,11 @@ from gateway.cluster import ClusterState
 from gateway.connections import guarded_protocol_factory
 from gateway.http_errors import GatewayServer
 from gateway.insight.metrics import ReportCollector
-from gateway.insight.record import Recorder
+from gateway.insight.record import Recorder, RepositoryKey
 from gateway.insight.report import Report, build_report
-from gateway.insight.scan import Layout, Scanner
+from gateway.insight.scan import Layout, Scanner, StoredFigures
 from gateway.lifecycle import drain_connections
+from gateway.limits.limiter import Limiter
 from gateway.logs import AccessLog
 from gateway.metrics import GatewayMetrics
 from gateway.peers import PeerGateways, where_served
@@ -80,9 +81,13 @@ class Gateway:
         )
         self.source.on_change(self.reloader.on_state)
         self.recorder = Recorder()
+        self.limits = Limiter(lambda: self.source.state)
+        self.source.on_change(self.limits.on_state)
         self.scanner = Scanner(settings.rclone, self._layout, self.backends.child_env(),
                                interval=settings.scan_interval,
-                               on_scanned=lambda key, _: self.recorder.listed(key))
+                               on_scanned=self._listed,
+                               on_listing=self.limits.listing_started,
+                               on_full_scan=self.limits.full_scan_ended)
         self.metrics.registry.register(ReportCollector(self.report))
         self.pipeline = Pipeline(self)
 
@@ -185,6 +190,10 @@ class Gateway:
     def health_document(self) -> dict[str, object]:
         return self.node_status().document()
 
+    def _listed(self, key: RepositoryKey, figures: StoredFigures) -> None:
+        self.recorder.listed(key)
+        self.limits.listed(key, figures.stored_bytes)
+
     def _layout(self) -> Layout | None:
         generation = self.backends.current
         if generation is None:
@@ -228,6 +237,7 @@ class Gateway:
         self.reloader.start()
         self.watchdog.start()
         self.scanner.start()
+        self.limits.start()
         try:
             await self.source.load()
         except Exception as exc:
@@ -250,6 +260,7 @@ class Gateway:
         await self.reachability.close()
         await self.watchdog.close()
         await self.scanner.close()
+        await self.limits.close()
         await self.backends.stop()
         self.access_log.flush()
         log.info("stopped")

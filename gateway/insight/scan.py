@@ -131,6 +131,8 @@ class Scanner:
     spaces: dict[str, Space] = field(default_factory=dict)
     last_full_scan: float | None = None
     on_scanned: Callable[[RepositoryKey, StoredFigures], None] | None = None
+    on_listing: Callable[[RepositoryKey], None] | None = None  # a listing of it begins
+    on_full_scan: Callable[[set[RepositoryKey]], None] | None = None  # the repositories found
     _task: asyncio.Task[None] | None = None
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _full_requested: bool = True  # a first full scan at start
@@ -204,6 +206,8 @@ class Scanner:
         for destination in [d for d in self.spaces if d not in layout.upstreams]:
             del self.spaces[destination]
         self.last_full_scan = started  # what it found is the storage as of then
+        if self.on_full_scan is not None:
+            self.on_full_scan(seen)
         log.info("storage scan: %d repositories in %d destinations", len(seen),
                  len(layout.upstreams))
         return True
@@ -212,6 +216,8 @@ class Scanner:
         layout = layout or self.layout()
         if layout is None or key.destination not in layout.upstreams:
             return
+        if self.on_listing is not None:
+            self.on_listing(key)
         listing = await self._rclone_json(
             "lsjson", "-R", "--files-only", f"{layout.tree_root}{key.path.lstrip('/')}",
             layout=layout)

@@ -30,7 +30,7 @@ async def dispatch(x: Exchange) -> web.StreamResponse:
     """To this node's backend when it serves the destination (or the root), else a peer."""
     segments = x.target.segments
     uuid = segments[0] if segments else None
-    if uuid is not None and not x.services.served_here(uuid):
+    if uuid is not None and x.goes_to_peer:
         return await to_peer(x, uuid)
     return await to_backend(x, uuid)
 
@@ -80,7 +80,7 @@ async def to_backend(x: Exchange, uuid: str | None) -> web.StreamResponse:
                     x.request, x.target, generation.pool(backend), label, x.outcome.transfer,
                     body_filter=body_filter, idle_timeout=x.services.settings.backend_timeout,
                     on_status=upload.refused_status_hook(x.outcome) if upload else None,
-                    references=x.references,
+                    references=x.references, response_filter=x.response_transform,
                 )
             except BodyFailed as exc:
                 return await _body_failed(x, exc, upload)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
@@ -13,6 +13,7 @@ from gateway.cluster import ClusterState
 from gateway.insight.record import Recorder
 from gateway.insight.report import Report
 from gateway.insight.scan import Scanner
+from gateway.limits.limiter import Limiter
 from gateway.logs import AccessLog
 from gateway.metrics import GatewayMetrics
 from gateway.paths import Target
@@ -40,6 +41,7 @@ class Services(Protocol):
     access_log: AccessLog
     recorder: Recorder
     scanner: Scanner
+    limits: Limiter
     label_suffix: str  # of X-Gateway-Backend: "@node<id>"
     stopping: bool
 
@@ -87,6 +89,11 @@ class Exchange:
         self.upload: Upload | None = None  # a POST of a restic object
         # Applied in order to the request body, wherever it goes (see `admit_body`).
         self.body_transforms: list[BodyFilter] = []
+        # Applied to the answer's body when it comes from a backend of this node.
+        self.response_transform: BodyFilter | None = None
+        # Called with the status once the request is answered (or 499), whatever the stage.
+        self.at_end: list[Callable[[int], None]] = []
+        self._goes_to_peer: bool | None = None
         self._caller: Caller | None = None
         self._described: Request | None = None
         self._decision: Decision | None = None
@@ -130,6 +137,15 @@ class Exchange:
         self.outcome.decision = "allow" if decision.allowed else "deny"
         self.outcome.rule = decision.rule
         self.outcome.reason = decision.reason
+
+    @property
+    def goes_to_peer(self) -> bool:
+        """Whether the destination is served by a peer gateway, not here: decided once, so
+        the stages before dispatch and dispatch itself agree."""
+        if self._goes_to_peer is None:
+            segments = self.target.segments
+            self._goes_to_peer = bool(segments) and not self.services.served_here(segments[0])
+        return self._goes_to_peer
 
     @property
     def backend(self) -> Backend:

@@ -43,6 +43,8 @@ class Pipeline:
         """Metrics, insight and the access log: what became of the request."""
         services, outcome, method = self.services, x.outcome, x.request.method
         status = response.status if response is not None else 499
+        for ended in x.at_end:
+            ended(status)
         services.metrics.observe(
             caller=outcome.caller, protocol=outcome.protocol, method=method,
             decision=outcome.decision, status=status, duration=time.monotonic() - started,

@@ -17,11 +17,15 @@ from gateway.cluster import is_trusted_source
 from gateway.credentials import parse_basic, password_digest, verify_digest
 from gateway.http_errors import head_too_large
 from gateway.insight.page import html_page
+from gateway.insight.record import repository_path
+from gateway.limits.accounting import object_size, when_stored, written_by_webdav
+from gateway.limits.concurrency import RETRY_AFTER
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway.paths import PathError, canonicalise
 from gateway.pipeline.dispatch import dispatch
 from gateway.pipeline.exchange import Exchange
 from gateway.policy import (
+    Protocol,
     Request,
     decide,
     detect_protocol,
@@ -136,7 +140,7 @@ async def node_status(x: Exchange) -> Answer:
     report = x.services.report()
     if "text/html" in x.request.headers.get("Accept", ""):
         return web.Response(text=html_page(report), content_type="text/html")
-    return web.json_response(report.document())
+    return web.json_response({**report.document(), "limits": x.services.limits.document()})
 
 
 async def policy(x: Exchange) -> Answer:
@@ -174,6 +178,63 @@ async def upload_precheck(x: Exchange) -> Answer:
     return None
 
 
+async def concurrency_cap(x: Exchange) -> Answer:
+    """At most so many requests in flight per module, and per node user apart: over it,
+    503 at once (restic retries it), never a queue."""
+    caller, limits = x.caller, x.services.limits
+    if not limits.inflight.enter(caller.user, limits.current.cap(caller.is_node), caller.group):
+        return x.refuse(503, "too many requests in flight", "too many requests in flight; retry",
+                        {"Retry-After": RETRY_AFTER})
+    x.at_end.append(lambda _status: limits.inflight.leave(caller.user))
+    return None
+
+
+async def storage_quota(x: Exchange) -> Answer:
+    """A module's upload that would take its repository over its quota: 507, before the
+    body is let in. Where the repository is stored: a peer's destination is its matter.
+    Also keeps the count of stored bytes up to date with every upload and delete."""
+    if x.goes_to_peer or (where := repository_path(x.target)) is None:
+        return None
+    limits, scanner, method, key = (x.services.limits, x.services.scanner, x.request.method,
+                                    where.key)
+    if x.described.protocol is not Protocol.REST:
+        if written_by_webdav(method):  # a node's WebDAV write: the storage says what it did
+            x.at_end.append(when_stored(lambda: scanner.scan_soon(key)))
+        return None
+    if method == "POST" and where.kind is not None and (where.object_id or where.kind == "config"):
+        size = x.request.content_length or 0
+        module = None if x.caller.is_node else x.caller.user.removeprefix("module/")
+        # locks come and go with every run, and retention must always run: never refused
+        quota = None if module is None or where.kind == "locks" else limits.quota_of(key, module)
+        if (refusal := limits.book.check(key, size, quota)) is not None:
+            return x.refuse(refusal.status, refusal.reason, refusal.text)
+        reserved = size if quota is not None else 0
+        transfer = x.outcome.transfer
+        x.at_end.append(lambda status: limits.upload_ended(
+            key, module, reserved, transfer.bytes_in if 200 <= status < 300 else None))
+    elif method == "DELETE" and where.object_id is not None:
+        if limits.current.quotas.get(key.destination):
+            size = await object_size(x.services.backends.current, x.backend, x.target)
+            if size is not None:
+                x.at_end.append(when_stored(lambda: limits.deleted(key, size)))
+                return None
+        x.at_end.append(when_stored(lambda: scanner.scan_soon(key)))
+    return None
+
+
+async def bandwidth(x: Exchange) -> Answer:
+    """Both bodies held to the bandwidth limits, where the request is served: a request
+    sent on to a peer is limited there, once."""
+    if x.goes_to_peer:
+        return None
+    shaper = x.services.limits.shaper
+    module = None if x.caller.is_node else x.caller.user.removeprefix("module/")
+    if x.request.body_exists:
+        x.body_transforms.append(shaper.transform("upload", module))
+    x.response_transform = shaper.transform("download", module)
+    return None
+
+
 def _not_allowed() -> web.Response:
     return plain(405, "method not allowed", {"Allow": "GET, HEAD"})
 
@@ -188,6 +249,9 @@ STAGES: tuple[Stage, ...] = (
     node_status,        # /status
     policy,             # 403
     webdav_references,  # 400, 403
+    concurrency_cap,    # 503
     upload_precheck,    # 411, 400
+    storage_quota,      # 507
+    bandwidth,          # shapes both bodies
     dispatch,           # to a backend of this node, or to a peer gateway
 )

@@ -1,0 +1,46 @@
+"""What the request path does to keep the count of stored bytes: the I/O around it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import aiohttp
+from yarl import URL
+
+from backends.manager import Generation
+from gateway.paths import Target
+from gateway.policy import REST_MEDIA_TYPE, Backend
+
+WEBDAV_WRITES = frozenset({"PUT", "DELETE", "MOVE", "COPY", "MKCOL"})
+SIZE_TIMEOUT = 10.0
+
+
+def written_by_webdav(method: str) -> bool:
+    return method in WEBDAV_WRITES
+
+
+def when_stored(action: Callable[[], object]) -> Callable[[int], None]:
+    """An end-of-request callback that runs `action` when the answer was a success."""
+
+    def ended(status: int) -> None:
+        if 200 <= status < 300:
+            action()
+
+    return ended
+
+
+async def object_size(generation: Generation | None, backend: Backend,
+                      target: Target) -> int | None:
+    """The size of the object at `target` before a DELETE takes it away; None: unknown."""
+    if generation is None or not generation.children[backend].ready:
+        return None
+    session = generation.session(backend)
+    url = URL("http://backend" + target.path, encoded=True)
+    try:
+        async with session.head(url, headers={"Accept": REST_MEDIA_TYPE},
+                                timeout=aiohttp.ClientTimeout(total=SIZE_TIMEOUT)) as response:
+            if response.status != 200 or response.content_length is None:
+                return None
+            return response.content_length
+    except (aiohttp.ClientError, TimeoutError, RuntimeError):  # RuntimeError: session closed
+        return None

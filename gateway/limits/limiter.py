@@ -1,0 +1,133 @@
+"""The limits of this node, in one place: what the request path and the operator ask.
+
+`Limiter` holds the parsed limits in force (`config`), the bytes each repository holds
+(`quota`), the bandwidth buckets (`shaping`) and the requests in flight
+(`concurrency`). The pipeline's stages decide with it; `/status`, `/metrics` and
+`rclone-gateway limits show` read `document()`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from gateway.cluster import ClusterState
+from gateway.insight.record import RepositoryKey
+from gateway.limits.concurrency import InFlight
+from gateway.limits.config import Limits, LimitsKeeper
+from gateway.limits.quota import UsageBook
+from gateway.limits.shaping import Shaper
+from gateway.policy import app_type
+
+
+class Limiter:
+    def __init__(self, state: Callable[[], ClusterState | None]) -> None:
+        self._state = state
+        self.keeper = LimitsKeeper()
+        self.book = UsageBook()
+        self.shaper = Shaper()
+        self.inflight = InFlight()
+
+    @property
+    def current(self) -> Limits:
+        return self.keeper.current
+
+    def start(self) -> None:
+        self.shaper.start()
+
+    async def close(self) -> None:
+        await self.shaper.close()
+
+    async def on_state(self, state: ClusterState) -> None:
+        """A new read of Redis: the limits in its Limits keys apply from now on."""
+        limits = self.keeper.update(state.limits)
+        self.shaper.configure(limits.bandwidth)
+
+    def module_of(self, key: RepositoryKey) -> str | None:
+        """The module id whose own repository `key` is."""
+        state = self._state() or ClusterState()
+        for module, uuid in state.module_uuids.items():
+            if uuid == key.uuid:
+                return module
+        return None
+
+    def quota_of(self, key: RepositoryKey, module: str | None = None) -> int | None:
+        module = module or self.module_of(key)
+        return None if module is None else self.current.quota(key.destination, module)
+
+    # --- the storage scan ------------------------------------------------------------------
+
+    def listing_started(self, key: RepositoryKey) -> None:
+        self.book.listing_started(key)
+
+    def listed(self, key: RepositoryKey, stored_bytes: int) -> None:
+        self.book.listed(key, stored_bytes)
+        self._note_level(key)
+
+    def full_scan_ended(self, found: set[RepositoryKey]) -> None:
+        self.book.full_scan_ended(found)
+        for key in list(self.book.repositories):
+            self._note_level(key)
+
+    def _note_level(self, key: RepositoryKey, module: str | None = None) -> None:
+        module = module or self.module_of(key)
+        if module is not None:
+            self.book.note_level(key, self.current.quota(key.destination, module), module)
+
+    # --- the request path ------------------------------------------------------------------
+
+    def upload_ended(self, key: RepositoryKey, module: str | None, reserved: int,
+                     stored: int | None) -> None:
+        """An upload into `key` was answered: `stored` bytes kept (None: nothing)."""
+        if reserved:
+            self.book.release(key, reserved)
+        if stored is not None:
+            self.book.added(key, stored)
+            self._note_level(key, module)
+
+    def deleted(self, key: RepositoryKey, size: int) -> None:
+        self.book.removed(key, size)
+        self._note_level(key)
+
+    # --- what the operator sees ------------------------------------------------------------
+
+    def document(self) -> dict[str, object]:
+        limits = self.current
+        state = self._state() or ClusterState()
+        modules = {uuid: module for module, uuid in state.module_uuids.items()}
+        quotas = []
+        for key in sorted(set(self.book.repositories) | self._quota_keys(state)):
+            module = modules.get(key.uuid)
+            quota = None if module is None else limits.quota(key.destination, module)
+            entry = self.book.repositories.get(key)
+            quotas.append({
+                "destination": key.destination,
+                "repository": key.path,
+                "module": module,
+                "quota_bytes": quota,
+                "used_bytes": self.book.used(key),
+                "reserved_bytes": entry.reserved if entry else 0,
+                "level_percent": entry.level if entry else 0,
+            })
+        return {
+            "quotas": quotas,
+            "bandwidth": {
+                name: {"schedule": schedule.text, "rate_now": self.shaper.rate(name)}
+                for name, schedule in sorted(limits.bandwidth.items())
+            },
+            "concurrency": {
+                "module_cap": limits.module_cap,
+                "node_cap": limits.node_cap,
+                "in_flight": dict(sorted(self.inflight.counts.items())),
+                "refused": dict(sorted(self.inflight.refused.items())),
+            },
+        }
+
+    def _quota_keys(self, state: ClusterState) -> set[RepositoryKey]:
+        """Repositories a quota names that the book does not know yet."""
+        keys = set()
+        for destination, hashed in self.current.quotas.items():
+            for module in hashed:
+                uuid = state.module_uuids.get(module)
+                if uuid is not None:
+                    keys.add(RepositoryKey(destination, app_type(module), uuid))
+        return keys

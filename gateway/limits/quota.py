@@ -1,0 +1,130 @@
+"""Bytes each module repository holds, kept current, and the quota decision.
+
+The storage scan (`gateway.insight.scan`) lists a repository and gives its stored
+bytes; from then on the uploads and deletes this gateway passes are added and taken
+away, until the next listing. An upload a listing may or may not have seen is counted
+in both (over, never under: a quota errs on the side of refusing a little early, and
+the next listing corrects it). Uploads admitted and not yet answered are reserved, so
+parallel uploads cannot pass the same check together.
+
+Pure bookkeeping, no I/O; the request path and the scanner feed it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from gateway.insight.record import RepositoryKey
+from gateway.limits.values import format_size
+
+log = logging.getLogger("rclone_gateway.limits")
+
+LEVELS = (80, 100)  # percent of a quota whose crossing is told (log, metrics, status page)
+
+
+@dataclass
+class RepositoryUsage:
+    listed: int | None = None  # stored bytes from the last listing of the storage
+    since_listing: int = 0  # bytes added (removed: negative) through the gateway since it began
+    at_listing_start: int | None = None  # since_listing when the listing in progress began
+    reserved: int = 0  # bytes of uploads let in and not answered yet
+    level: int = 0  # the highest of LEVELS crossed (0: none)
+    crossings: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaRefusal:
+    status: int
+    text: str
+    reason: str
+
+
+class UsageBook:
+    def __init__(self) -> None:
+        self.repositories: dict[RepositoryKey, RepositoryUsage] = {}
+        self.everything_listed = False  # a first full scan ended: an unlisted repository is empty
+        self.crossings = {level: 0 for level in LEVELS}
+
+    def _entry(self, key: RepositoryKey) -> RepositoryUsage:
+        entry = self.repositories.get(key)
+        if entry is None:
+            entry = self.repositories[key] = RepositoryUsage()
+        return entry
+
+    # --- the scanner ----------------------------------------------------------------------
+
+    def listing_started(self, key: RepositoryKey) -> None:
+        entry = self._entry(key)
+        entry.at_listing_start = entry.since_listing
+
+    def listed(self, key: RepositoryKey, stored_bytes: int) -> None:
+        entry = self._entry(key)
+        entry.listed = stored_bytes
+        # what the gateway passed while the listing ran stays counted
+        entry.since_listing -= entry.at_listing_start or 0
+        entry.at_listing_start = None
+
+    def full_scan_ended(self, found: set[RepositoryKey]) -> None:
+        """A full scan ended: repositories it did not find hold nothing yet (or no more)."""
+        for key, entry in self.repositories.items():
+            if key not in found and entry.at_listing_start is None:
+                entry.listed, entry.since_listing = 0, max(entry.since_listing, 0)
+        self.everything_listed = True
+
+    # --- the request path -----------------------------------------------------------------
+
+    def used(self, key: RepositoryKey) -> int | None:
+        """Bytes the repository holds; None while the storage was not listed yet."""
+        entry = self.repositories.get(key)
+        listed = entry.listed if entry is not None else None
+        if listed is None:
+            if not self.everything_listed:
+                return None
+            listed = 0
+        return max(listed + (entry.since_listing if entry is not None else 0), 0)
+
+    def check(self, key: RepositoryKey, size: int, quota: int | None) -> QuotaRefusal | None:
+        """Whether an upload of `size` bytes fits; when it does, the bytes are reserved."""
+        if quota is None:
+            return None
+        used = self.used(key)
+        entry = self._entry(key)
+        if used is not None and used + entry.reserved + size > quota:
+            return QuotaRefusal(
+                507, f"quota exceeded: the repository holds {format_size(used)} of "
+                f"{format_size(quota)}", "over quota")
+        entry.reserved += size
+        return None
+
+    def release(self, key: RepositoryKey, size: int) -> None:
+        entry = self._entry(key)
+        entry.reserved = max(entry.reserved - size, 0)
+
+    def added(self, key: RepositoryKey, size: int) -> None:
+        self._entry(key).since_listing += size
+
+    def removed(self, key: RepositoryKey, size: int) -> None:
+        self._entry(key).since_listing -= size
+
+    def note_level(self, key: RepositoryKey, quota: int | None, module: str) -> None:
+        """Logs and counts a crossing of 80 % or 100 % of the quota, up or down."""
+        entry = self.repositories.get(key)
+        used = self.used(key)
+        if entry is None or used is None:
+            return
+        level = 0
+        if quota is not None:
+            level = max((lv for lv in LEVELS if used * 100 >= lv * quota), default=0)
+        if level == entry.level:
+            return
+        if level > entry.level:
+            entry.crossings += 1
+            self.crossings[level] += 1
+            log.warning("quota: module %s holds %s in %s: %d %% of its quota of %s",
+                        module, format_size(used), key.path, used * 100 // max(quota or 1, 1),
+                        format_size(quota))
+        else:
+            log.info("quota: module %s is back under %d %% of its quota in %s", module,
+                     entry.level, key.path)
+        entry.level = level
