@@ -1,7 +1,8 @@
-"""Command line: `rclone-gateway serve ...` (spec section 9), `explain`, `config show` and
-`status` (gateway/insight/command.py).
+"""Command line: `rclone-gateway serve ...` (spec section 9), `explain`, `config show`,
+`status` (gateway/insight/command.py) and `limits` (gateway/limits/command.py).
 
-Exit codes of `explain`: 0 the request would be allowed, 1 refused, 2 usage error,
+Exit codes of `explain`: 0 the request would be allowed, 1 refused (by the access policy,
+or by a quota or a cap as the gateway's figures stand now), 2 usage error,
 3 the configuration could not be read from Redis. `config show`: 0, 2 or 3 likewise.
 """
 
@@ -21,8 +22,11 @@ from redis.exceptions import RedisError
 from gateway import logs
 from gateway.cluster import ClusterState
 from gateway.insight import command as insight_command
+from gateway.limits import command as limits_command
+from gateway.node_client import DEFAULT_URL, NoCredentials, ask, node_headers
 from gateway.operator_commands import (
     explain,
+    explain_limits,
     format_explanation,
     masked_rendered_config,
     read_live_state,
@@ -120,8 +124,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a Restic REST request (default: WebDAV unless ?create=true)")
     why.add_argument("--depth", help="WebDAV Depth header of a PROPFIND")
     why.add_argument("--redis-url", help="Redis URL (default: REDIS_URL or the agent environment)")
+    why.add_argument("--size", type=int, metavar="BYTES",
+                     help="the body's length: whether an upload fits its repository's quota")
+    why.add_argument("--url", default=DEFAULT_URL,
+                     help="the gateway asked for the repository's use of its quota and the "
+                     "requests in flight (node credentials as for `status`; skipped when "
+                     f"it cannot be asked; default {DEFAULT_URL})")
 
     insight_command.add_parser(commands)
+    limits_command.add_parser(commands)
 
     config = commands.add_parser("config", help="inspect the configuration")
     config_commands = config.add_subparsers(dest="config_command", required=True)
@@ -146,8 +157,27 @@ def load_state(redis_url: str | None) -> ClusterState:
 def run_explain(args: argparse.Namespace) -> int:
     state = load_state(args.redis_url)
     result = explain(state, args.user, args.method, args.path, rest=args.rest, depth=args.depth)
-    sys.stdout.write(format_explanation(result, args.user, args.method))
-    return result.exit_code
+    used, in_flight = _gateway_figures(args.url, args.user, result.path)
+    limits = explain_limits(state, args.user, args.method, result, size=args.size, used=used,
+                            in_flight=in_flight)
+    sys.stdout.write(format_explanation(result, args.user, args.method, limits))
+    return 1 if limits.status is not None else result.exit_code
+
+
+def _gateway_figures(url: str, user: str, path: str) -> tuple[int | None, int | None]:
+    """The repository's use and the user's requests in flight, from the gateway's /status;
+    (None, None) when it cannot be asked."""
+    try:
+        document = ask(url.rstrip("/") + "/status", node_headers(None), timeout=5)
+    except (NoCredentials, OSError, ValueError):
+        return None, None
+    limits = document.get("limits") or {}
+    segments = path.split("?", 1)[0].strip("/").split("/")
+    repository = "/" + "/".join(segments[:3])
+    used = next((q.get("used_bytes") for q in limits.get("quotas") or []
+                 if q.get("repository") == repository), None)
+    in_flight = (limits.get("concurrency") or {}).get("in_flight", {}).get(user, 0)
+    return used, in_flight
 
 
 def run_config_show(args: argparse.Namespace) -> int:
@@ -204,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_explain(args)
     if args.command == "status":
         return insight_command.run(args)
+    if args.command == "limits":
+        return limits_command.run(args)
     if args.command == "config":
         return run_config_show(args)
     if args.command == "serve":

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from backends.rclone_conf import render
 from gateway.cluster import ClusterState
 from gateway.credentials import USER_PREFIXES
+from gateway.limits.config import LimitsKeeper
 from gateway.paths import PathError, canonicalise
 from gateway.policy import (
     Caller,
@@ -118,9 +119,54 @@ def explain(
     )
 
 
-def format_explanation(result: Explanation, user: str, method: str) -> str:
+@dataclass(frozen=True)
+class LimitsExplanation:
+    lines: tuple[str, ...]
+    status: int | None  # 507 or 503 when a limit refuses the request now
+
+
+def explain_limits(state: ClusterState, user: str, method: str, result: Explanation, *,
+                   size: int | None = None, used: int | None = None,
+                   in_flight: int | None = None) -> LimitsExplanation:
+    """The limits an allowed request meets (spec section 2, Limits): its user's cap of
+    requests in flight, and for a module's upload its repository's quota. `used` and
+    `in_flight` are the gateway's own figures, when it could be asked."""
+    if not result.allowed or result.backend == "-":
+        return LimitsExplanation((), None)
+    limits = LimitsKeeper().update(state.limits)
+    is_node = user.startswith("node/")
+    lines, status = [], None
+    cap = limits.cap(is_node)
+    if cap is None:
+        lines.append(f"in flight: no cap for {user}")
+    else:
+        now = "" if in_flight is None else f"; {in_flight} now"
+        lines.append(f"in flight: at most {cap} requests of {user} at once, more get 503{now}")
+        if in_flight is not None and in_flight >= cap:
+            status = 503
+    segments = result.path.split("?", 1)[0].strip("/").split("/")
+    uploads = method.upper() == "POST" and len(segments) >= 4 and segments[3] != "locks"
+    if uploads and not is_node:
+        quota = limits.quota(segments[0], user.removeprefix("module/"))
+        if quota is None:
+            lines.append("quota: none for this repository")
+        else:
+            held = "unknown (the gateway could not be asked)" if used is None else (
+                f"{used} bytes")
+            lines.append(f"quota: {quota} bytes; the repository holds {held}; an upload "
+                         "that would take it over is answered 507")
+            if used is not None and size is not None and used + size > quota:
+                lines.append(f"quota: an upload of {size} bytes would take it over")
+                status = 507
+    return LimitsExplanation(tuple(lines), status)
+
+
+def format_explanation(result: Explanation, user: str, method: str,
+                       limits: LimitsExplanation | None = None) -> str:
     if result.status is not None:
         answer = str(result.status)
+    elif limits is not None and limits.status is not None:
+        answer = f"{limits.status} (a limit, see above)"
     elif result.backend != "-":
         answer = "forwarded to the backend"
     else:
@@ -131,6 +177,7 @@ def format_explanation(result: Explanation, user: str, method: str) -> str:
         f"reason: {result.reason}",
         f"request: {user} {method.upper()} {result.path} ({result.protocol})",
         f"backend: {result.backend}",
+        *(limits.lines if limits else ()),
         f"answer: {answer}",
     ]) + "\n"
 

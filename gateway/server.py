@@ -29,6 +29,7 @@ from gateway.insight.report import Report, build_report
 from gateway.insight.scan import Layout, Scanner, StoredFigures
 from gateway.lifecycle import drain_connections
 from gateway.limits.limiter import Limiter
+from gateway.limits.metrics import LimitsCollector
 from gateway.logs import AccessLog
 from gateway.metrics import GatewayMetrics
 from gateway.peers import PeerGateways, where_served
@@ -89,6 +90,7 @@ class Gateway:
                                on_listing=self.limits.listing_started,
                                on_full_scan=self.limits.full_scan_ended)
         self.metrics.registry.register(ReportCollector(self.report))
+        self.metrics.registry.register(LimitsCollector(self.limits))
         self.pipeline = Pipeline(self)
 
     # --- configuration -------------------------------------------------------------------
@@ -211,6 +213,7 @@ class Gateway:
             module_ids={uuid: module for module, uuid in state.module_uuids.items()},
             destinations=self.node_status().destinations,
             last_scan_at=self.scanner.last_full_scan,
+            quotas={view.key: view for view in self.limits.quota_views()},
         )
 
     # --- life cycle ----------------------------------------------------------------------

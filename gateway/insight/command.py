@@ -8,9 +8,7 @@ asked (not running, refused the credentials).
 from __future__ import annotations
 
 import argparse
-import base64
 import json
-import os
 import re
 import sys
 import time
@@ -19,15 +17,11 @@ import urllib.request
 
 from gateway.insight.page import age, text_table
 from gateway.insight.report import Report
+from gateway.node_client import DEFAULT_URL, NoCredentials, ask, node_headers
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd]?)\Z")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 RESCAN_WAIT = 600.0  # seconds `--rescan` waits for the listing to end
-
-
-def _ask(request: urllib.request.Request) -> dict:  # type: ignore[type-arg]
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return json.load(response)
 
 
 def duration(value: str) -> float:
@@ -45,8 +39,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "of repositories (last snapshot, stored size, lock age, last restore) and destinations. "
         "Exit code: 0 ok, 1 a repository has no snapshot within --stale, 2 usage error, "
         "3 the gateway could not be asked.")
-    status.add_argument("--url", default="http://127.0.0.1:4694",
-                        help="the gateway (default http://127.0.0.1:4694)")
+    status.add_argument("--url", default=DEFAULT_URL, help=f"the gateway (default {DEFAULT_URL})")
     status.add_argument("--user", default=None,
                         help="node user (default: REDIS_USER, else node/$NODE_ID)")
     status.add_argument("--json", action="store_true", help="print the JSON document")
@@ -57,31 +50,25 @@ def add_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
 
 def run(args: argparse.Namespace) -> int:
-    user = args.user or os.environ.get("REDIS_USER") or (
-        f"node/{os.environ['NODE_ID']}" if os.environ.get("NODE_ID") else None)
-    password = os.environ.get("REDIS_PASSWORD")
-    if not user or password is None:
-        print("rclone-gateway: node credentials needed: --user (or REDIS_USER or NODE_ID) and "
-              "REDIS_PASSWORD", file=sys.stderr)
+    try:
+        headers = node_headers(args.user)
+    except NoCredentials as exc:
+        print(f"rclone-gateway: {exc}", file=sys.stderr)
         return 2
-    token = base64.b64encode(f"{user}:{password}".encode()).decode()
     url = args.url.rstrip("/") + "/status"
-    headers = {"Authorization": f"Basic {token}", "Accept": "application/json"}
     try:
         if args.rescan:
-            asked_at = _ask(urllib.request.Request(url, headers=headers))["generated_at"]
-            with urllib.request.urlopen(
-                    urllib.request.Request(url, headers=headers, method="POST"), timeout=30):
-                pass
+            asked_at = ask(url, headers)["generated_at"]
+            ask(url, headers, method="POST")
             deadline = time.monotonic() + RESCAN_WAIT
             while True:  # until a listing that started after the question has ended
-                document = _ask(urllib.request.Request(url, headers=headers))
+                document = ask(url, headers)
                 listed = document.get("last_scan_at")
                 if (listed is not None and listed >= asked_at) or time.monotonic() > deadline:
                     break
                 time.sleep(0.5)
         else:
-            document = _ask(urllib.request.Request(url, headers=headers))
+            document = ask(url, headers)
     except urllib.error.HTTPError as exc:
         print(f"rclone-gateway: the gateway answered {exc.code} {exc.reason}", file=sys.stderr)
         return 3

@@ -48,10 +48,23 @@ def warnings(repo: RepositoryStatus) -> list[str]:
         found.append(f"no snapshot in {STALE_AFTER / 3600:.0f} h")
     if repo.old_lock:
         found.append(f"lock older than {OLD_LOCK_AFTER / 3600:.0f} h")
+    if repo.quota_level >= 100:
+        found.append("quota full")
+    elif repo.quota_level:
+        found.append(f"over {repo.quota_level} % of quota")
     return found
 
 
-COLUMNS = ["module", "last snapshot", "warning", "stored", "lock age", "last restore",
+def quota_cell(repo: RepositoryStatus) -> str:
+    if repo.quota_bytes is None:
+        return "-"
+    if repo.quota_used_bytes is None:
+        return f"? of {size(repo.quota_bytes)}"
+    percent = repo.quota_used_bytes * 100 // max(repo.quota_bytes, 1)
+    return f"{percent} % of {size(repo.quota_bytes)}"
+
+
+COLUMNS = ["module", "last snapshot", "warning", "stored", "quota", "lock age", "last restore",
            "destination"]
 
 
@@ -62,6 +75,7 @@ def repository_row(repo: RepositoryStatus, now: float,
         "destination": (names or {}).get(repo.destination) or repo.destination,
         "last snapshot": since(now, repo.last_snapshot_at),
         "stored": size(repo.stored_bytes),
+        "quota": quota_cell(repo),
         "lock age": age(repo.oldest_lock_age) if repo.locks else "-",
         "last restore": since(now, repo.last_restore_at),
         "warning": "; ".join(warnings(repo)),
@@ -110,7 +124,7 @@ def html_page(report: Report) -> str:
                     value = f'<span class="mark">{WARNING} {value}</span>'
                 if column == "destination":
                     value = f'<span title="{e(repo.destination)}">{value}</span>'
-                cls = ' class="num"' if column == "stored" else ""
+                cls = ' class="num"' if column in ("stored", "quota") else ""
                 cells.append(f"<td{cls}>{value}</td>")
             out.append(('<tr class="warn">' if flagged else "<tr>") + "".join(cells) + "</tr>")
         out.append("</tbody></table></div>")

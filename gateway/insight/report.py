@@ -13,6 +13,7 @@ from typing import Any
 
 from gateway.insight.record import Activity, RepositoryKey
 from gateway.insight.scan import Space, StoredFigures
+from gateway.limits.limiter import QuotaView
 from gateway.status import DestinationHealth
 
 STALE_AFTER = 26 * 3600.0  # no snapshot for this long: the repository is flagged
@@ -40,6 +41,9 @@ class RepositoryStatus:
     scanned_at: float | None
     stale: bool  # no snapshot in STALE_AFTER
     old_lock: bool  # a lock older than OLD_LOCK_AFTER
+    quota_bytes: int | None = None  # what the repository may hold (gateway.limits)
+    quota_used_bytes: int | None = None  # what it holds by the gateway's count
+    quota_level: int = 0  # 80 or 100 once it crossed that share of its quota
 
     @property
     def label(self) -> str:
@@ -103,7 +107,8 @@ def _latest(*values: float | None) -> float | None:
 
 
 def repository_status(key: RepositoryKey, module: str | None, activity: Activity | None,
-                      stored: StoredFigures | None, now: float) -> RepositoryStatus:
+                      stored: StoredFigures | None, now: float,
+                      quota: QuotaView | None = None) -> RepositoryStatus:
     activity = activity or Activity()
     # the last listing, and what requests did since
     locks = dict(stored.locks) if stored is not None else {}
@@ -126,6 +131,9 @@ def repository_status(key: RepositoryKey, module: str | None, activity: Activity
         scanned_at=stored.scanned_at if stored else None,
         stale=last is None or now - last > STALE_AFTER,
         old_lock=oldest is not None and oldest > OLD_LOCK_AFTER,
+        quota_bytes=quota.quota if quota else None,
+        quota_used_bytes=quota.used if quota else None,
+        quota_level=quota.level if quota and quota.quota is not None else 0,
     )
 
 
@@ -140,10 +148,13 @@ def build_report(
     module_ids: Mapping[str, str],  # module uuid -> module id
     destinations: Iterable[DestinationHealth],
     last_scan_at: float | None,
+    quotas: Mapping[RepositoryKey, QuotaView] | None = None,
 ) -> Report:
+    quotas = quotas or {}
     keys = sorted(k for k in {*activity, *stored} if k.destination in served_here)
     repositories = tuple(
-        repository_status(k, module_ids.get(k.uuid), activity.get(k), stored.get(k), now)
+        repository_status(k, module_ids.get(k.uuid), activity.get(k), stored.get(k), now,
+                          quotas.get(k))
         for k in keys)
     dests = []
     for health in sorted(destinations, key=lambda d: d.uuid):

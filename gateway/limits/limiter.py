@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from gateway.cluster import ClusterState
 from gateway.insight.record import RepositoryKey
@@ -17,6 +18,27 @@ from gateway.limits.config import Limits, LimitsKeeper
 from gateway.limits.quota import UsageBook
 from gateway.limits.shaping import Shaper
 from gateway.policy import app_type
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaView:
+    key: RepositoryKey
+    module: str | None
+    quota: int | None
+    used: int | None  # None: the storage was not listed yet
+    reserved: int
+    level: int  # 0, 80 or 100: the highest share of the quota crossed
+
+    def document(self) -> dict[str, object]:
+        return {
+            "destination": self.key.destination,
+            "repository": self.key.path,
+            "module": self.module,
+            "quota_bytes": self.quota,
+            "used_bytes": self.used,
+            "reserved_bytes": self.reserved,
+            "level_percent": self.level,
+        }
 
 
 class Limiter:
@@ -90,26 +112,24 @@ class Limiter:
 
     # --- what the operator sees ------------------------------------------------------------
 
-    def document(self) -> dict[str, object]:
+    def quota_views(self) -> list[QuotaView]:
+        """Each repository with a quota or a known use, in order."""
         limits = self.current
         state = self._state() or ClusterState()
         modules = {uuid: module for module, uuid in state.module_uuids.items()}
-        quotas = []
+        views = []
         for key in sorted(set(self.book.repositories) | self._quota_keys(state)):
             module = modules.get(key.uuid)
-            quota = None if module is None else limits.quota(key.destination, module)
             entry = self.book.repositories.get(key)
-            quotas.append({
-                "destination": key.destination,
-                "repository": key.path,
-                "module": module,
-                "quota_bytes": quota,
-                "used_bytes": self.book.used(key),
-                "reserved_bytes": entry.reserved if entry else 0,
-                "level_percent": entry.level if entry else 0,
-            })
+            views.append(QuotaView(
+                key, module, None if module is None else limits.quota(key.destination, module),
+                self.book.used(key), entry.reserved if entry else 0, entry.level if entry else 0))
+        return views
+
+    def document(self) -> dict[str, object]:
+        limits = self.current
         return {
-            "quotas": quotas,
+            "quotas": [view.document() for view in self.quota_views()],
             "bandwidth": {
                 name: {"schedule": schedule.text, "rate_now": self.shaper.rate(name)}
                 for name, schedule in sorted(limits.bandwidth.items())
