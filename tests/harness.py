@@ -440,6 +440,18 @@ class GatewayProcess:
                 pids.append(pid)
         return sorted(pids)
 
+    def rclone_serve_pids(self) -> list[int]:
+        """The `rclone serve` children: not the short `rclone lsjson` of a storage scan."""
+        found = []
+        for pid in self.child_pids():
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if len(argv) > 1 and argv[0].endswith(b"rclone") and argv[1] == b"serve":
+                found.append(pid)
+        return found
+
     def _descendants(self) -> dict[int, int]:
         """pid -> starttime of its children and of its process group members."""
         if self.proc is None:

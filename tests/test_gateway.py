@@ -544,7 +544,7 @@ def test_untrusted_source_is_refused_before_anything(env: Env) -> None:
 
 
 def test_new_module_authenticates_after_acl_event_without_backend_restart(env: Env) -> None:
-    before = sorted(env.gateway.child_pids())
+    before = env.gateway.rclone_serve_pids()
     who = ("module/wiki7", "wiki-secret")
     assert env.request("GET", "/", who)[0] == 401
     env.cluster.add_user(*who)
@@ -552,7 +552,7 @@ def test_new_module_authenticates_after_acl_event_without_backend_restart(env: E
     env.cluster.publish("acl-changed")
     wait_for(lambda: env.request("PROPFIND", "/", who, headers={"Depth": "0"})[0] == 207, 30,
              "the new module to authenticate")
-    assert sorted(env.gateway.child_pids()) == before
+    assert env.gateway.rclone_serve_pids() == before
 
 
 # --------------------------------------------------------------------------- failure modes

@@ -148,12 +148,15 @@ def test_figures_after_a_backup_agree_everywhere_and_come_back_after_a_restart(
         env: Env, tmp_path: Path) -> None:
     user = "module/ldap1"  # no other test backs it up
     snapshot = backup(env, user, tmp_path)
+    # restic's time is the backup's start; the gateway sees the snapshot file at its end:
+    # the gateway's time lies between the two (a loaded machine stretches the run)
+    started, ended = restic_time(snapshot) - 1.0, time.time() + 1.0
     on_disk = env.stored_on_disk(user)
     # the scan after the backup is debounced: wait for it
     wait_for(lambda: env.repo(user)["stored_bytes"] == on_disk, 60,
              lambda: f"stored bytes {env.repo(user)['stored_bytes']} == {on_disk} on disk")
     repo = env.repo(user)
-    assert abs(repo["last_snapshot_at"] - restic_time(snapshot)) < 1.0, (repo, snapshot)
+    assert started <= repo["last_snapshot_at"] <= ended, (repo, snapshot)
     assert repo["snapshots"] == 1 and repo["objects"]["snapshots"] == 1
     assert repo["uploaded_objects"] >= 4 and repo["uploaded_bytes"] > 0
     assert repo["module"] == "ldap1" and not repo["stale"]
@@ -176,7 +179,7 @@ def test_figures_after_a_backup_agree_everywhere_and_come_back_after_a_restart(
              lambda: f"the scan after the restart: {env.status()['repositories']}")
     again = env.repo(user)
     # from the storage alone now: the snapshot file's time
-    assert abs(again["last_snapshot_at"] - restic_time(snapshot)) < 1.0, (again, snapshot)
+    assert started <= again["last_snapshot_at"] <= ended, (again, snapshot)
     assert env.metric("rclone_gateway_repository_stored_bytes", "ldap1") == on_disk
 
 
@@ -209,10 +212,16 @@ def test_free_space_of_a_local_destination_is_that_of_its_disk(env: Env) -> None
     wait_for(lambda: any(d["uuid"] == DEST and d["free_bytes"] is not None
                          for d in env.status()["destinations"]), 60,
              lambda: f"the free space: {env.status()['destinations']}")
-    free = next(d for d in env.status()["destinations"] if d["uuid"] == DEST)["free_bytes"]
-    disk = os.statvfs(env.gateway.local_repo)
-    expected = disk.f_bavail * disk.f_frsize
-    assert abs(free - expected) <= 0.01 * expected, (free, expected)
+    # the disk is measured around a listing asked for now: other writers on the machine
+    # (a test run beside this one) move it between two readings
+    before = os.statvfs(env.gateway.local_repo)
+    rescan = env.cli("--rescan", "--json")
+    assert rescan.returncode == 0, rescan.stderr
+    after = os.statvfs(env.gateway.local_repo)
+    free = next(d for d in json.loads(rescan.stdout)["destinations"]
+                if d["uuid"] == DEST)["free_bytes"]
+    low, high = sorted(d.f_bavail * d.f_frsize for d in (before, after))
+    assert 0.99 * low <= free <= 1.01 * high, (free, low, high)
 
 
 def test_status_is_for_nodes_only(env: Env) -> None:

@@ -77,18 +77,6 @@ def backend_pids(gateway: GatewayProcess) -> dict[str, int]:
     return {name: b["pid"] for name, b in health(gateway)["backends"].items()}
 
 
-def rclone_pids(gateway: GatewayProcess) -> list[int]:
-    pids = []
-    for pid in gateway.child_pids():
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if len(cmdline) > 1 and cmdline[0].endswith(b"rclone") and cmdline[1] == b"serve":
-            pids.append(pid)
-    return pids
-
-
 def running(pid: int) -> bool:
     """True while `pid` exists and is not a zombie."""
     try:
@@ -505,7 +493,8 @@ def test_backup_runs_through_20_destination_changes_and_sighups(live: Live) -> N
     assert traffic.count > 100 and traffic.failures == []
     assert server_errors_in_log(live.gateway, offset) == []
     check_clean(repo)
-    wait_for("old generations to be stopped", lambda: len(rclone_pids(live.gateway)) == 3, 30)
+    wait_for("old generations to be stopped",
+             lambda: len(live.gateway.rclone_serve_pids()) == 3, 30)
     live.cluster.set_module("traefik1", TRAEFIK_UUID)
     live.cluster.publish("acl-changed")
 
@@ -638,7 +627,7 @@ def test_sigterm_finishes_in_flight_within_grace_and_leaves_no_partial_object(
         idle = http.client.HTTPConnection(gateway.host, gateway.port, timeout=30)
         idle.request("PROPFIND", "/", headers={"Authorization": basic(*NODE), "Depth": "0"})
         idle.getresponse().read()
-        children = rclone_pids(gateway)
+        children = gateway.rclone_serve_pids()
         assert len(children) == 3
         slow.start()
         slow.started.wait(10)
@@ -715,7 +704,7 @@ def test_sigkill_of_the_gateway_leaves_no_rclone_and_blocks_no_retry(live: Live)
         module_uuid = TRAEFIK_UUID
         assert get(gateway, f"/{DEST}/traefik/{module_uuid}/?create=true", TRAEFIK,
                    method="POST", rest=True)[0] == 200
-        children = rclone_pids(gateway)
+        children = gateway.rclone_serve_pids()
         assert len(children) == 3
         upload = Upload(gateway, module_uuid, 64 * MiB, rate=16 * MiB)
         upload.start()
