@@ -316,6 +316,63 @@ def test_a_forwarded_backup_is_recorded_once_by_the_node_that_serves_it(
     assert f'href="http://{mesh.vpn(2)}:4694/status">node2</a>'.encode() in page
 
 
+def test_limits_apply_once_on_the_node_that_serves(mesh: Mesh) -> None:
+    """A module's upload sent on to a peer is shaped and held to its quota by the node that
+    stores it; the node that sends it on neither waits for a bandwidth share nor counts it."""
+    module_uuid = str(uuidlib.uuid4())
+    who = ("module/traefik5", "traefik5-secret")
+    base = f"/{HOSTED_BY_2}/traefik/{module_uuid}"
+    scope = '{direction="upload",scope="module/traefik5"}'
+
+    def waited(node: int) -> float:
+        _, _, body = mesh.request(node, "GET", "/metrics")
+        for line in body.decode().splitlines():
+            if line.startswith("rclone_gateway_bandwidth_wait_seconds_total" + scope):
+                return float(line.split()[-1])
+        return -1.0  # no such bucket: the limit is not in force there
+
+    def quota_entry(node: int) -> dict | None:
+        _, _, body = mesh.request(node, "GET", "/status", node_user(node),
+                                  headers={"Accept": "application/json"})
+        return next((q for q in json.loads(body)["limits"]["quotas"]
+                     if q["module"] == "traefik5"), None)
+
+    with mesh.cluster() as cluster:
+        cluster.add_user(*who)
+        cluster.set_module("traefik5", module_uuid, node_id=1)
+        cluster.r.hset("rclone-gateway/bwlimit", "module/traefik5/upload", "4M")
+        cluster.publish("backup-limits-changed")
+    try:
+        wait_for(lambda: waited(1) == 0.0 and waited(2) == 0.0, 10,
+                 lambda: f"the limit in force on both nodes: {waited(1)}, {waited(2)}")
+        assert mesh.request(1, "POST", f"{base}/?create=true", who, rest=True)[0] == 200
+        content = os.urandom(8 * 1024 * 1024)  # 2 s at 4 MiB/s
+        path = f"{base}/data/{hashlib.sha256(content).hexdigest()}"
+        assert mesh.request(1, "POST", path, who, rest=True, body=content)[0] == 200
+        assert waited(2) >= 1.0, waited(2)
+        assert waited(1) == 0.0
+
+        wait_for(lambda: (quota_entry(2) or {}).get("used_bytes") == len(content), 30,
+                 lambda: f"node 2 to count the upload: {quota_entry(2)}")
+        assert quota_entry(1) is None  # node 1 stores nothing of it
+        with mesh.cluster() as cluster:
+            cluster.r.hset(f"rclone-gateway/quota/{HOSTED_BY_2}", "traefik5",
+                           str(len(content) + 1000))
+            cluster.publish("backup-limits-changed")
+        wait_for(lambda: (quota_entry(2) or {}).get("quota_bytes") == len(content) + 1000, 10,
+                 lambda: f"the quota in force on node 2: {quota_entry(2)}")
+        more = os.urandom(5000)
+        over = f"{base}/data/{hashlib.sha256(more).hexdigest()}"
+        status, headers, _ = mesh.request(1, "POST", over, who, rest=True, body=more)
+        assert status == 507 and headers.get("x-gateway-backend") == "peer@node2"
+        refused = [e for e in mesh.access(2) if e["path"] == over]
+        assert [(e["status"], e["reason"]) for e in refused] == [(507, "over quota")]
+    finally:
+        with mesh.cluster() as cluster:
+            cluster.r.delete("rclone-gateway/bwlimit", f"rclone-gateway/quota/{HOSTED_BY_2}")
+            cluster.publish("backup-limits-changed")
+
+
 def test_an_upload_cut_short_through_a_peer_leaves_nothing(mesh: Mesh) -> None:
     mesh.request(1, "POST", f"/{HOSTED_BY_2}/traefik/{TRAEFIK_UUID}/?create=true", TRAEFIK,
                  rest=True)  # the repository may exist already: any answer will do
