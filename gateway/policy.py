@@ -67,6 +67,11 @@ class Caller:
     def group(self) -> str:
         return "node" if self.is_node else "module"
 
+    @property
+    def module_id(self) -> str | None:
+        """`traefik1` for `module/traefik1`; None for a node."""
+        return None if self.is_node else self.user.removeprefix("module/")
+
 
 def app_type(module_id: str) -> str:
     """`dokuwiki2` -> `dokuwiki`."""

@@ -203,7 +203,7 @@ async def storage_quota(x: Exchange) -> Answer:
         return None
     if method == "POST" and where.kind is not None and (where.object_id or where.kind == "config"):
         size = x.request.content_length or 0
-        module = None if x.caller.is_node else x.caller.user.removeprefix("module/")
+        module = x.caller.module_id
         # locks come and go with every run, and retention must always run: never refused
         quota = None if module is None or where.kind == "locks" else limits.quota_of(key, module)
         if (refusal := limits.book.check(key, size, quota)) is not None:
@@ -228,7 +228,7 @@ async def bandwidth(x: Exchange) -> Answer:
     if x.goes_to_peer:
         return None
     shaper = x.services.limits.shaper
-    module = None if x.caller.is_node else x.caller.user.removeprefix("module/")
+    module = x.caller.module_id
     if x.request.body_exists:
         x.body_transforms.append(shaper.transform("upload", module))
     x.response_transform = shaper.transform("download", module)
