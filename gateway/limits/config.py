@@ -37,7 +37,8 @@ class RawLimits:
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    quotas: Mapping[str, Mapping[str, int]] = field(default_factory=dict)  # dest -> id|* -> B
+    # destination -> module id or `*` -> bytes; None: that module has no quota (`off`)
+    quotas: Mapping[str, Mapping[str, int | None]] = field(default_factory=dict)
     bandwidth: Mapping[str, Schedule] = field(default_factory=dict)  # bwlimit field -> schedule
     module_cap: int | None = DEFAULT_MODULE_CAP
     node_cap: int | None = None
@@ -47,7 +48,7 @@ class Limits:
         hashed = self.quotas.get(destination)
         if not hashed:
             return None
-        return hashed.get(module_id, hashed.get("*"))
+        return hashed[module_id] if module_id in hashed else hashed.get("*")
 
     def cap(self, is_node: bool) -> int | None:
         return self.node_cap if is_node else self.module_cap
@@ -91,7 +92,7 @@ class LimitsKeeper:
             seen.add(where)
             try:
                 parsed = parse(text)
-            except BadValue as exc:
+            except (BadValue, ValueError, OverflowError) as exc:
                 if self._complained.get(where) != text:
                     self._complained[where] = text
                     kept = "keeping the last good value" if where in self._good else "ignored"
@@ -101,11 +102,12 @@ class LimitsKeeper:
             self._good[where] = parsed
             return parsed
 
-        quotas: dict[str, dict[str, int]] = {}
+        quotas: dict[str, dict[str, int | None]] = {}
         for destination, hashed in raw.quota.items():
             for module, text in hashed.items():
                 where = ("quota", destination, module)
-                if (allowed := value(where, text, parse_quota)) is not None:
+                allowed = value(where, text, parse_quota)
+                if where in self._good:  # `off` (None) too: it overrides `*`
                     quotas.setdefault(destination, {})[module] = allowed
         bandwidth: dict[str, Schedule] = {}
         for name, text in raw.bwlimit.items():

@@ -108,7 +108,7 @@ class UsageBook:
         self._entry(key).since_listing -= size
 
     def note_level(self, key: RepositoryKey, quota: int | None, module: str) -> None:
-        """Logs and counts a crossing of 80 % or 100 % of the quota, up or down."""
+        """Logs a crossing of 80 % or 100 % of the quota, up or down; counts those up."""
         entry = self.repositories.get(key)
         used = self.used(key)
         if entry is None or used is None:
@@ -119,8 +119,9 @@ class UsageBook:
         if level == entry.level:
             return
         if level > entry.level:
-            entry.crossings += 1
-            self.crossings[level] += 1
+            for passed in (lv for lv in LEVELS if entry.level < lv <= level):
+                entry.crossings += 1
+                self.crossings[passed] += 1
             log.warning("quota: module %s holds %s in %s: %d %% of its quota of %s",
                         module, format_size(used), key.path, used * 100 // max(quota or 1, 1),
                         format_size(quota))

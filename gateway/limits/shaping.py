@@ -35,6 +35,7 @@ class TokenBucket:
         self._reserved = 0  # bytes handed out tickets for
         self._stamp = time.monotonic()
         self._changed = asyncio.Event()
+        self._waiting = 0  # streams waiting for their ticket
         self.waited = 0.0  # seconds streams spent waiting here, summed
 
     def _advance(self, now: float) -> None:
@@ -61,19 +62,29 @@ class TokenBucket:
             self._reserved += size
             self._allowed = float(self._reserved)
             return
+        now = time.monotonic()
+        self._advance(now)  # idle credit is capped before this piece is counted in
         self._reserved += size
         ticket = self._reserved
-        started = time.monotonic()
-        while True:
-            now = time.monotonic()
-            self._advance(now)
-            if self.rate is None or self._allowed >= ticket:
-                break
-            changed = self._changed
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout((ticket - self._allowed) / self.rate):
-                    await changed.wait()
-        self.waited += time.monotonic() - started
+        if self._allowed >= ticket:
+            # Passes at once: still let the streams whose earlier tickets passed meanwhile
+            # run first, or a stream whose reads never suspend takes every turn.
+            if self._waiting:
+                await asyncio.sleep(0)
+            return
+        self._waiting += 1
+        try:
+            while True:
+                changed = self._changed
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout((ticket - self._allowed) / self.rate):
+                        await changed.wait()
+                self._advance(time.monotonic())
+                if self.rate is None or self._allowed >= ticket:
+                    break
+        finally:
+            self._waiting -= 1
+        self.waited += time.monotonic() - now
 
 
 class Shaper:

@@ -14,8 +14,11 @@ from dataclasses import dataclass
 from datetime import datetime
 
 UNITS = {"b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
-_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*(?:([bkmgtp])(?:i?b)?)?", re.IGNORECASE)
-_SLOT = re.compile(r"(?:(mon|tue|wed|thu|fri|sat|sun)-)?(\d{1,2}):(\d{2})", re.IGNORECASE)
+_SIZE = re.compile(r"([0-9]{1,15}(?:\.[0-9]*)?|\.[0-9]+)\s*(?:([bkmgtp])(?:i?b)?)?",
+                   re.IGNORECASE)
+_SLOT = re.compile(r"(?:(mon|tue|wed|thu|fri|sat|sun)-)?([0-9]{1,2}):([0-9]{2})", re.IGNORECASE)
+_COUNT = re.compile(r"[0-9]{1,9}")
+MAX_BYTES = 1 << 62
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 MINUTES_PER_WEEK = 7 * 24 * 60
 OFF = ("off", "none", "unlimited")
@@ -31,7 +34,10 @@ def parse_size(text: str, default_unit: str = "b") -> int:
     if match is None:
         raise BadValue(f"not a size: {text[:40]!r}")
     number, unit = match.groups()
-    return int(float(number) * UNITS[(unit or default_unit).lower()])
+    value = float(number) * UNITS[(unit or default_unit).lower()]
+    if value > MAX_BYTES:
+        raise BadValue(f"too large: {text[:40]!r}")
+    return int(value)
 
 
 def parse_rate(text: str) -> int | None:
@@ -103,8 +109,11 @@ def _rate_of(text: str, side: int) -> int | None:
     return parse_rate(halves[min(side, len(halves) - 1)])
 
 
-def parse_quota(text: str) -> int:
-    """Bytes a repository may hold: a plain number of bytes, or with a binary unit."""
+def parse_quota(text: str) -> int | None:
+    """Bytes a repository may hold: a plain number of bytes, or with a binary unit; `off`:
+    none (a module exempt from the destination's `*` default)."""
+    if text.strip().lower() in OFF:
+        return None
     return parse_size(text)
 
 
@@ -113,7 +122,7 @@ def parse_cap(text: str) -> int | None:
     value = text.strip().lower()
     if value in OFF:
         return None
-    if not value.isdigit() or int(value) < 1:
+    if not _COUNT.fullmatch(value) or int(value) < 1:
         raise BadValue(f"not a positive count: {text[:40]!r}")
     return int(value)
 
