@@ -194,7 +194,8 @@ class Gateway:
 
     def _listed(self, key: RepositoryKey, figures: StoredFigures) -> None:
         self.recorder.listed(key)
-        self.limits.listed(key, figures.stored_bytes)
+        if self.limits.listed(key, figures.stored_bytes):
+            self.scanner.scan_soon(key)  # written to while listed: the count may be off
 
     def _layout(self) -> Layout | None:
         generation = self.backends.current

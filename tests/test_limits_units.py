@@ -473,6 +473,18 @@ def test_an_upload_during_a_listing_stays_counted_after_it() -> None:
     assert book.used(KEY) == 1300
 
 
+def test_a_delete_during_a_listing_is_not_taken_away_twice() -> None:
+    book = UsageBook()
+    book.listing_started(KEY)
+    assert book.listed(KEY, 1000) is False  # nothing passed meanwhile
+    book.listing_started(KEY)
+    book.removed(KEY, 300)  # the listing may not see the object any more
+    assert book.listed(KEY, 700) is True  # worth listing again once quiet
+    assert book.used(KEY) == 700  # over rather than under: never 400
+    book.listing_started(KEY)
+    assert book.listed(KEY, 700) is False and book.used(KEY) == 700
+
+
 def test_an_upload_before_a_listing_is_not_counted_twice() -> None:
     book = UsageBook()
     book.listing_started(KEY)

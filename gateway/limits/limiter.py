@@ -81,9 +81,12 @@ class Limiter:
     def listing_started(self, key: RepositoryKey) -> None:
         self.book.listing_started(key)
 
-    def listed(self, key: RepositoryKey, stored_bytes: int) -> None:
-        self.book.listed(key, stored_bytes)
+    def listed(self, key: RepositoryKey, stored_bytes: int) -> bool:
+        """True when the repository should be listed again once quiet (it was written to
+        while the listing ran)."""
+        busy = self.book.listed(key, stored_bytes)
         self._note_level(key)
+        return busy
 
     def full_scan_ended(self, found: set[RepositoryKey]) -> None:
         self.book.full_scan_ended(found)

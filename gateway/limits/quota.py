@@ -2,10 +2,12 @@
 
 The storage scan (`gateway.insight.scan`) lists a repository and gives its stored
 bytes; from then on the uploads and deletes this gateway passes are added and taken
-away, until the next listing. An upload a listing may or may not have seen is counted
-in both (over, never under: a quota errs on the side of refusing a little early, and
-the next listing corrects it). Uploads admitted and not yet answered are reserved, so
-parallel uploads cannot pass the same check together.
+away, until the next listing. What passes while a listing runs may or may not be in
+it: an upload is then counted on top of the listing, a delete is not taken away again.
+The count errs over, never under (a quota refuses a little early rather than let a
+repository grow past it), and the repository is listed again once it is quiet.
+Uploads admitted and not yet answered are reserved, so parallel uploads cannot pass
+the same check together.
 
 Pure bookkeeping, no I/O; the request path and the scanner feed it.
 """
@@ -28,6 +30,7 @@ class RepositoryUsage:
     listed: int | None = None  # stored bytes from the last listing of the storage
     since_listing: int = 0  # bytes added (removed: negative) through the gateway since it began
     at_listing_start: int | None = None  # since_listing when the listing in progress began
+    removed_while_listing: int = 0  # bytes deleted since then: the listing may miss them
     reserved: int = 0  # bytes of uploads let in and not answered yet
     level: int = 0  # the highest of LEVELS crossed (0: none)
     crossings: int = 0
@@ -57,13 +60,20 @@ class UsageBook:
     def listing_started(self, key: RepositoryKey) -> None:
         entry = self._entry(key)
         entry.at_listing_start = entry.since_listing
+        entry.removed_while_listing = 0
 
-    def listed(self, key: RepositoryKey, stored_bytes: int) -> None:
+    def listed(self, key: RepositoryKey, stored_bytes: int) -> bool:
+        """A listing ended; True when the gateway passed writes into the repository while
+        it ran (it is worth listing again once things are quiet)."""
         entry = self._entry(key)
         entry.listed = stored_bytes
-        # what the gateway passed while the listing ran stays counted
-        entry.since_listing -= entry.at_listing_start or 0
-        entry.at_listing_start = None
+        started = entry.at_listing_start
+        passed = entry.since_listing - (started if started is not None else 0)
+        busy = started is not None and (passed != 0 or entry.removed_while_listing != 0)
+        # uploads meanwhile stay counted on top; deletes meanwhile are not taken away twice
+        entry.since_listing = passed + entry.removed_while_listing
+        entry.at_listing_start, entry.removed_while_listing = None, 0
+        return busy
 
     def full_scan_ended(self, found: set[RepositoryKey]) -> None:
         """A full scan ended: repositories it did not find hold nothing yet (or no more)."""
@@ -105,7 +115,10 @@ class UsageBook:
         self._entry(key).since_listing += size
 
     def removed(self, key: RepositoryKey, size: int) -> None:
-        self._entry(key).since_listing -= size
+        entry = self._entry(key)
+        entry.since_listing -= size
+        if entry.at_listing_start is not None:
+            entry.removed_while_listing += size
 
     def note_level(self, key: RepositoryKey, quota: int | None, module: str) -> None:
         """Logs a crossing of 80 % or 100 % of the quota, up or down; counts those up."""
