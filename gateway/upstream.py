@@ -26,6 +26,7 @@ NO_BODY_STATUSES = frozenset({204, 304})
 RETRYABLE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PROPFIND", "DELETE"})
 # A first body chunk up to this size goes out in one write with the request head.
 COALESCE = 64 * 1024
+HEAD_ALONE_AFTER = 1.0  # seconds a request head waits for the body's first piece
 _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n]*)?\r\n\Z")
 
 Connector = Callable[[Callable[[], asyncio.Protocol]], Awaitable[tuple[Any, Any]]]
@@ -444,20 +445,34 @@ async def _send_body(connection: _Connection, head: bytes, body: AsyncIterator[b
     chunked = content_length is None
     sent = 0
     head_sent = False
+
+    async def send(chunk: bytes) -> None:
+        nonlocal sent, head_sent
+        sent += len(chunk)
+        if chunked:
+            chunk = b"%x\r\n%b\r\n" % (len(chunk), chunk)
+        if not head_sent:
+            head_sent = True
+            if len(chunk) <= COALESCE:
+                chunk = head + chunk  # one segment for a small upload
+            else:
+                await connection.write(head, timeout)
+        await connection.write(chunk, timeout)
+
+    chunks = aiter(body)
+    first = asyncio.ensure_future(anext(chunks, b""))
     try:
-        async for chunk in body:
-            if not chunk:
-                continue
-            sent += len(chunk)
-            if chunked:
-                chunk = b"%x\r\n%b\r\n" % (len(chunk), chunk)
-            if not head_sent:
-                head_sent = True
-                if len(chunk) <= COALESCE:
-                    chunk = head + chunk  # one segment for a small upload
-                else:
-                    await connection.write(head, timeout)
-            await connection.write(chunk, timeout)
+        # The head waits for the body's first piece, to go out with it in one segment; not
+        # for long: rclone drops a connection that sends no head within 10 s, and a slow
+        # client, a body transform holding a piece back or a bandwidth limit may take that.
+        if not (await asyncio.wait({first}, timeout=HEAD_ALONE_AFTER))[0]:
+            head_sent = True
+            await connection.write(head, timeout)
+        if chunk := await first:
+            await send(chunk)
+        async for chunk in chunks:
+            if chunk:
+                await send(chunk)
     except UpstreamFailure:
         connection.abort()
         raise
@@ -466,6 +481,8 @@ async def _send_body(connection: _Connection, head: bytes, body: AsyncIterator[b
         if isinstance(exc, asyncio.CancelledError):
             raise
         raise BodyFailed(exc) from exc
+    finally:
+        first.cancel()  # done already, unless this sender was cancelled waiting for it
     if content_length is not None and sent != content_length:
         connection.abort()
         raise BodyFailed(ValueError("request body shorter or longer than its Content-Length"))

@@ -596,6 +596,41 @@ def test_aborted_upload_leaves_no_partial_object(env: Env) -> None:
         (499, "client went away", "127.0.0.1")]
 
 
+def test_an_upload_whose_client_pauses_past_the_backends_head_timeout_is_stored(
+        env: Env) -> None:
+    """rclone drops a connection that sends no request head within 10 s. A module's upload
+    holds its first piece back until the next arrives (to check the name on the whole
+    body), so a client pausing after its first piece left the backend without a head: a
+    502 after 10 s. The head now goes ahead of the body's first piece when that is late."""
+    module_uuid = UPLOAD_UUID
+    base = f"/{DEST}/traefik/{module_uuid}"
+    env.request("POST", f"{base}/?create=true", UPLOAD, rest=True)  # may exist already
+    # several at once: an idle kept-alive connection to the backend, reused, is not cut
+    contents = [os.urandom(8192) for _ in range(6)]
+    sockets = []
+    for content in contents:
+        head = (f"POST {base}/data/{hashlib.sha256(content).hexdigest()} HTTP/1.1\r\n"
+                f"Host: x\r\nAuthorization: {basic(*UPLOAD)}\r\nAccept: {REST_ACCEPT}\r\n"
+                f"Content-Length: {len(content)}\r\nConnection: close\r\n\r\n").encode()
+        sock = socket.create_connection(("127.0.0.1", env.gateway.port), timeout=60)
+        sock.sendall(head + content[:1024])
+        sockets.append(sock)
+    time.sleep(12)  # past rclone's 10 s for a request head
+    answers = []
+    for sock, content in zip(sockets, contents, strict=True):
+        with sock:
+            sock.sendall(content[1024:])
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+            answers.append(answer.split(b"\r\n", 1)[0])
+    assert answers == [b"HTTP/1.1 200 OK"] * len(contents)
+    for content in contents:
+        stored = stored_object(env, "traefik", module_uuid, "data",
+                               hashlib.sha256(content).hexdigest())
+        assert stored.read_bytes() == content
+
+
 def test_bad_credentials_encodings_get_401_not_500(env: Env) -> None:
     for value in ["Basic", "Basic !!!", "Basic " + "a" * 10, "Bearer x", "Basic Og==",
                   "basic bm9kZS8xOg=="]:
