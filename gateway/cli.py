@@ -23,7 +23,7 @@ from gateway import logs
 from gateway.cluster import ClusterState
 from gateway.insight import command as insight_command
 from gateway.limits import command as limits_command
-from gateway.node_client import DEFAULT_URL, NoCredentials, ask, node_headers
+from gateway.node_client import DEFAULT_URL, CannotAsk, ask_status
 from gateway.operator_commands import (
     explain,
     explain_limits,
@@ -168,8 +168,8 @@ def _gateway_figures(url: str, user: str, path: str) -> tuple[int | None, int | 
     """The repository's use and the user's requests in flight, from the gateway's /status;
     (None, None) when it cannot be asked."""
     try:
-        document = ask(url.rstrip("/") + "/status", node_headers(None), timeout=5)
-    except (NoCredentials, OSError, ValueError):
+        document = ask_status(url, None, timeout=5)
+    except CannotAsk:
         return None, None
     limits = document.get("limits") or {}
     segments = path.split("?", 1)[0].strip("/").split("/")

@@ -12,12 +12,10 @@ import json
 import re
 import sys
 import time
-import urllib.error
-import urllib.request
 
 from gateway.insight.page import age, text_table
 from gateway.insight.report import Report
-from gateway.node_client import DEFAULT_URL, NoCredentials, ask, node_headers
+from gateway.node_client import DEFAULT_URL, CannotAsk, ask_status
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd]?)\Z")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -51,30 +49,20 @@ def add_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
 def run(args: argparse.Namespace) -> int:
     try:
-        headers = node_headers(args.user)
-    except NoCredentials as exc:
-        print(f"rclone-gateway: {exc}", file=sys.stderr)
-        return 2
-    url = args.url.rstrip("/") + "/status"
-    try:
         if args.rescan:
-            asked_at = ask(url, headers)["generated_at"]
-            ask(url, headers, method="POST")
+            asked_at = ask_status(args.url, args.user)["generated_at"]
+            ask_status(args.url, args.user, method="POST")
             deadline = time.monotonic() + RESCAN_WAIT
             while True:  # until a listing that started after the question has ended
-                document = ask(url, headers)
+                document = ask_status(args.url, args.user)
                 listed = document.get("last_scan_at")
                 if (listed is not None and listed >= asked_at) or time.monotonic() > deadline:
                     break
                 time.sleep(0.5)
         else:
-            document = ask(url, headers)
-    except urllib.error.HTTPError as exc:
-        print(f"rclone-gateway: the gateway answered {exc.code} {exc.reason}", file=sys.stderr)
-        return 3
-    except (OSError, ValueError) as exc:
-        print(f"rclone-gateway: cannot ask the gateway at {args.url}: {exc}", file=sys.stderr)
-        return 3
+            document = ask_status(args.url, args.user)
+    except CannotAsk as exc:
+        return exc.report()
     report = Report.from_document(document)
     if args.json:
         json.dump(document, sys.stdout, indent=2)

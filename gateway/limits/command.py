@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import json
 import sys
-import urllib.error
 from typing import Any
 
 from redis.exceptions import RedisError
@@ -29,7 +28,7 @@ from gateway.limits.config import (
     parse_concurrency,
 )
 from gateway.limits.values import BadValue, format_rate, format_size, parse_quota
-from gateway.node_client import DEFAULT_URL, NoCredentials, ask, node_headers
+from gateway.node_client import DEFAULT_URL, CannotAsk, ask_status
 from gateway.redis_source import connect, redis_url_from_env
 
 REMOVE = "none"
@@ -77,18 +76,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _show(args: argparse.Namespace) -> int:
     try:
-        headers = node_headers(args.user)
-    except NoCredentials as exc:
-        print(f"rclone-gateway: {exc}", file=sys.stderr)
-        return 2
-    try:
-        document = ask(args.url.rstrip("/") + "/status", headers)
-    except urllib.error.HTTPError as exc:
-        print(f"rclone-gateway: the gateway answered {exc.code} {exc.reason}", file=sys.stderr)
-        return 3
-    except (OSError, ValueError) as exc:
-        print(f"rclone-gateway: cannot ask the gateway at {args.url}: {exc}", file=sys.stderr)
-        return 3
+        document = ask_status(args.url, args.user)
+    except CannotAsk as exc:
+        return exc.report()
     limits = document.get("limits") or {}
     if args.json:
         json.dump(limits, sys.stdout, indent=2)
