@@ -12,6 +12,7 @@ import base64
 import contextlib
 import hashlib
 import http.client
+import json
 import os
 import shutil
 import signal
@@ -439,6 +440,20 @@ class GatewayProcess:
             if stat is not None and stat[1] == self.proc.pid and stat[0] != "Z":
                 pids.append(pid)
         return sorted(pids)
+
+    def access_lines(self) -> list[dict]:
+        """The access log so far: one JSON object per request, oldest first."""
+        entries = []
+        for line in self.log_text().splitlines():
+            if not line.startswith("{"):
+                continue
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(entry, dict) and "method" in entry and "status" in entry:
+                entries.append(entry)
+        return entries
 
     def rclone_serve_pids(self) -> list[int]:
         """The `rclone serve` children: not the short `rclone lsjson` of a storage scan."""

@@ -145,18 +145,7 @@ def wait_for(predicate: Callable[[], object], timeout: float, what: str,
 
 
 def access_lines(env: Env) -> list[dict]:
-    """The gateway's access log: one JSON object per request."""
-    entries = []
-    for line in env.gateway.log_text().splitlines():
-        if not line.startswith("{"):
-            continue
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(entry, dict) and "method" in entry and "status" in entry:
-            entries.append(entry)
-    return entries
+    return env.gateway.access_lines()
 
 
 def repo_status(env: Env, who: tuple[str, str], module_uuid: str) -> int:

@@ -173,17 +173,7 @@ class Env:
     # --- the logs ----------------------------------------------------------------------------
 
     def access_lines(self) -> list[dict]:
-        entries = []
-        for line in self.gateway.log_text().splitlines():
-            if not line.startswith("{"):
-                continue
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(entry, dict) and "method" in entry and "status" in entry:
-                entries.append(entry)
-        return entries
+        return self.gateway.access_lines()
 
     def quota_warnings(self, module: str) -> list[str]:
         return [line for line in self.gateway.log_text().splitlines()
