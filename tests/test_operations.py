@@ -227,9 +227,12 @@ def test_metrics_counters_move_after_known_requests(ops: Ops) -> None:
     assert abs(value(after, "rclone_gateway_redis_last_sync_timestamp_seconds")
                - time.time()) < 3600
     label_names = {name for (_, labels) in after for name, _ in labels}
-    # bounded values only: `module` is a module id (or a repository uuid) served here
+    # bounded values only: `module` is a module id (or a repository uuid) served here; the
+    # limits' `level` is 80 or 100, `direction` upload or download, `scope` the gateway or a
+    # module given a bandwidth limit
     assert label_names <= {"caller", "protocol", "method", "decision", "status_class", "le",
-                           "reason", "backend", "destination", "version", "module"}
+                           "reason", "backend", "destination", "version", "module",
+                           "level", "direction", "scope"}
 
 
 def test_metrics_follow_the_trusted_source_rule(ops: Ops) -> None:
