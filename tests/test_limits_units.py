@@ -439,9 +439,22 @@ def test_used_is_unknown_before_any_listing_and_zero_after_a_scan_that_missed_it
     book.added(KEY, 100)  # counted, but the base is still unknown
     assert book.used(KEY) is None
     assert book.check(KEY, 10 * GiB, quota=GiB) is None  # unknown: let in (and reserved)
-    book.full_scan_ended(found={OTHER_KEY})
+    book.full_scan_ended(found={OTHER_KEY}, listed={DEST})
     assert book.used(KEY) == 100  # not found: held nothing but what the gateway passed
     assert book.used(RepositoryKey(DEST, "loki", UUID)) == 0  # never seen at all: empty
+    assert book.used(RepositoryKey("elsewhere", "loki", UUID)) is None  # not listed
+
+
+def test_a_destination_whose_listing_failed_keeps_its_count() -> None:
+    """A reload removes the configuration a scan runs with, or a remote does not answer:
+    the repositories of that destination are not found, and not empty either."""
+    book = UsageBook()
+    book.listing_started(KEY)
+    book.listed(KEY, 5000)
+    book.added(KEY, 300)
+    book.full_scan_ended(found=set(), listed=set())
+    assert book.used(KEY) == 5300
+    assert book.check(KEY, 1000, quota=6000) is not None  # still over
 
 
 def test_listed_bytes_plus_uploads_minus_deletes() -> None:
@@ -501,7 +514,7 @@ def test_a_full_scan_does_not_zero_a_repository_being_listed() -> None:
     book.listing_started(KEY)
     book.listed(KEY, 1000)
     book.listing_started(KEY)
-    book.full_scan_ended(found=set())
+    book.full_scan_ended(found=set(), listed={DEST})
     assert book.used(KEY) == 1000
 
 

@@ -6,6 +6,7 @@ and found again after a restart. Real redis-server, rclone children, restic; no 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import http.client
 import json
@@ -27,6 +28,12 @@ from harness import (
     restic,
     send_request,
 )
+
+from gateway.insight.record import RepositoryKey
+from gateway.insight.scan import Layout, Scanner
+from gateway.limits.quota import UsageBook
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 DEST = "9b0e7a11-8f8b-4c43-a1d3-7f3f5f7c1a01"
 NODE = ("node/1", "node-secret-1")
@@ -430,3 +437,33 @@ def test_the_default_quota_holds_for_modules_not_listed_and_a_listed_value_wins(
         for status, object_id in uploads:
             assert env.stored(module, "data", object_id) == (status == 200), (module, status)
         env.wait_usage_is_disk(module, "after the uploads")
+
+
+def test_a_listing_that_fails_keeps_the_count_of_its_destination(tmp_path: Path) -> None:
+    """A reload removes the configuration a storage scan runs with (or the remote does not
+    answer): the repositories of that destination were not found, yet they are not empty.
+    The count of a repository over its quota stays, and so do its figures."""
+    dest = "5ca10000-8f8b-4c43-a1d3-7f3f5f7c1a0f"
+    uuid = "5ca11111-2f87-4e7b-9a34-0a1d9f9e4b0f"
+    repo = tmp_path / "storage" / dest / "traefik" / uuid
+    (repo / "data" / "ab").mkdir(parents=True)
+    (repo / "config").write_bytes(b"c" * 100)
+    (repo / "data" / "ab" / ("ab" * 32)).write_bytes(b"d" * 5000)
+    conf = tmp_path / "rclone.conf"
+    conf.write_text(f"[gateway-tree]\ntype = alias\nremote = {tmp_path / 'storage'}\n")
+    layout = Layout(conf, "gateway-tree:", {dest: str(tmp_path / "storage" / dest)})
+    book = UsageBook()
+    scanner = Scanner(str(REPO_ROOT / ".venv" / "bin" / "rclone"), lambda: layout,
+                      dict(os.environ), pause=0.0,
+                      on_scanned=lambda key, figures: book.listed(key, figures.stored_bytes),
+                      on_listing=book.listing_started, on_full_scan=book.full_scan_ended)
+    key = RepositoryKey(dest, "traefik", uuid)
+
+    assert asyncio.run(scanner.scan_all())
+    assert book.used(key) == 5100 and scanner.stored[key].stored_bytes == 5100
+    book.added(key, 300)
+    conf.unlink()  # the generation whose configuration the scan uses is gone
+    assert asyncio.run(scanner.scan_all())
+    assert book.used(key) == 5400
+    assert book.check(key, 1000, quota=6000) is not None
+    assert scanner.stored[key].stored_bytes == 5100

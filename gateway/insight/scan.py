@@ -132,7 +132,8 @@ class Scanner:
     last_full_scan: float | None = None
     on_scanned: Callable[[RepositoryKey, StoredFigures], None] | None = None
     on_listing: Callable[[RepositoryKey], None] | None = None  # a listing of it begins
-    on_full_scan: Callable[[set[RepositoryKey]], None] | None = None  # the repositories found
+    # after a full scan: the repositories found, in the destinations listed
+    on_full_scan: Callable[[set[RepositoryKey], set[str]], None] | None = None
     _task: asyncio.Task[None] | None = None
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _full_requested: bool = True  # a first full scan at start
@@ -182,13 +183,22 @@ class Scanner:
                 await asyncio.wait_for(self._wake.wait(), max(wait, 0.05))
 
     async def scan_all(self) -> bool:
-        """Lists every destination served here; False when nothing is served yet."""
+        """Lists every destination served here; False when nothing is served yet.
+
+        A destination whose listing fails (its remote does not answer, or a reload took
+        away the configuration the listing ran with) keeps what was known of it: what
+        was not found there is gone only where the listing succeeded.
+        """
         layout = self.layout()
         if layout is None:
             return False
         started = time.time()
         seen: set[RepositoryKey] = set()
+        listed: set[str] = set()
         for destination in sorted(layout.upstreams):
+            layout = self.layout() or layout  # the newest: a reload removes the old one
+            if destination not in layout.upstreams:
+                continue
             about = await self._rclone_json("about", "--json", layout.upstreams[destination],
                                             layout=layout)
             if isinstance(about, dict):
@@ -197,19 +207,25 @@ class Scanner:
                 "lsjson", "-R", "--max-depth", "3", f"{layout.tree_root}{destination}",
                 layout=layout)
             if not isinstance(listing, list):
+                log.warning("storage scan: listing destination %s failed; keeping what was "
+                            "known of it", destination)
                 continue
+            listed.add(destination)
             for key in repositories(listing, destination):
                 seen.add(key)
-                await self.scan_repository(key, layout)
-        for key in [k for k in self.stored if k not in seen]:
-            del self.stored[key]  # gone from the storage (or its destination from this node)
-        for destination in [d for d in self.spaces if d not in layout.upstreams]:
+                await self.scan_repository(key)
+        for key in [k for k in self.stored if k.destination in listed and k not in seen]:
+            del self.stored[key]  # gone from the storage
+        served = self.layout() or layout
+        for key in [k for k in self.stored if k.destination not in served.upstreams]:
+            del self.stored[key]  # its destination is no longer served here
+        for destination in [d for d in self.spaces if d not in served.upstreams]:
             del self.spaces[destination]
         self.last_full_scan = started  # what it found is the storage as of then
         if self.on_full_scan is not None:
-            self.on_full_scan(seen)
-        log.info("storage scan: %d repositories in %d destinations", len(seen),
-                 len(layout.upstreams))
+            self.on_full_scan(seen, listed)
+        log.info("storage scan: %d repositories in %d of %d destinations", len(seen),
+                 len(listed), len(served.upstreams))
         return True
 
     async def scan_repository(self, key: RepositoryKey, layout: Layout | None = None) -> None:

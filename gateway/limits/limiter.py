@@ -88,8 +88,8 @@ class Limiter:
         self._note_level(key)
         return busy
 
-    def full_scan_ended(self, found: set[RepositoryKey]) -> None:
-        self.book.full_scan_ended(found)
+    def full_scan_ended(self, found: set[RepositoryKey], listed: set[str]) -> None:
+        self.book.full_scan_ended(found, listed)
         for key in list(self.book.repositories):
             self._note_level(key)
 

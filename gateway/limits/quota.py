@@ -46,7 +46,8 @@ class QuotaRefusal:
 class UsageBook:
     def __init__(self) -> None:
         self.repositories: dict[RepositoryKey, RepositoryUsage] = {}
-        self.everything_listed = False  # a first full scan ended: an unlisted repository is empty
+        # destinations a full scan listed: a repository it did not find there was empty
+        self.listed_destinations: set[str] = set()
         self.crossings = {level: 0 for level in LEVELS}
 
     def _entry(self, key: RepositoryKey) -> RepositoryUsage:
@@ -75,12 +76,15 @@ class UsageBook:
         entry.at_listing_start, entry.removed_while_listing = None, 0
         return busy
 
-    def full_scan_ended(self, found: set[RepositoryKey]) -> None:
-        """A full scan ended: repositories it did not find hold nothing yet (or no more)."""
+    def full_scan_ended(self, found: set[RepositoryKey], listed: set[str]) -> None:
+        """A full scan ended: the repositories it did not find in the destinations it
+        listed hold nothing yet (or no more). A destination whose listing failed says
+        nothing of its repositories."""
         for key, entry in self.repositories.items():
-            if key not in found and entry.at_listing_start is None:
+            if (key.destination in listed and key not in found
+                    and entry.at_listing_start is None):
                 entry.listed, entry.since_listing = 0, max(entry.since_listing, 0)
-        self.everything_listed = True
+        self.listed_destinations |= listed
 
     # --- the request path -----------------------------------------------------------------
 
@@ -89,7 +93,7 @@ class UsageBook:
         entry = self.repositories.get(key)
         listed = entry.listed if entry is not None else None
         if listed is None:
-            if not self.everything_listed:
+            if key.destination not in self.listed_destinations:
                 return None
             listed = 0
         return max(listed + (entry.since_listing if entry is not None else 0), 0)
