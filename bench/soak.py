@@ -16,14 +16,34 @@ directory under var/, and for the whole run, concurrently:
   stopped (SIGSTOP, left stopped: the liveness watchdog must replace it);
 - a neighbour sends a few requests a second as `node/1` with a wrong password.
 
+With the limits of issue 13 on (the default; `--no-limits` runs without them), as a
+cluster sets them in Redis before the gateway starts:
+
+- a gateway-wide `upload` bandwidth limit the modules (and the node) share, changed
+  while backups are in flight: to `off`, back, to a higher value, back, every few
+  seconds (`cluster/event/backup-limits-changed` each time); no request may fail;
+- a `*` quota on both module destinations, large enough never to refuse, so every
+  module's uploads and the node's prune deletes go through the quota's bookkeeping;
+- the default cap of 8 requests in flight per module (no `concurrency` key): restic's
+  5 connections fit, so no 503 over a cap is expected;
+- one more module, `overflow1`, with a quota of a few MiB, backs up one more MiB of
+  random data each round until its backups fail with 507; it then restores its last
+  good snapshot. Nothing it was refused may be on disk, its repository may never hold
+  more than its quota (but for what the node uploaded into it), and the node's
+  retention on it is never refused.
+
+At the end (limits or not) the node asks for a listing of the storage (`POST /status`)
+and waits until each module repository's `used_bytes` equals its bytes on disk.
+
 restic runs on one repository one after the other (restic 0.14 does not wait for
 locks), on different repositories at once. At the end it prints a summary (also
 written to var/soak-summary.txt; the gateway's log is kept as var/soak-gateway.log)
 and exits 1 when a "must" failed.
 
-    make soak                           # 180 s of load, about 4 minutes in all
+    make soak                           # 180 s of load, about 5 minutes in all
     make soak DURATION=1800             # half an hour
     make soak SOAK_ARGS="--duration 600 --stop-backend restic-append-only"
+    make soak SOAK_ARGS=--no-limits     # without quotas, bandwidth limit, overflow module
 """
 
 from __future__ import annotations
@@ -55,6 +75,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from harness import Cluster, GatewayProcess, RedisServer, send_request  # noqa: E402
 
+from gateway.limits.values import BadValue, format_size, parse_rate, parse_size  # noqa: E402
+
 DEST_LOCAL = "50a50a50-8f8b-4c43-a1d3-7f3f5f7c1a01"  # provider cluster, this node's disk
 DEST_REMOTE = "50a50a50-1b2a-4d6e-9f70-aa11bb22cc33"  # provider rclone, type local
 DEST_EXTRA = "50a50a50-3c4d-4e5f-8a9b-0c1d2e3f4a5b"  # comes and goes during the run
@@ -73,6 +95,21 @@ BACKEND_TIMEOUT = 30.0  # the gateway's --backend-timeout (its default)
 REPLACE_TIMEOUT = 90.0  # a stopped child not replaced within this is a failure
 RUNNING_TIMEOUT = 120.0  # a killed child not running again within this is a failure
 
+# the limits (issue 13): Redis keys as the cluster writes them
+QUOTA_KEY = "rclone-gateway/quota/"  # + destination uuid: HASH module id or * -> bytes
+BWLIMIT_KEY = "rclone-gateway/bwlimit"  # HASH upload, download, module/<id>/... -> schedule
+LIMITS_CHANGED = "backup-limits-changed"
+OVERFLOW = "overflow1"  # the module that fills its quota
+IN_FLIGHT_REASON = "too many requests in flight"  # access log reason of a 503 over a cap
+QUOTA_REASON = "over quota"  # access log reason of a 507
+APPLY_TIMEOUT = 15.0  # a limit changed in Redis shows in /status within this, or a failure
+SETTLE_TIMEOUT = 90.0  # after the load, used_bytes equal to the bytes on disk within this
+# Peak RSS of the gateway (VmHWM): about 55-60 MiB measured in the soak and in the tests;
+# the bound is twice that, as tests/test_gateway.py's PEAK_RSS_BOUND_MIB: a body buffered
+# whole, a queue that grows with the load, or a leak per request fails it.
+MEMORY_BOUND_MIB = 110
+RATE_MARGIN = 1.10  # the upload through the gateway over 5 s, at most this times its limit
+
 
 def say(text: str) -> None:
     print(f"[{clock(time.time())}] {text}", file=sys.stderr, flush=True)
@@ -88,6 +125,7 @@ class Module:
     uuid: str
     password: str
     dest: str
+    overflow: bool = False  # fills its small quota: its backups end refused (507)
 
     @property
     def user(self) -> str:
@@ -138,6 +176,40 @@ class Call:
 
 
 @dataclass
+class BwChange:
+    """The gateway's `upload` limit set in Redis (the first: before the gateway started)."""
+
+    at: float
+    value: str
+    rate: int | None  # bytes per second; None: off
+    backups: int = 0  # restic backups in flight when it was written
+    requests: int = 0  # requests in flight at the gateway (/health) then
+    applied: float | None = None  # /status showed the new rate
+    end: float = 0.0  # the next change (or the end of the load)
+
+    @property
+    def since(self) -> float:
+        """From when the rate surely applied."""
+        return self.applied if self.applied is not None else self.at
+
+
+@dataclass
+class RepoUsage:
+    """A module repository after the load: the gateway's count and the disk."""
+
+    module: str
+    used: int | None  # /status limits.quotas used_bytes (None: not shown)
+    disk: int
+    quota: int | None
+    reserved: int | None
+    level: int | None
+
+    @property
+    def equal(self) -> bool:
+        return self.used == self.disk and not self.reserved
+
+
+@dataclass
 class Stats:
     lock: threading.Lock = field(default_factory=threading.Lock)
     restic_runs: Counter = field(default_factory=Counter)  # op -> runs
@@ -154,6 +226,17 @@ class Stats:
     max_rclone_children: int = 0
     max_gateway_rss_kb: int = 0
     worker_errors: list[str] = field(default_factory=list)
+    backups_in_flight: int = 0
+    # the overflowing module
+    overflow_ok: int = 0  # backups that succeeded
+    overflow_refused: list[tuple[float, float, int, str]] = field(default_factory=list)
+    overflow_restores: int = 0  # restores of the last good snapshot after a refused backup
+    retention_skipped: int = 0  # the node's turn on a repository busy with a long backup
+    overflow_retention: int = 0  # the node's forget --prune + check on the overflowing one
+    bw_changes: list[BwChange] = field(default_factory=list)
+    max_in_flight: Counter = field(default_factory=Counter)  # user -> most seen in /status
+    overflow_disk_max: tuple[int, float] = (0, 0.0)  # its bytes on disk, sampled: most, when
+    status_samples: int = 0
 
     def call(self, c: Call) -> None:
         with self.lock:
@@ -200,6 +283,23 @@ def vm_kb(pid: int, key: str) -> int:
         return 0
     match = re.search(rf"^{key}:\s+(\d+) kB", text, re.M)
     return int(match.group(1)) if match else 0
+
+
+def digests(directory: Path) -> dict[str, str]:
+    if not directory.is_dir():
+        return {}
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+def disk_files(directory: Path) -> dict[Path, int]:
+    """Every file under `directory`, with its size."""
+    sizes = {}
+    for path in directory.rglob("*"):
+        with contextlib.suppress(FileNotFoundError):
+            if path.is_file():
+                sizes[path] = path.stat().st_size
+    return sizes
 
 
 # --------------------------------------------------------------------------- the run
@@ -259,42 +359,74 @@ class Soak:
         status, _, body = self.request("GET", "/metrics", timeout=10)
         return body.decode("utf-8", "replace") if status == 200 else ""
 
+    def status(self) -> dict:
+        """The node's `/status` document (with its `limits`); {} when not answered."""
+        status, _, body = self.request("GET", "/status", NODE,
+                                       headers={"Accept": "application/json"}, timeout=30)
+        if status != 200:
+            return {}
+        try:
+            return json.loads(body)
+        except ValueError:
+            return {}
+
+    def repo_dir(self, module: Module) -> Path:
+        """Where the module's repository is on disk."""
+        base = self.remote_dir if module.dest == DEST_REMOTE else self.gateway.local_repo
+        return base / module.app / module.uuid
+
     def repo_url(self, module: Module, who: tuple[str, str]) -> str:
         user = who[0].replace("/", "%2F")
         return f"rest:http://{user}:{who[1]}@127.0.0.1:{self.gateway.port}{module.path}/"
 
     def restic(self, op: str, module: Module, who: tuple[str, str], *args: str,
-               timeout: float = 900) -> bool:
-        """One restic run; False (and recorded as failed) when it exits non-zero."""
+               timeout: float = 900, refusal_expected: bool = False) -> bool:
+        """One restic run; False (and recorded as failed) when it exits non-zero. With
+        `refusal_expected`, a run that failed on a 507 is recorded apart, as expected
+        (`self.refused` is then True)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("RESTIC_")}
         env["RESTIC_PASSWORD"] = RESTIC_PASSWORD
         argv = [self.restic_exe, "-r", self.repo_url(module, who), "--no-cache", *args]
         started = time.time()
-        proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                process_group=0)
-        with self.procs_lock:
-            self.procs.add(proc)
+        backup = op == "backup"
+        with self.stats.lock:
+            self.stats.backups_in_flight += backup
         try:
-            try:
-                _, err = proc.communicate(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                _, err = proc.communicate()
-                err += f"\n(soak: killed after {timeout:.0f} s)"
-        finally:
+            proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    process_group=0)
             with self.procs_lock:
-                self.procs.discard(proc)
+                self.procs.add(proc)
+            try:
+                try:
+                    _, err = proc.communicate(timeout=timeout)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    _, err = proc.communicate()
+                    err += f"\n(soak: killed after {timeout:.0f} s)"
+            finally:
+                with self.procs_lock:
+                    self.procs.discard(proc)
+        finally:
+            with self.stats.lock:
+                self.stats.backups_in_flight -= backup
         if self.aborted:
             return False
+        tail = "\n".join(err.strip().splitlines()[-12:])
+        refused = proc.returncode != 0 and refusal_expected and "507" in err
         with self.stats.lock:
             self.stats.restic_runs[op] += 1
-            if proc.returncode != 0:
-                tail = "\n".join(err.strip().splitlines()[-12:])
+            if refused:
+                self.stats.overflow_refused.append(
+                    (started, time.time(), proc.returncode, tail))
+            elif proc.returncode != 0:
                 self.stats.restic_failures.append(
                     (started, f"{op} {module.name} as {who[0]}", module.path, proc.returncode,
                      tail))
-        if proc.returncode != 0:
+        if refused:
+            say(f"restic {op} of {module.name} refused over its quota, as expected "
+                f"({proc.returncode}, {time.time() - started:.0f} s)")
+        elif proc.returncode != 0:
             say(f"restic {op} of {module.name} as {who[0]} failed ({proc.returncode})")
         return proc.returncode == 0
 
@@ -332,6 +464,9 @@ class Soak:
                                    f"{self.stats.restic_failures[-1][4]}")
 
     def module_loop(self, module: Module) -> None:
+        if module.overflow:
+            self.overflow_loop(module)
+            return
         rng = random.Random(f"{self.args.seed}-{module.name}")
         data = self.workdir / "data" / module.name
         data.mkdir(parents=True)
@@ -356,14 +491,46 @@ class Soak:
             if not self.sleep(rng.uniform(0.5, 2.0)):
                 break
 
-    def compare(self, module: Module, data: Path, restored: Path) -> None:
-        def digests(directory: Path) -> dict[str, str]:
-            if not directory.is_dir():
-                return {}
-            return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-                    for p in sorted(directory.iterdir()) if p.is_file()}
+    def overflow_loop(self, module: Module) -> None:
+        """One more MiB of random data each round (nothing deleted), until the quota
+        refuses the backups (507); after each refused one, its last good snapshot is
+        restored and compared with what was backed up then."""
+        rng = random.Random(f"{self.args.seed}-{module.name}")
+        data = self.workdir / "data" / module.name
+        data.mkdir(parents=True)
+        restore_root = self.workdir / "restore" / module.name
+        who = (module.user, module.password)
+        last_good: dict[str, str] | None = None  # file -> digest, of the last snapshot
+        i = 0
+        while not self.stop.is_set():
+            (data / f"file{i:05d}.bin").write_bytes(os.urandom(self.args.overflow_file))
+            with self.repo_locks[module.name]:
+                before = len(self.stats.overflow_refused)
+                if self.restic("backup", module, who, "backup", "--host", "soak", str(data),
+                               refusal_expected=True):
+                    last_good = digests(data)
+                    with self.stats.lock:
+                        self.stats.overflow_ok += 1
+                    check = i % self.args.restore_every == self.args.restore_every - 1
+                else:
+                    check = len(self.stats.overflow_refused) > before
+                if check and last_good is not None:
+                    shutil.rmtree(restore_root, ignore_errors=True)
+                    if self.restic("restore", module, who, "restore", "latest",
+                                   "--target", str(restore_root)):
+                        self.compare(module, data, restore_root / data.relative_to("/"),
+                                     want=last_good)
+                        if len(self.stats.overflow_refused) > before:
+                            with self.stats.lock:
+                                self.stats.overflow_restores += 1
+                    shutil.rmtree(restore_root, ignore_errors=True)
+            i += 1
+            if not self.sleep(rng.uniform(0.5, 2.0)):
+                break
 
-        want, got = digests(data), digests(restored)
+    def compare(self, module: Module, data: Path, restored: Path, *,
+                want: dict[str, str] | None = None) -> None:
+        want, got = (digests(data) if want is None else want), digests(restored)
         with self.stats.lock:
             self.stats.restores_compared += 1
             if want != got:
@@ -430,11 +597,23 @@ class Soak:
             if not self.sleep(2.0):
                 break
             module = self.modules[n % len(self.modules)]
-            with self.repo_locks[module.name]:
+            n += 1
+            lock = self.repo_locks[module.name]
+            # a refused backup of the overflowing module retries for about a minute: its
+            # turn is skipped then, not the other repositories' retention held up behind it
+            if not lock.acquire(timeout=5 if module.overflow else -1):
+                with self.stats.lock:
+                    self.stats.retention_skipped += 1
+                continue
+            try:
                 self.restic("forget --prune", module, NODE, "forget", "--keep-last", "2",
                             "--prune")
                 self.restic("check", module, NODE, "check")
-            n += 1
+                if module.overflow:
+                    with self.stats.lock:
+                        self.stats.overflow_retention += 1
+            finally:
+                lock.release()
 
     # ---------------------------------------------------------------- neighbour
 
@@ -585,6 +764,7 @@ class Soak:
     # ---------------------------------------------------------------- health
 
     def health_loop(self) -> None:
+        n = 0
         while self.sleep(1.0):
             status, _, _ = self.request("GET", "/health", timeout=10)
             rss = vm_kb(self.gateway.pid, "VmRSS")
@@ -594,6 +774,126 @@ class Soak:
                     self.stats.health_not_200.append((time.time(), status))
                 self.stats.max_gateway_rss_kb = max(self.stats.max_gateway_rss_kb, rss)
                 self.stats.max_rclone_children = max(self.stats.max_rclone_children, children)
+            n += 1
+            if self.args.limits:  # what the overflowing repository holds, each second
+                overflow = next(m for m in self.modules if m.overflow)
+                size = sum(disk_files(self.repo_dir(overflow)).values())
+                with self.stats.lock:
+                    if size > self.stats.overflow_disk_max[0]:
+                        self.stats.overflow_disk_max = (size, time.time())
+            if self.args.limits and n % 2 == 0:  # requests in flight per user, sampled
+                in_flight = self.status().get("limits", {}).get("concurrency", {}).get(
+                    "in_flight", {})
+                with self.stats.lock:
+                    self.stats.status_samples += 1
+                    for user, count in in_flight.items():
+                        self.stats.max_in_flight[user] = max(self.stats.max_in_flight[user],
+                                                             count)
+
+    # ---------------------------------------------------------------- limits
+
+    def upload_rate_shown(self) -> tuple[bool, int | None]:
+        """(whether /status shows an `upload` limit, the rate it gives now)."""
+        bandwidth = self.status().get("limits", {}).get("bandwidth")
+        if not isinstance(bandwidth, dict):
+            return False, None
+        upload = bandwidth.get("upload")
+        return isinstance(upload, dict), (upload or {}).get("rate_now")
+
+    def wait_limits_in_force(self) -> None:
+        """Before the load: /status shows the limits Redis held when the gateway started."""
+        rate = parse_rate(self.args.upload_limit)
+        overflow = next(m for m in self.modules if m.overflow)
+        deadline = time.monotonic() + APPLY_TIMEOUT
+        while True:
+            limits = self.status().get("limits", {})
+            shown = {e.get("module"): e.get("quota_bytes") for e in limits.get("quotas", [])}
+            upload = limits.get("bandwidth", {}).get("upload", {})
+            if (shown.get(overflow.name) == parse_size(self.args.overflow_quota)
+                    and upload.get("rate_now") == rate):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the limits set before the start not in /status after "
+                                   f"{APPLY_TIMEOUT:.0f} s: {limits}")
+            time.sleep(0.2)
+
+    def set_upload_limit(self, value: str) -> None:
+        """Writes the gateway's `upload` limit and announces it, as `limits set` does;
+        waits until /status gives the new rate."""
+        rate = parse_rate(value)
+        with self.stats.lock:
+            backups = self.stats.backups_in_flight
+        change = BwChange(time.time(), value, rate, backups=backups,
+                          requests=int(self.health().get("inflight", 0) or 0))
+        self.cluster.r.hset(BWLIMIT_KEY, "upload", value)
+        self.cluster.publish(LIMITS_CHANGED)
+        with self.stats.lock:
+            if self.stats.bw_changes:
+                self.stats.bw_changes[-1].end = change.at
+            self.stats.bw_changes.append(change)
+        deadline = change.at + APPLY_TIMEOUT
+        while time.time() < deadline:
+            if self.upload_rate_shown() == (True, rate):
+                change.applied = time.time()
+                break
+            time.sleep(0.05)
+        applied = (f"in /status after {change.applied - change.at:.2f} s"
+                   if change.applied is not None
+                   else f"NOT in /status within {APPLY_TIMEOUT:.0f} s")
+        say(f"limits: upload {value} with {backups} backups and {change.requests} requests "
+            f"in flight; {applied}")
+
+    def limits_loop(self) -> None:
+        """The `upload` limit in force most of the time; now and then `off` or a higher
+        value for a while, each change written while backups are in flight."""
+        interval = self.args.bwlimit_interval
+        plan = [("off", 1), (self.args.upload_limit, 2), (self.args.upload_limit_high, 1),
+                (self.args.upload_limit, 2)]
+        at = self.t0 + 2 * interval
+        k = 0
+        while self.until(at):
+            # until a backup is in flight (a few seconds at most: one nearly always is)
+            waited = time.monotonic() + 10
+            while time.monotonic() < waited and not self.stop.is_set():
+                with self.stats.lock:
+                    if self.stats.backups_in_flight:
+                        break
+                time.sleep(0.05)
+            if self.stop.is_set():
+                break
+            value, hold = plan[k % len(plan)]
+            self.set_upload_limit(value)
+            k += 1
+            at = time.time() + hold * interval
+
+    def settle_usage(self) -> tuple[list[RepoUsage], float | None]:
+        """After the load: asks for a listing of the storage (`POST /status`, as
+        `rclone-gateway status --rescan`), then waits until each module repository's
+        `used_bytes` in /status equals its bytes on disk; the last comparison, and the
+        seconds it took (None: not within SETTLE_TIMEOUT)."""
+        asked_at = self.status().get("generated_at", time.time())
+        started = time.monotonic()
+        code, _, body = self.request("POST", "/status", NODE, timeout=30)
+        if code != 202:
+            say(f"settle: POST /status answered {code}: {body[:200]!r}")
+        rows: list[RepoUsage] = []
+        while True:
+            document = self.status()
+            listed = document.get("last_scan_at")
+            entries = {e.get("repository"): e
+                       for e in document.get("limits", {}).get("quotas", [])}
+            rows = []
+            for module in self.modules:
+                entry = entries.get(module.path, {})
+                rows.append(RepoUsage(module.name, entry.get("used_bytes"),
+                                      sum(disk_files(self.repo_dir(module)).values()),
+                                      entry.get("quota_bytes"), entry.get("reserved_bytes"),
+                                      entry.get("level_percent")))
+            if listed is not None and listed >= asked_at and all(r.equal for r in rows):
+                return rows, time.monotonic() - started
+            if time.monotonic() - started > SETTLE_TIMEOUT:
+                return rows, None
+            time.sleep(0.5)
 
     # ---------------------------------------------------------------- the whole
 
@@ -609,6 +909,8 @@ class Soak:
             self.worker("churn", self.churn_loop),
             self.worker("health", self.health_loop),
         ]
+        if self.args.limits:
+            threads.append(self.worker("limits", self.limits_loop))
         faults = self.worker("faults", self.faults_loop)
         last = 0.0
         while time.time() < self.t_end:
@@ -622,6 +924,9 @@ class Soak:
                     f"{runs} restic runs, {failed} failed")
         say("load ends; waiting for the runs in progress")
         self.stop.set()
+        with self.stats.lock:
+            if self.stats.bw_changes:
+                self.stats.bw_changes[-1].end = time.time()
         return [*threads, faults]
 
 
@@ -704,14 +1009,16 @@ def idle_cpu(pids: dict[str, int], seconds: float) -> dict[str, float | None]:
 def summary(soak: Soak, *, final_health: dict, metrics: str, idle: dict[str, float | None],
             idle_pids: dict[str, int], gateway_idle: float | None, vm_hwm_kb: int,
             vm_rss_kb: int, children_after: list[int], stop_code: int | None,
-            left_behind: list[int], log_text: str, versions: str) -> tuple[str, bool]:
+            left_behind: list[int], log_text: str, versions: str, usage: list[RepoUsage],
+            settled_after: float | None, final_status: dict) -> tuple[str, bool]:
     s = soak.stats
     v = Verdict()
     out: list[str] = []
     add = out.append
     windows = soak.windows
     started = datetime.fromtimestamp(soak.t0, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-    add(f"soak: {soak.args.duration:.0f} s of load from {started}; {len(soak.modules)} modules, "
+    add(f"soak: {soak.args.duration:.0f} s of load from {started}; {len(soak.modules)} modules"
+        + (f" ({OVERFLOW} overflowing)" if soak.args.limits else "") + ", "
         f"destination change every {soak.args.churn_interval:g} s, "
         f"wrong passwords {soak.args.neighbour_rate:g}/s; {versions}")
 
@@ -760,10 +1067,13 @@ def summary(soak: Soak, *, final_health: dict, metrics: str, idle: dict[str, flo
     by_class = ", ".join(f"{k} {n}" for k, n in sorted(classes.items()))
     add(f"access log: {len(entries)} requests ({by_class})")
     own_out, own_in, passed_on = [], [], []
+    overflow_users = {m.user for m in soak.modules if m.overflow}
     for e in entries:
         status = e.get("status")
         if not isinstance(status, int) or status < 500:
             continue
+        if status == 507 and e.get("user") in overflow_users and e.get("reason") == QUOTA_REASON:
+            continue  # expected: counted with the overflowing module below
         end = parse_time(e["time"])
         start = end - float(e.get("duration_ms", 0)) / 1000
         if e.get("answered_by") == "gateway":
@@ -776,7 +1086,8 @@ def summary(soak: Soak, *, final_health: dict, metrics: str, idle: dict[str, flo
                     f" ({e.get('reason') or '-'})" for e in items)
         return "; ".join(f"{n} x {k}" for k, n in c.most_common(6))
 
-    add(f"5xx answered by the gateway itself, outside the windows: {len(own_out)}   must be 0: "
+    add(f"5xx answered by the gateway itself (but the overflowing module's 507s), outside "
+        f"the windows: {len(own_out)}   must be 0: "
         f"{v.must('gateway 5xx outside windows = 0', not own_out)}")
     if own_out:
         add(f"  {breakdown(own_out)}")
@@ -804,6 +1115,12 @@ def summary(soak: Soak, *, final_health: dict, metrics: str, idle: dict[str, flo
     add(f"wrong-password requests as node/1: {neighbour_total} "
         f"({', '.join(f'{k}: {n}' for k, n in sorted(s.neighbour.items()))}); other than "
         f"401/429: {sum(odd.values())}   must be 0: {v.must('neighbour refused', not odd)}")
+
+    if soak.args.limits:
+        limits_summary(soak, v, add, entries, metrics, final_status)
+    else:
+        add("limits: none (--no-limits): no quota, no bandwidth limit, no overflowing module")
+    usage_summary(soak, v, add, usage, settled_after, log_text)
 
     # destinations and backends
     reloads = final_health.get("reloads", "?")
@@ -851,7 +1168,8 @@ def summary(soak: Soak, *, final_health: dict, metrics: str, idle: dict[str, flo
         f"(at most {s.max_rclone_children} during the run)")
     add(f"gateway memory: peak VmHWM {vm_hwm_kb / 1024:.1f} MiB, VmRSS at the end "
         f"{vm_rss_kb / 1024:.1f} MiB (largest RSS sampled during the run "
-        f"{s.max_gateway_rss_kb / 1024:.1f} MiB)")
+        f"{s.max_gateway_rss_kb / 1024:.1f} MiB)   must be < {MEMORY_BOUND_MIB} MiB: "
+        f"{v.must('gateway peak memory', 0 < vm_hwm_kb < MEMORY_BOUND_MIB * 1024)}")
     clean = stop_code == 0 and not left_behind
     add(f"gateway stop (SIGTERM): exit {stop_code}, children left behind "
         f"{left_behind or 'none'}   must: {v.must('clean gateway stop', clean)}")
@@ -865,7 +1183,251 @@ def summary(soak: Soak, *, final_health: dict, metrics: str, idle: dict[str, flo
     return "\n".join(out), v.passed
 
 
+def metric_value(metrics: str, name: str, **labels: str) -> float:
+    """The sum of a metric's samples whose labels include `labels`."""
+    total = 0.0
+    for line in metrics.splitlines():
+        if not (line.startswith(name + "{") or line.startswith(name + " ")):
+            continue
+        if all(f'{k}="{val}"' in line for k, val in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def upload_bins(entries: list[dict]) -> Counter:
+    """Bytes of request bodies per second of wall clock: each request's `bytes_in` spread
+    evenly over its duration (the access log has no finer account)."""
+    bins: Counter = Counter()
+    for e in entries:
+        size = e.get("bytes_in") or 0
+        if not isinstance(size, int) or size <= 0:
+            continue
+        end = parse_time(e["time"])
+        took = max(float(e.get("duration_ms", 0)) / 1000, 1e-3)
+        t = end - took
+        while t < end:
+            step = min(float(int(t) + 1), end)
+            bins[int(t)] += size * (step - t) / took
+            t = step
+    return bins
+
+
+def rate_text(rate: float | None) -> str:
+    return "-" if rate is None else f"{rate / MiB:.1f} MiB/s"
+
+
+def limits_summary(soak: Soak, v: Verdict, add: Callable[[str], None], entries: list[dict],
+                   metrics: str, final_status: dict) -> None:
+    s, args = soak.stats, soak.args
+    overflow = next(m for m in soak.modules if m.overflow)
+    changes = list(s.bw_changes)
+    values = Counter(c.value for c in changes[1:])
+    add(f"limits: upload {args.upload_limit} for the whole gateway (changed {len(changes) - 1} "
+        f"times: {', '.join(f'{k} x{n}' for k, n in values.items()) or 'never'}); `*` quota "
+        f"{args.quota} on both module destinations, {overflow.name}'s {args.overflow_quota}; "
+        f"module cap 8 (the default, no concurrency key)")
+
+    # the overflowing module
+    refused_runs = s.overflow_refused
+    first = (f", the first begun at +{refused_runs[0][0] - soak.t0:.0f} s, each after "
+             f"{min(b - a for a, b, _, _ in refused_runs):.0f}-"
+             f"{max(b - a for a, b, _, _ in refused_runs):.0f} s") if refused_runs else ""
+    add(f"overflowing module {overflow.name}: backups {s.overflow_ok} ok, {len(refused_runs)} "
+        f"failed on 507 as expected{first}   must be >= 1: "
+        f"{v.must('overflowing module refused (507)', bool(refused_runs))}")
+    e507 = [e for e in entries if e.get("status") == 507]
+    mine = [e for e in e507 if e.get("user") == overflow.user]
+    others = [e for e in e507 if e.get("user") != overflow.user]
+    with_body = [e for e in mine if e.get("bytes_in")]
+    kinds = Counter(e.get("path", "").split("/")[-2] for e in mine)
+    add(f"  507 answers: {len(mine)} to {overflow.name} "
+        f"({', '.join(f'{k} {n}' for k, n in kinds.most_common()) or 'none'}), read of their "
+        f"body: {len(with_body)}   must be 0: {v.must('507 before the body', not with_body)}; "
+        f"to anyone else: {len(others)}   must be 0: "
+        f"{v.must('no 507 but the overflowing module', not others)}")
+    for e in others[:4]:
+        add(f"    {short(e)}")
+    add(f"  its last good snapshot restored and compared after a refused backup: "
+        f"{s.overflow_restores} times   must be >= 1: "
+        f"{v.must('overflowing module restores', s.overflow_restores > 0 or not refused_runs)}")
+    repo = soak.repo_dir(overflow)
+    answered = {e.get("path") for e in entries
+                if e.get("method") == "POST" and 200 <= e.get("status", 0) < 300}
+    on_disk_refused = []
+    for e in mine:
+        kind, object_id = e.get("path", "").split("/")[-2:]
+        where = repo / kind / (f"{object_id[:2]}/{object_id}" if kind == "data" else object_id)
+        if where.exists() and e.get("path") not in answered:
+            on_disk_refused.append(e)
+    files = disk_files(repo)
+    unanswered = []
+    for path in files:
+        parts = list(path.relative_to(repo).parts)
+        if len(parts) == 3 and parts[0] == "data":
+            del parts[1]  # the fan-out directory
+        if f"{overflow.path}/{'/'.join(parts)}" not in answered:
+            unanswered.append(path)
+    add(f"  refused objects on disk after the run (and never answered 2xx since): "
+        f"{len(on_disk_refused)} of {len({e.get('path') for e in mine})}   must be 0: "
+        f"{v.must('refused objects not stored', not on_disk_refused)}; files on disk never "
+        f"answered 2xx to a POST: {len(unanswered)} of {len(files)}   must be 0: "
+        f"{v.must('only answered uploads stored', not unanswered)}")
+    for e in on_disk_refused[:3]:
+        add(f"    {short(e)}")
+    for path in unanswered[:3]:
+        add(f"    {path.relative_to(repo)}")
+    # The quota holds the module's uploads; the node's (retention) are never refused.
+    quota = parse_size(args.overflow_quota)
+    by_node = sum(e.get("bytes_in") or 0 for e in entries
+                  if str(e.get("user", "")).startswith("node/") and e.get("method") == "POST"
+                  and 200 <= e.get("status", 0) < 300
+                  and str(e.get("path", "")).startswith(overflow.path + "/"))
+    most, when = s.overflow_disk_max
+    end_disk = sum(files.values())
+    within = max(most, end_disk) <= quota + by_node
+    add(f"  {overflow.name} on disk: at most {most} bytes ({100 * most / quota:.0f} % of "
+        f"{format_size(quota)}, sampled every second, at +{when - soak.t0:.0f} s), {end_disk} "
+        f"at the end; uploaded by the node, never refused: {by_node}   must be <= quota + "
+        f"the node's: {v.must('overflowing repository within its quota', within)}")
+    crossings = {level: metric_value(metrics, "rclone_gateway_quota_crossings_total",
+                                     level=level) for level in ("80", "100")}
+    add(f"  quota crossings (rclone_gateway_quota_crossings_total): 80 % {crossings['80']:g}, "
+        f"100 % {crossings['100']:g}; the node's retention on it (forget --prune, check): "
+        f"{s.overflow_retention} runs, {s.retention_skipped} turns skipped while a refused "
+        f"backup retried")
+    node_refused = [e for e in entries if str(e.get("user", "")).startswith("node/")
+                    and (e.get("status") == 507 or e.get("reason") == IN_FLIGHT_REASON)]
+    add(f"node requests refused by a limit (507, 503 over a cap): {len(node_refused)}   must be 0: "
+        f"{v.must('node never refused by a limit', not node_refused)}")
+
+    # requests in flight
+    over_cap = [e for e in entries
+                if e.get("status") == 503 and e.get("reason") == IN_FLIGHT_REASON]
+    by_user = Counter(e.get("user") for e in over_cap)
+    concurrency = final_status.get("limits", {}).get("concurrency", {})
+    refused_metric = metric_sum(metrics, "rclone_gateway_concurrency_refused_total")
+    add(f"503 over a cap ({IN_FLIGHT_REASON!r}): {len(over_cap)} in the access log"
+        + (f" ({', '.join(f'{u} {n}' for u, n in by_user.most_common())})" if by_user else "")
+        + f"; /status refused {concurrency.get('refused', '?')}, metrics "
+        f"rclone_gateway_concurrency_refused_total {refused_metric:g}   must be 0: "
+        f"{v.must('no 503 over the default cap', not over_cap and not refused_metric)}")
+    seen = ", ".join(f"{u} {n}" for u, n in sorted(s.max_in_flight.items())) or "none"
+    left = concurrency.get("in_flight")
+    add(f"requests in flight per user, most seen in /status ({s.status_samples} samples, every "
+        f"2 s): {seen}; after the load: {left if left else 'none'}   must be none: "
+        f"{v.must('nothing left counted in flight', left == {})}")
+
+    # the upload limit and its changes
+    moves = changes[1:]
+    if moves:
+        applied = [c.applied - c.at for c in moves if c.applied is not None]
+        late = [c for c in moves if c.applied is None]
+        ok = not late and min(c.backups for c in moves) > 0
+        add(f"upload limit changes: {len(moves)} (at +"
+            f"{', +'.join(f'{c.at - soak.t0:.0f} s {c.value}' for c in moves)}), written with "
+            f"{min(c.backups for c in moves)}-{max(c.backups for c in moves)} backups and "
+            f"{min(c.requests for c in moves)}-{max(c.requests for c in moves)} requests in "
+            f"flight; /status gave the new rate "
+            + (f"{min(applied):.2f}-{max(applied):.2f} s later" if applied else "never")
+            + f"   must (within {APPLY_TIMEOUT:.0f} s, with a backup in flight): "
+            f"{v.must('upload limit changes applied', ok)}")
+    else:
+        add("upload limit changes: none (the run ended first)")
+    bins = upload_bins(entries)
+    add("upload through the gateway (each request's bytes_in spread over its duration, "
+        "1-s bins; uploads of >= 1 MiB: each one's own rate):")
+    by_value: dict[str, list[BwChange]] = {}
+    for c in changes:
+        by_value.setdefault(c.value, []).append(c)
+    for value, spans in by_value.items():
+        rate = spans[0].rate
+        seconds, peak1, peak5, total = 0, 0.0, 0.0, 0.0
+        per_request: list[float] = []
+        for c in spans:
+            lo, hi = int(c.since) + 1, int(c.end or soak.t_end) - 1  # whole seconds inside
+            if hi <= lo:
+                continue
+            series = [bins.get(k, 0.0) for k in range(lo, hi)]
+            seconds += len(series)
+            total += sum(series)
+            peak1 = max(peak1, max(series))
+            for k in range(len(series) - 4):
+                peak5 = max(peak5, sum(series[k:k + 5]) / 5)
+            for e in entries:
+                size = e.get("bytes_in") or 0
+                if size < MiB:
+                    continue
+                end = parse_time(e["time"])
+                took = float(e.get("duration_ms", 0)) / 1000
+                if lo <= end - took and end <= hi and took > 0:
+                    per_request.append(size / took)
+        if not seconds:
+            continue
+        per_request.sort()
+        median = per_request[len(per_request) // 2] if per_request else None
+        label = "off" if rate is None else f"under {value} ({rate_text(rate)})"
+        line = (f"  {label}, {seconds} s: peak over 5 s {rate_text(peak5)}, over 1 s "
+                f"{rate_text(peak1)}, mean {rate_text(total / seconds)}; {len(per_request)} "
+                f"uploads of >= 1 MiB at a median {rate_text(median)} each")
+        if rate is not None:
+            within = peak5 <= RATE_MARGIN * rate
+            line += (f"   must peak 5 s <= {RATE_MARGIN:g} x limit: "
+                     f"{v.must(f'upload under {value} within its limit', within)}")
+        add(line)
+    waited = metric_value(metrics, "rclone_gateway_bandwidth_wait_seconds_total",
+                          direction="upload", scope="gateway")
+    add(f"  streams waited for the gateway's upload limit {waited:.1f} s in all "
+        f"(rclone_gateway_bandwidth_wait_seconds_total)   must be > 0 (it shaped): "
+        f"{v.must('the upload limit shaped the traffic', waited > 0)}")
+
+
+def clock_seconds(text: str, near: float) -> float:
+    """A log line's local `HH:MM:SS,mmm` as a timestamp, on the day of `near`."""
+    day = datetime.fromtimestamp(near).strftime("%Y-%m-%d")
+    return datetime.strptime(f"{day} {text}", "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+
+def usage_summary(soak: Soak, v: Verdict, add: Callable[[str], None], usage: list[RepoUsage],
+                  settled_after: float | None, log_text: str) -> None:
+    scans = [(m.group(1), int(m.group(2)), int(m.group(3)), int(m.group(4)))
+             for m in re.finditer(r"^\S+ (\S+) INFO \S+ storage scan: (\d+) repositories in "
+                                  r"(\d+) of (\d+) destinations", log_text, re.M)]
+    during = [(n, listed, served) for t, n, listed, served in scans
+              if soak.t0 <= clock_seconds(t, soak.t0) <= soak.t_end]
+    found = [n for n, _, _ in during]
+    add(f"full storage scans during the load: {len(during)}, finding "
+        + (f"{min(found)}-{max(found)} of the {len(soak.modules)} repositories; "
+           f"with a destination whose listing failed (its figures kept): "
+           f"{sum(1 for _, listed, served in during if listed < served)}" if during else "-"))
+    settled = (f"settled after {settled_after:.1f} s" if settled_after is not None
+               else f"NOT settled within {SETTLE_TIMEOUT:.0f} s")
+    add(f"quota count after the load (POST /status, then /status until used_bytes = bytes on "
+        f"disk, nothing reserved): {settled}   must: "
+        f"{v.must('used_bytes = bytes on disk', settled_after is not None)}")
+    for row in usage:
+        share = (f" of {format_size(row.quota)} ({100 * row.disk / row.quota:.0f} %, level "
+                 f"{row.level})") if row.quota else " (no quota)"
+        sign = "=" if row.used == row.disk else "!="
+        add(f"  {row.module}: used_bytes {row.used} {sign} {row.disk} on disk{share}"
+            + (f", reserved {row.reserved}" if row.reserved else ""))
+
+
 # --------------------------------------------------------------------------- main
+
+
+def seed_limits(cluster: Cluster, args: argparse.Namespace, modules: list[Module]) -> None:
+    """The limits as the cluster sets them: a `*` quota on both module destinations, the
+    overflowing module's own small one, and the gateway's `upload` limit. No concurrency
+    key: the default cap of 8 per module is what is measured."""
+    pipe = cluster.r.pipeline(transaction=True)
+    for dest in (DEST_LOCAL, DEST_REMOTE):
+        fields = {"*": args.quota}
+        fields.update({m.name: args.overflow_quota for m in modules
+                       if m.overflow and m.dest == dest})
+        pipe.hset(QUOTA_KEY + dest, mapping=fields)
+    pipe.hset(BWLIMIT_KEY, "upload", args.upload_limit)
+    pipe.execute()
+    cluster.publish(LIMITS_CHANGED)
 
 
 def seed_cluster(cluster: Cluster, modules: list[Module], remote_dir: Path) -> None:
@@ -912,6 +1474,22 @@ def main() -> int:
                         help="child stopped at two thirds of the run (default webdav)")
     parser.add_argument("--idle-seconds", type=float, default=5.0,
                         help="seconds over which the idle children's CPU is measured")
+    parser.add_argument("--no-limits", dest="limits", action="store_false",
+                        help="no quotas, no bandwidth limit, no overflowing module")
+    parser.add_argument("--upload-limit", default="8M",
+                        help="the gateway's `upload` bandwidth limit (default 8M)")
+    parser.add_argument("--upload-limit-high", default="32M",
+                        help="the higher value it is changed to for a while (default 32M)")
+    parser.add_argument("--bwlimit-interval", type=float, default=15.0,
+                        help="seconds `off` or the higher value stay, twice that the limit "
+                             "(default 15)")
+    parser.add_argument("--quota", default="1G",
+                        help="the `*` quota of both module destinations (default 1G)")
+    parser.add_argument("--overflow-quota", default="5M",
+                        help="the overflowing module's quota (default 5M: four rounds fit, "
+                             "past 80 %%, the fifth is refused)")
+    parser.add_argument("--overflow-file", type=int, default=MiB,
+                        help="bytes of new random data it backs up each round (default 1 MiB)")
     parser.add_argument("--seed", type=int, default=4694)
     parser.add_argument("--summary", type=Path, default=ROOT / "var" / "soak-summary.txt",
                         help="where to write the summary ('-': nowhere)")
@@ -921,6 +1499,11 @@ def main() -> int:
         parser.error("--duration: at least 30 seconds")
     if args.modules < 2:
         parser.error("--modules: at least 2")
+    for option in ("upload_limit", "upload_limit_high", "quota", "overflow_quota"):
+        try:
+            (parse_rate if option.startswith("upload") else parse_size)(getattr(args, option))
+        except BadValue as exc:
+            parser.error(f"--{option.replace('_', '-')}: {exc}")
     for tool in ("restic", "redis-server"):
         if not shutil.which(tool):
             raise SystemExit(f"soak: {tool} is needed (run `make bootstrap`)")
@@ -948,6 +1531,9 @@ def main() -> int:
     modules = [Module(f"soak{i}", uuid4(), f"soak{i}-secret-{rng.getrandbits(32):08x}",
                       DEST_REMOTE if i == args.modules else DEST_LOCAL)
                for i in range(1, args.modules + 1)]
+    if args.limits:
+        modules.append(Module(OVERFLOW, uuid4(), f"{OVERFLOW}-secret-{rng.getrandbits(32):08x}",
+                              DEST_LOCAL, overflow=True))
     redis_server: RedisServer | None = None
     gateway: GatewayProcess | None = None
     soak: Soak | None = None
@@ -957,13 +1543,22 @@ def main() -> int:
         redis_server = RedisServer(workdir / "redis")
         cluster = Cluster(redis_server.client())
         seed_cluster(cluster, modules, remote_dir)
+        if args.limits:
+            seed_limits(cluster, args, modules)
         gateway = GatewayProcess.start(redis_server.url, "1", workdir / "gateway",
                                        extra_args=LIVENESS)
         say(f"soak: gateway pid {gateway.pid} on {gateway.url}, redis on port "
             f"{redis_server.port}, work dir {workdir}")
         soak = Soak(args, workdir, gateway, cluster, modules, remote_dir, extra_dir)
         soak.init_repositories()
-        say(f"soak: {len(modules)} repositories initialised; {args.duration:.0f} s of load")
+        if args.limits:
+            soak.wait_limits_in_force()
+            soak.stats.bw_changes.append(BwChange(soak.ready_at, args.upload_limit,
+                                                  parse_rate(args.upload_limit),
+                                                  applied=soak.ready_at))
+        say(f"soak: {len(modules)} repositories initialised; {args.duration:.0f} s of load"
+            + (f"; upload limit {args.upload_limit}, quota of {OVERFLOW} "
+               f"{args.overflow_quota}" if args.limits else "; no limits"))
         threads = soak.run()
         for thread in threads:
             thread.join(timeout=max(1.0, soak.t_end + 600 - time.time()))
@@ -971,7 +1566,13 @@ def main() -> int:
         if still:
             raise RuntimeError(f"workers still running 10 minutes after the end: {still}")
 
-        say(f"soak: load stopped; {args.idle_seconds:g} s of quiet, then the idle CPU")
+        say("soak: load stopped; a listing of the storage, until the gateway's count of "
+            "each repository is its bytes on disk")
+        usage, settled_after = soak.settle_usage()
+        say("soak: " + (f"settled after {settled_after:.1f} s" if settled_after is not None
+                        else f"not settled within {SETTLE_TIMEOUT:.0f} s"))
+        final_status = soak.status()
+        say(f"soak: {args.idle_seconds:g} s of quiet, then the idle CPU")
         time.sleep(5)
         health = soak.health()
         idle_pids = {kind: b["pid"] for kind, b in health.get("backends", {}).items()
@@ -1000,7 +1601,8 @@ def main() -> int:
             soak, final_health=final_health, metrics=metrics, idle=cpu, idle_pids=idle_pids,
             gateway_idle=gateway_idle, vm_hwm_kb=vm_hwm, vm_rss_kb=vm_rss,
             children_after=children_after, stop_code=stop_code, left_behind=left,
-            log_text=log_text, versions=versions(rclone))
+            log_text=log_text, versions=versions(rclone), usage=usage,
+            settled_after=settled_after, final_status=final_status)
         print(text, flush=True)
         if str(args.summary) != "-":
             args.summary.parent.mkdir(parents=True, exist_ok=True)
