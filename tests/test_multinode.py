@@ -365,8 +365,12 @@ def test_limits_apply_once_on_the_node_that_serves(mesh: Mesh) -> None:
         over = f"{base}/data/{hashlib.sha256(more).hexdigest()}"
         status, headers, _ = mesh.request(1, "POST", over, who, rest=True, body=more)
         assert status == 507 and headers.get("x-gateway-backend") == "peer@node2"
-        refused = [e for e in mesh.access(2) if e["path"] == over]
-        assert [(e["status"], e["reason"]) for e in refused] == [(507, "over quota")]
+
+        def refused() -> list[tuple[int, str]]:  # node 2's access line is written after
+            return [(e["status"], e["reason"]) for e in mesh.access(2) if e["path"] == over]
+
+        wait_for(lambda: bool(refused()), 10, lambda: "node 2's access line of the 507")
+        assert refused() == [(507, "over quota")]
     finally:
         with mesh.cluster() as cluster:
             cluster.r.delete("rclone-gateway/bwlimit", f"rclone-gateway/quota/{HOSTED_BY_2}")
