@@ -87,11 +87,11 @@ class Env:
         root = self.gateway.local_repo / re.sub(r"\d+$", "", module_id) / module_uuid
         return sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
 
-    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+    def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         env = dict(os.environ, REDIS_USER=NODE[0], REDIS_PASSWORD=NODE[1])
         return subprocess.run(
             [sys.executable, "-m", "gateway", "status", "--url", self.gateway.url, *args],
-            env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+            env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -215,7 +215,8 @@ def test_free_space_of_a_local_destination_is_that_of_its_disk(env: Env) -> None
     # the disk is measured around a listing asked for now: other writers on the machine
     # (a test run beside this one) move it between two readings
     before = os.statvfs(env.gateway.local_repo)
-    rescan = env.cli("--rescan", "--json")
+    # the listing runs under `nice`: a machine busy with other work makes it wait
+    rescan = env.cli("--rescan", "--json", timeout=300)
     assert rescan.returncode == 0, rescan.stderr
     after = os.statvfs(env.gateway.local_repo)
     free = next(d for d in json.loads(rescan.stdout)["destinations"]
@@ -248,7 +249,8 @@ def test_the_status_page_in_a_browser_marks_the_stale_repository(
     old = time.time() - 30 * 3600
     for snapshot in (stale_repo / "snapshots").iterdir():
         os.utime(snapshot, (old, old))
-    rescan = env.cli("--rescan", "--json")  # has the gateway list the storage, waits for it
+    # has the gateway list the storage, and waits for it (under `nice`: slow on a busy machine)
+    rescan = env.cli("--rescan", "--json", timeout=300)
     assert rescan.returncode == 0, rescan.stderr
     assert any(r["uuid"] == module_uuid for r in json.loads(rescan.stdout)["repositories"])
     assert env.repo("module/dokuwiki1")["stale"]
