@@ -825,3 +825,16 @@ def test_in_flight_without_a_cap_admits_everything() -> None:
     assert inflight.counts["node/1"] == 100
     assert not inflight.enter("module/traefik1", 0, "modules")  # a cap of 0 (never parsed)
     assert dict(inflight.refused) == {"modules": 1}
+
+
+def test_a_lock_uploaded_here_is_taken_away_by_its_size_when_removed() -> None:
+    book = UsageBook()
+    book.listing_started(KEY)
+    book.listed(KEY, 1000)
+    book.added(KEY, 200)
+    book.lock_added(KEY, "cd" * 32, 200)
+    size = book.lock_size(KEY, "cd" * 32)
+    assert size == 200
+    book.removed(KEY, size)
+    assert book.used(KEY) == 1000
+    assert book.lock_size(KEY, "cd" * 32) is None  # asked once: forgotten

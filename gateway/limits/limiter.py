@@ -101,12 +101,14 @@ class Limiter:
     # --- the request path ------------------------------------------------------------------
 
     def upload_ended(self, key: RepositoryKey, module: str | None, reserved: int,
-                     stored: int | None) -> None:
+                     stored: int | None, lock_id: str | None = None) -> None:
         """An upload into `key` was answered: `stored` bytes kept (None: nothing)."""
         if reserved:
             self.book.release(key, reserved)
         if stored is not None:
             self.book.added(key, stored)
+            if lock_id is not None:
+                self.book.lock_added(key, lock_id, stored)
             self._note_level(key, module)
 
     def deleted(self, key: RepositoryKey, size: int) -> None:

@@ -15,7 +15,7 @@ Pure bookkeeping, no I/O; the request path and the scanner feed it.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gateway.insight.record import RepositoryKey
 from gateway.limits.values import format_size
@@ -23,6 +23,7 @@ from gateway.limits.values import format_size
 log = logging.getLogger("rclone_gateway.limits")
 
 LEVELS = (80, 100)  # percent of a quota whose crossing is told (log, metrics, status page)
+MAX_LOCKS = 256  # lock sizes kept per repository: restic holds one or two at a time
 
 
 @dataclass
@@ -34,6 +35,9 @@ class RepositoryUsage:
     reserved: int = 0  # bytes of uploads let in and not answered yet
     level: int = 0  # the highest of LEVELS crossed (0: none)
     crossings: int = 0
+    # sizes of the locks uploaded through the gateway and not removed yet: a lock's DELETE
+    # is counted without asking the storage (restic takes and drops one per command)
+    lock_sizes: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +121,16 @@ class UsageBook:
 
     def added(self, key: RepositoryKey, size: int) -> None:
         self._entry(key).since_listing += size
+
+    def lock_added(self, key: RepositoryKey, lock_id: str, size: int) -> None:
+        locks = self._entry(key).lock_sizes
+        if len(locks) < MAX_LOCKS:
+            locks[lock_id] = size
+
+    def lock_size(self, key: RepositoryKey, lock_id: str) -> int | None:
+        """The size of a lock uploaded through the gateway, forgotten as it is asked."""
+        entry = self.repositories.get(key)
+        return None if entry is None else entry.lock_sizes.pop(lock_id, None)
 
     def removed(self, key: RepositoryKey, size: int) -> None:
         entry = self._entry(key)

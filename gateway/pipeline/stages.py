@@ -210,15 +210,17 @@ async def storage_quota(x: Exchange) -> Answer:
             return x.refuse(refusal.status, refusal.reason, refusal.text)
         reserved = size if quota is not None else 0
         transfer = x.outcome.transfer
+        lock = where.object_id if where.kind == "locks" else None
         x.at_end.append(lambda status: limits.upload_ended(
-            key, module, reserved, transfer.bytes_in if 200 <= status < 300 else None))
+            key, module, reserved, transfer.bytes_in if 200 <= status < 300 else None, lock))
     elif method == "DELETE" and where.object_id is not None:
-        if limits.current.quotas.get(key.destination):
+        size = limits.book.lock_size(key, where.object_id) if where.kind == "locks" else None
+        if size is None and limits.current.quotas.get(key.destination):
             size = await object_size(x.services.backends.current, x.backend, x.target)
-            if size is not None:
-                x.at_end.append(when_stored(lambda: limits.deleted(key, size)))
-                return None
-        x.at_end.append(when_stored(lambda: scanner.scan_soon(key)))
+        if size is not None:
+            x.at_end.append(when_stored(lambda: limits.deleted(key, size)))
+        elif where.kind != "locks":  # a prune's delete: the storage says what is left
+            x.at_end.append(when_stored(lambda: scanner.scan_soon(key)))
     return None
 
 
