@@ -6,14 +6,22 @@ directory as the baseline. Every measurement runs the targets one after the
 other, in alternating order from round to round; each round gives one paired
 ratio per target, and the table shows medians. Writes docs/performance.md.
 
-    make bench                          # about 8 minutes on 2 idle cores
+    make bench                          # about 10 minutes on 2 idle cores
     make bench BENCH_ARGS=--quick       # smaller data, shorter runs
     make bench BENCH_ARGS="--only get --output -"   # one measure, nothing written
+    make bench BENCH_ARGS="--quick --only shaping --only switch --output -"
+
+The limits (issue 13): a module's upload under its own bandwidth limit and a GET
+under the gateway's (rate over limit), a limit removed and a schedule's slot
+switching off mid-upload (time to full rate), and what the limit stages cost a
+restic backup with no limit set (bench/limits_bench.py, bench/limit_checks_cost.py,
+bench/gateway_without_limits.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import http.client
 import os
 import platform
@@ -32,6 +40,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
+import limit_checks_cost  # noqa: E402
+import limits_bench  # noqa: E402
 from harness import Cluster, GatewayProcess, RedisServer, basic, free_port, restic  # noqa: E402
 from services import (  # noqa: E402
     Service,
@@ -57,6 +67,13 @@ MiB = 1024 * 1024
 GATEWAY, RCLONE, HAPROXY, BARE = "gateway", "rclone alone", "haproxy", "bare proxy"
 # restic through the gateway as a node: the full backend, no check of uploaded objects.
 GATEWAY_NODE = "gateway as node"
+# bench/gateway_without_limits.py: the gateway without the three stages of the limits.
+GATEWAY_NO_LIMITS = "gateway without limit stages"
+
+SHAPED_LIMIT = "64M"  # rclone's units: 64 MiB/s
+LOW_LIMIT = "8M"  # the limit that is switched off
+SWITCH_MIB = 64  # the upload during which it is: 1.5 s (or 3 s) at 8M, the rest at full rate
+MEASURES = ["restic", "get", "put", "acl", "shaping", "switch", "schedule", "limits-cpu"]
 
 
 @dataclass(frozen=True)
@@ -66,14 +83,18 @@ class Plan:
     put_mib: int
     wrk_seconds: int
     rounds: int
+    shaped_mib: int  # uploaded under SHAPED_LIMIT, then downloaded under it
+    cpu_pairs: int  # restic backups with and without the limit stages, per round
 
     @property
     def small_put_mib(self) -> int:
         return max(self.put_mib // 8, 16)
 
 
-FULL = Plan(restic_mib=512, file_mib=16, put_mib=1024, wrk_seconds=10, rounds=3)
-QUICK = Plan(restic_mib=128, file_mib=16, put_mib=256, wrk_seconds=4, rounds=3)
+FULL = Plan(restic_mib=512, file_mib=16, put_mib=1024, wrk_seconds=10, rounds=3,
+            shaped_mib=512, cpu_pairs=2)
+QUICK = Plan(restic_mib=128, file_mib=16, put_mib=256, wrk_seconds=4, rounds=3,
+             shaped_mib=256, cpu_pairs=2)
 
 
 @dataclass
@@ -207,6 +228,29 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def thread_cpu_ns(pid: int) -> dict[int, int]:
+    """Nanoseconds on a CPU of each live thread of a process (schedstat: exact, where
+    utime + stime are counted in clock ticks of 10 ms)."""
+    found = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            found[int(task.name)] = int((task / "schedstat").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+def cpu_since(pid: int, before: dict[int, int]) -> float:
+    """CPU seconds the process's threads used since `before` (thread_cpu_ns). A thread
+    that ended in between is counted up to `before` only: told, as it undercounts."""
+    after = thread_cpu_ns(pid)
+    gone = set(before) - set(after)
+    if gone:
+        say(f"  pid {pid}: {len(gone)} thread(s) ended during the measure; their last "
+            "moments are not counted")
+    return sum(ns - before.get(tid, 0) for tid, ns in after.items()) / 1e9
+
+
 def reset_peak_rss(pid: int) -> None:
     Path(f"/proc/{pid}/clear_refs").write_text("5")
 
@@ -263,6 +307,102 @@ def acl_change_seconds(gateway: GatewayProcess, cluster: Cluster, target: Target
     raise RuntimeError("new credentials did not work within 30 s")
 
 
+# A backup's repository is listed (`rclone lsjson`, a child of the gateway) 5 s after its
+# snapshot: that listing must not run during the next backup measured, on either gateway.
+QUIET = 7.0
+
+
+def backup_cpu(target: Target, gateway: GatewayProcess, data: Path, storage: Path,
+               not_before: float = 0.0) -> tuple[float, list[limit_checks_cost.Logged]]:
+    """A restic backup into a new repository, begun no sooner than `not_before`
+    (monotonic): the gateway's CPU and the requests it logged."""
+    repo_dir = storage / APP / MODULE_UUID
+    shutil.rmtree(repo_dir, ignore_errors=True)
+    repo = target.restic_repo()
+    restic(repo, "init", timeout=300)
+    time.sleep(max(0.2, not_before - time.monotonic()))  # and the access lines of init written
+    offset = gateway.log_path.stat().st_size
+    before = thread_cpu_ns(gateway.pid)
+    restic(repo, "backup", "--host", "bench", str(data), timeout=1800)
+    cpu = cpu_since(gateway.pid, before)
+    time.sleep(0.2)
+    logged, _ = limit_checks_cost.access_lines(gateway.log_path, offset)
+    shutil.rmtree(repo_dir, ignore_errors=True)
+    if not logged:
+        raise RuntimeError(f"{target.name}: no access line for the backup in {gateway.log_path}")
+    return cpu, logged
+
+
+class LimitsCpu:
+    """restic backups through the gateway and through the gateway without its limit stages.
+
+    Each pair starts its own two gateways (`start`), in turns which first, and runs a
+    backup through each, in turns which first, no sooner than QUIET after the last: two
+    identical gateways on this bench differed by 2.5 % (10 pairs of 512 MiB) with one
+    started first and by -0.5 % the other way round, and the backup run second used
+    some 10 % more CPU when the first one's listing of the storage overlapped it. Each
+    pair gives (CPU with - CPU without) / CPU with, and the stages' cost timed in
+    process for the requests of the backup with them."""
+
+    def __init__(self, start: Callable[[bool, str], GatewayProcess]) -> None:
+        self.start = start  # (with the limit stages, name of its work directory) -> gateway
+        self.pairs = 0
+        self.quiet_from = 0.0  # monotonic: no listing of a gateway's left from then on
+
+    def settle(self) -> None:
+        """Other requests just went to the gateway: none of their listings in a backup."""
+        self.quiet_from = time.monotonic() + QUIET
+
+    def pair(self, data: Path, storage: Path, results: Results) -> None:
+        k, self.pairs = self.pairs, self.pairs + 1
+        names = [GATEWAY, GATEWAY_NO_LIMITS]
+        started = names if k % 2 == 0 else names[::-1]
+        run = names if (k // 2) % 2 == 0 else names[::-1]
+        sides: dict[str, tuple[Target, GatewayProcess]] = {}
+        cpu: dict[str, float] = {}
+        logged: list[limit_checks_cost.Logged] = []
+        try:
+            for name in started:
+                twin = self.start(name == GATEWAY, f"pair-{k}-{len(sides)}")
+                sides[name] = (Target(name, twin.port, twin.port, f"/{DEST}", True), twin)
+            self.quiet_from = max(self.quiet_from, time.monotonic() + QUIET)  # their first scan
+            for name in run:
+                target, twin = sides[name]
+                cpu[name], lines = backup_cpu(target, twin, data, storage, self.quiet_from)
+                self.quiet_from = time.monotonic() + QUIET
+                if name == GATEWAY:
+                    logged = lines
+                if refused := cap_refusals(twin):
+                    raise RuntimeError(f"{name}: {refused} requests over the cap in a backup")
+        finally:
+            for _, twin in sides.values():
+                twin.stop()
+                twin.kill_leftovers()
+                shutil.rmtree(twin.workdir, ignore_errors=True)
+        with_cpu, without_cpu = cpu[GATEWAY], cpu[GATEWAY_NO_LIMITS]
+        results.add("gateway CPU, backup with limit stages", GATEWAY, with_cpu)
+        results.add("gateway CPU, backup without limit stages", GATEWAY, without_cpu)
+        results.add("limit stages' CPU share, restic backup", GATEWAY,
+                    100 * (with_cpu - without_cpu) / with_cpu)
+        cost = limit_checks_cost.measure(logged, {MODULE[0].removeprefix("module/"): MODULE_UUID})
+        results.add("limit stages' CPU share, micro-benchmark", GATEWAY,
+                    100 * cost.total_s / with_cpu)
+        results.add("limit stages' CPU per request", GATEWAY,
+                    cost.stages_s / max(cost.requests, 1))
+        results.add("requests of a restic backup", GATEWAY, cost.requests)
+        say(f"  limits CPU: with {with_cpu:.2f} s, without {without_cpu:.2f} s; stages in "
+            f"process {cost.stages_s * 1e3:.2f} ms for {cost.requests} requests "
+            f"({cost.per_request_us:.1f} µs each), transform {cost.streams_s * 1e3:.2f} + "
+            f"{cost.pieces_s * 1e3:.2f} ms ({cost.per_piece_us:.2f} µs a piece)")
+
+
+def cap_refusals(gateway: GatewayProcess) -> int:
+    """Requests the gateway refused for the cap on requests in flight."""
+    lines = [line for line in gateway.log_text().splitlines()
+             if "too many requests in flight" in line]
+    return len(lines)
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -291,6 +431,16 @@ ROWS = [
     Row("gateway peak RSS, small PUT", "flat", None, True),
     Row("gateway CPU per GiB PUT"),
     Row("acl-changed to new credentials working", scale=1000),
+    Row("shaped upload rate / limit", "0.85 to 1.15", lambda v: 0.85 <= v <= 1.15, True),
+    Row("shaped download rate / limit", "0.85 to 1.15", lambda v: 0.85 <= v <= 1.15, True),
+    Row("limit switched off to full rate", "< 1000 ms", lambda v: v < 1.0, True, 1000),
+    Row("schedule slot switch to full rate", "< 1000 ms", lambda v: v < 1.0, True, 1000),
+    Row("requests of a restic backup"),
+    Row("gateway CPU, backup with limit stages"),
+    Row("gateway CPU, backup without limit stages"),
+    Row("limit stages' CPU share, restic backup", "≤ 2 %", lambda v: v <= 2.0, True),
+    Row("limit stages' CPU share, micro-benchmark", "≤ 2 %", lambda v: v <= 2.0, True),
+    Row("limit stages' CPU per request", scale=1e6),
 ]
 
 
@@ -317,6 +467,24 @@ def table(results: Results, names: list[str], plan: Plan) -> str:
         "gateway CPU, restic backup": "gateway CPU during restic backup (s)",
         "gateway CPU, restic restore": "gateway CPU during restic restore (s)",
         "gateway CPU per GiB PUT": "gateway CPU per GiB of PUT (s)",
+        "shaped upload rate / limit":
+            f"module upload {plan.shaped_mib} MiB under its {SHAPED_LIMIT} limit, rate / limit",
+        "shaped download rate / limit":
+            f"GET {plan.shaped_mib} MiB under a gateway-wide {SHAPED_LIMIT}, rate / limit",
+        "limit switched off to full rate":
+            f"{LOW_LIMIT} limit removed mid-upload, publish to full rate (ms)",
+        "schedule slot switch to full rate":
+            f"schedule {LOW_LIMIT} then off at the minute, boundary to full rate (ms)",
+        "requests of a restic backup": f"requests of a restic backup {plan.restic_mib} MiB",
+        "gateway CPU, backup with limit stages":
+            f"gateway CPU, restic backup {plan.restic_mib} MiB, limit pairs (s)",
+        "gateway CPU, backup without limit stages":
+            "the same through the gateway without the limit stages (s)",
+        "limit stages' CPU share, restic backup":
+            "limit stages' share of a backup's gateway CPU, no limit set (%)",
+        "limit stages' CPU share, micro-benchmark":
+            "the same from the stages timed in process (%)",
+        "limit stages' CPU per request": "limit stages' CPU per request, no limit set (µs)",
     }
     others = [n for n in names if n != RCLONE]
     head = ["measure", RCLONE, *others, *(f"{n} / rclone" for n in others), "target", "met"]
@@ -419,6 +587,11 @@ def write_report(path: Path, measured: str) -> None:
 def measured_section(report: str, rounds: str, facts: list[tuple[str, str]], plan: Plan,
                      quick: bool, seconds: float) -> str:
     machine_lines = "\n".join(f"| {k} | {v} |" for k, v in facts)
+    piece_kib = limit_checks_cost.ASSUMED_PIECE // 1024
+    window_ms = f"{limits_bench.WINDOW * 1000:.0f}"
+    sample_ms = f"{limits_bench.SAMPLE_EVERY * 1000:.0f}"
+    lifted = f"{limits_bench.LIFTED:g}"
+    before = f"{limits_bench.UPLOAD_BEFORE:g}"
     haproxy_note = ""
     if any(k == "haproxy" for k, _ in facts):
         haproxy_note = ", and through HAProxy with a Basic-auth userlist\nin front of rclone alone"
@@ -450,6 +623,30 @@ peak (VmHWM, reset before each upload) of the gateway process alone, not its
 rclone children. acl-changed: time from publishing the event to the first
 200 answered for a password that was just set.
 
+Limits: the module POSTs a restic data object of {plan.shaped_mib} MiB on one
+connection (the gateway checks its SHA-256) under its own `module/<id>/upload`
+limit of {SHAPED_LIMIT} (MiB/s), then GETs it under a gateway-wide `download` limit
+of {SHAPED_LIMIT}: its size over the time from the request to the end of the answer,
+over the limit. Switch-off: an upload of {SWITCH_MIB} MiB runs for 1.5 s under a
+{LOW_LIMIT} limit, the field is removed (HDEL) and `backup-limits-changed` published;
+the time is from the publish to the end of the first {window_ms} ms in which the
+stored object (its size on disk, read every {sample_ms} ms) grew by {lifted} times
+what the old limit lets through in that time. Schedule: the same with
+`"<minute>,{LOW_LIMIT} <next minute>,off"`, the upload begun {before} s before the minute,
+timed from the boundary (the wait for a boundary is not counted). Limit stages'
+cost, no Limits key set: restic backups of the same data through the gateway and
+through the same without its `concurrency_cap`, `storage_quota` and `bandwidth`
+stages: for each pair two new gateways, both started by
+`bench/gateway_without_limits.py` on the same storage, in turns which first, and
+a backup through each, in turns which first ({plan.cpu_pairs} pair(s) a round,
+none while a listing of the storage runs); each pair gives (CPU with - CPU without) / CPU
+with, of the gateway process (its threads' time on a CPU, from schedstat), and
+the table shows their median.
+The in-process figure runs the three stages and their end-of-request callbacks on
+the requests the backup logged, and the no-limit bandwidth transform once per body
+and once per {piece_kib} KiB of it (larger pieces pass in fact: it errs high), over
+the same backup's gateway CPU.
+
 Each round, as a ratio to rclone alone (or as the value, where there is no baseline):
 
 {rounds}
@@ -464,7 +661,70 @@ Machine:
 # --------------------------------------------------------------------------- main
 
 
+class LimitMeasures:
+    """The limits' measures of one round, as the bench's module. The schedule's waits for a
+    minute boundary are filled with the other measures where they fit."""
+
+    def __init__(self, only: set[str], plan: Plan, cluster: Cluster, gateway: GatewayProcess,
+                 repo: limits_bench.Repo, limits_cpu: LimitsCpu | None) -> None:
+        self.only, self.plan, self.cluster, self.gateway = only, plan, cluster, gateway
+        self.repo, self.limits_cpu = repo, limits_cpu
+        # seconds each took last time; the first guesses err long
+        shaped = plan.shaped_mib * MiB / limits_bench.rate_of(SHAPED_LIMIT)
+        self.took = {"shaping": 2 * shaped + 8, "switch": 10.0, "limits-cpu": 40.0}
+
+    def round(self, data: Path, storage: Path, results: Results) -> None:
+        tasks: list[tuple[str, Callable[[], None]]] = []
+        if "shaping" in self.only:
+            tasks.append(("shaping", lambda: self.shaping(results)))
+        if "switch" in self.only:
+            tasks.append(("switch", lambda: self.switch(results)))
+        if self.limits_cpu is not None:
+            limits_cpu = self.limits_cpu
+            tasks += [("limits-cpu", lambda: limits_cpu.pair(data, storage, results))
+                      ] * self.plan.cpu_pairs
+            limits_cpu.settle()
+        schedule_due = "schedule" in self.only
+        for name, task in tasks:
+            if schedule_due and limits_bench.seconds_to_upload() < self.took[name] + 3:
+                self.schedule(results)
+                schedule_due = False
+            started = time.monotonic()
+            task()
+            self.took[name] = time.monotonic() - started
+        if schedule_due:
+            self.schedule(results)
+        shutil.rmtree(self.repo.directory, ignore_errors=True)
+
+    def shaping(self, results: Results) -> None:
+        args = (self.cluster, self.gateway, NODE, self.repo, self.plan.shaped_mib, SHAPED_LIMIT)
+        results.add("shaped upload rate / limit", GATEWAY,
+                    limits_bench.shaped_upload_ratio(*args))
+        results.add("shaped download rate / limit", GATEWAY,
+                    limits_bench.shaped_download_ratio(*args))
+
+    def switch(self, results: Results) -> None:
+        lag, under = limits_bench.switch_off_seconds(self.cluster, self.gateway, NODE,
+                                                     self.repo, SWITCH_MIB, LOW_LIMIT)
+        say(f"  limit removed: full rate after {lag * 1000:.0f} ms "
+            f"({under / MiB:.1f} MiB/s under {LOW_LIMIT})")
+        results.add("limit switched off to full rate", GATEWAY, lag)
+
+    def schedule(self, results: Results) -> None:
+        lag, under, waited = limits_bench.schedule_switch_seconds(
+            self.cluster, self.gateway, NODE, self.repo, SWITCH_MIB, LOW_LIMIT)
+        say(f"  schedule slot: full rate {lag * 1000:.0f} ms after the minute "
+            f"({under / MiB:.1f} MiB/s under {LOW_LIMIT}; waited {waited:.0f} s for it)")
+        results.add("schedule slot switch to full rate", GATEWAY, lag)
+
+
 def seed(cluster: Cluster) -> None:
+    # No `rclone-gateway/concurrency` key: the cap on a module's requests in flight stays at
+    # its default of 8, as on a node nobody configured. The bench's module never has more
+    # in flight: restic opens 5 connections (its rest.connections), the limits' measures
+    # one. wrk (16 connections), the PUTs and acl-changed go as nodes, which have no cap by
+    # default. A measure that sends more than 8 at once as the module must set `module` to
+    # `off` here, or it measures 503s and retries; cap_refusals() tells of any at the end.
     cluster.flush()
     cluster.add_user(*NODE)
     cluster.add_user(*MODULE)
@@ -501,9 +761,9 @@ def hold(targets: list[Target], gateway: GatewayProcess) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
-                        help="smaller data and shorter runs (about 3 minutes)")
+                        help="smaller data and shorter runs (about 5 minutes)")
     parser.add_argument("--rounds", type=int, help="rounds (at least 3)")
-    parser.add_argument("--only", choices=["restic", "get", "put", "acl"], action="append",
+    parser.add_argument("--only", choices=MEASURES, action="append",
                         help="run only these measures (repeatable)")
     parser.add_argument("--hold", action="store_true",
                         help="start the targets, print their URLs and wait (for profiling)")
@@ -512,9 +772,8 @@ def main() -> int:
     args = parser.parse_args()
     plan = QUICK if args.quick else FULL
     if args.rounds:
-        plan = Plan(plan.restic_mib, plan.file_mib, plan.put_mib, plan.wrk_seconds,
-                    max(3, args.rounds))
-    only = set(args.only or ["restic", "get", "put", "acl"])
+        plan = dataclasses.replace(plan, rounds=max(3, args.rounds))
+    only = set(args.only or MEASURES)
     ensure_wrk()
     for tool in ("curl", "restic", "redis-server"):
         if not shutil.which(tool):
@@ -562,13 +821,23 @@ def main() -> int:
             proxy_pids[BARE] = services[-1].pid
             get_targets.append(Target(BARE, bare_port, bare_port, f"/{DEST}", False))
         names = [t.name for t in get_targets] + ([GATEWAY_NODE] if "restic" in only else [])
+        limits_cpu: LimitsCpu | None = None
+        if "limits-cpu" in only:
+            # Gateways of their own, started alike on the same storage, for each pair: the
+            # one measured elsewhere would bring its past (100,000s of GETs) into it.
+            limits_cpu = LimitsCpu(lambda with_limits, name: limits_bench.start_twin(
+                redis_server.url, "1", workdir / name, storage, with_limits=with_limits))
+        limit_measures = LimitMeasures(only, plan, cluster, gateway,
+                                       limits_bench.Repo(DEST, APP, MODULE_UUID, MODULE, storage),
+                                       limits_cpu)
         say(f"bench: {', '.join(names)}; {plan.rounds} rounds; work dir {workdir}")
         if args.hold:
             hold(targets, gateway)
             return 0
 
         scratch = workdir / "scratch"
-        data = make_restic_data(scratch / "data", plan) if "restic" in only else scratch
+        data = (make_restic_data(scratch / "data", plan) if only & {"restic", "limits-cpu"}
+                else scratch)
         put_source = scratch / "put.bin"
         put_small = scratch / "put-small.bin"
         scratch.mkdir(parents=True, exist_ok=True)
@@ -616,9 +885,17 @@ def main() -> int:
             if "acl" in only:
                 results.add("acl-changed to new credentials working", GATEWAY,
                             acl_change_seconds(gateway, cluster, targets[0], round_no))
+            limit_measures.round(data, storage, results)
+
+        refused = cap_refusals(gateway)
+        if refused:
+            say(f"bench: the gateway refused {refused} requests over the cap on requests in "
+                f"flight (clients retried them): see {gateway.log_path}")
 
         report = table(results, names, plan)
         print(report)
+        if str(args.output) == "-":
+            say(per_round(results, names))
         if str(args.output) != "-":
             write_report(args.output, measured_section(
                 report, per_round(results, names), machine(rclone), plan, args.quick,
