@@ -443,15 +443,7 @@ def test_a_listing_that_fails_keeps_the_count_of_its_destination(tmp_path: Path)
     """A reload removes the configuration a storage scan runs with (or the remote does not
     answer): the repositories of that destination were not found, yet they are not empty.
     The count of a repository over its quota stays, and so do its figures."""
-    dest = "5ca10000-8f8b-4c43-a1d3-7f3f5f7c1a0f"
-    uuid = "5ca11111-2f87-4e7b-9a34-0a1d9f9e4b0f"
-    repo = tmp_path / "storage" / dest / "traefik" / uuid
-    (repo / "data" / "ab").mkdir(parents=True)
-    (repo / "config").write_bytes(b"c" * 100)
-    (repo / "data" / "ab" / ("ab" * 32)).write_bytes(b"d" * 5000)
-    conf = tmp_path / "rclone.conf"
-    conf.write_text(f"[gateway-tree]\ntype = alias\nremote = {tmp_path / 'storage'}\n")
-    layout = Layout(conf, "gateway-tree:", {dest: str(tmp_path / "storage" / dest)})
+    dest, uuid, conf, layout = local_layout(tmp_path)
     book = UsageBook()
     scanner = Scanner(str(REPO_ROOT / ".venv" / "bin" / "rclone"), lambda: layout,
                       dict(os.environ), pause=0.0,
@@ -467,3 +459,43 @@ def test_a_listing_that_fails_keeps_the_count_of_its_destination(tmp_path: Path)
     assert book.used(key) == 5400
     assert book.check(key, 1000, quota=6000) is not None
     assert scanner.stored[key].stored_bytes == 5100
+
+
+SCAN_DEST = "5ca10000-8f8b-4c43-a1d3-7f3f5f7c1a0f"
+SCAN_UUID = "5ca11111-2f87-4e7b-9a34-0a1d9f9e4b0f"
+
+
+def local_layout(tmp_path: Path) -> tuple[str, str, Path, Layout]:
+    """One repository of 5100 bytes in a local destination, as the scanner sees it."""
+    dest, uuid = SCAN_DEST, SCAN_UUID
+    repo = tmp_path / "storage" / dest / "traefik" / uuid
+    (repo / "data" / "ab").mkdir(parents=True)
+    (repo / "config").write_bytes(b"c" * 100)
+    (repo / "data" / "ab" / ("ab" * 32)).write_bytes(b"d" * 5000)
+    conf = tmp_path / "rclone.conf"
+    conf.write_text(f"[gateway-tree]\ntype = alias\nremote = {tmp_path / 'storage'}\n")
+    return dest, uuid, conf, Layout(conf, "gateway-tree:", {dest: str(tmp_path / "storage" / dest)})
+
+
+def test_a_listing_asked_for_during_a_scan_runs_next(tmp_path: Path) -> None:
+    """`rclone-gateway status --rescan` (POST /status) while a scan runs: a listing starts
+    once that one ends, not an hour later."""
+    _, _, _, layout = local_layout(tmp_path)
+
+    async def scenario() -> tuple[float, float | None]:
+        scanner = Scanner(str(REPO_ROOT / ".venv" / "bin" / "rclone"), lambda: layout,
+                          dict(os.environ), pause=0.5)
+        scanner.start()
+        try:
+            await asyncio.sleep(0.2)  # the first scan is under way (it pauses before rclone)
+            asked_at = time.time()
+            scanner.scan_all_soon()
+            deadline = time.monotonic() + 60
+            while (scanner.last_full_scan or 0) < asked_at and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            return asked_at, scanner.last_full_scan
+        finally:
+            await scanner.close()
+
+    asked_at, listed_at = asyncio.run(scenario())
+    assert listed_at is not None and listed_at >= asked_at

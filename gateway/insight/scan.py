@@ -159,6 +159,9 @@ class Scanner:
     async def _loop(self) -> None:
         next_full = time.monotonic()
         while True:
+            # cleared before the work, not after: a request made during a scan wakes the
+            # next turn instead of waiting out the interval
+            self._wake.clear()
             now = time.monotonic()
             if self._full_requested or now >= next_full:
                 self._full_requested = False
@@ -178,7 +181,8 @@ class Scanner:
             wait = next_full - time.monotonic()
             if self._due:
                 wait = min(wait, min(self._due.values()) - time.monotonic())
-            self._wake.clear()
+            if self._full_requested:
+                wait = 0.0
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), max(wait, 0.05))
 
