@@ -10,7 +10,6 @@ file is what has passed the gateway.
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import json
 import os
@@ -18,12 +17,11 @@ import shutil
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from harness import REST_ACCEPT, Cluster, GatewayProcess, basic, free_port
+from harness import REST_ACCEPT, Blob, Cluster, GatewayProcess, basic, free_port
 
 from gateway.limits.config import BWLIMIT_KEY
 from gateway.limits.values import parse_rate
@@ -60,29 +58,6 @@ class Repo:
 
     def stored(self, object_id: str) -> Path:
         return self.directory / "data" / object_id[:2] / object_id
-
-
-@dataclass
-class Blob:
-    """`blocks` times the same random MiB, and the SHA-256 of the whole (its name)."""
-
-    blocks: int
-    block: bytes = field(default_factory=lambda: os.urandom(MiB))
-    digest: str = ""
-
-    def __post_init__(self) -> None:
-        hasher = hashlib.sha256()
-        for _ in range(self.blocks):
-            hasher.update(self.block)
-        self.digest = hasher.hexdigest()
-
-    @property
-    def size(self) -> int:
-        return self.blocks * MiB
-
-    def chunks(self) -> Iterator[bytes]:
-        for _ in range(self.blocks):
-            yield self.block
 
 
 _blobs: dict[int, Blob] = {}

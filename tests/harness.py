@@ -21,7 +21,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
@@ -304,6 +305,30 @@ class Cluster:
 
     def flush(self) -> None:
         self.r.flushdb()
+
+
+@dataclass
+class Blob:
+    """`blocks` times the same random MiB, and the SHA-256 of the whole (its name as a
+    restic object): sent from a generator, never held whole."""
+
+    blocks: int
+    block: bytes = field(default_factory=lambda: os.urandom(1 << 20))
+    digest: str = ""
+
+    def __post_init__(self) -> None:
+        hasher = hashlib.sha256()
+        for _ in range(self.blocks):
+            hasher.update(self.block)
+        self.digest = hasher.hexdigest()
+
+    @property
+    def size(self) -> int:
+        return self.blocks << 20
+
+    def chunks(self) -> Iterator[bytes]:
+        for _ in range(self.blocks):
+            yield self.block
 
 
 # --------------------------------------------------------------------------- gateway

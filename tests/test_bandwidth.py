@@ -13,16 +13,23 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
-from harness import REST_ACCEPT, Cluster, GatewayProcess, RedisServer, basic, send_request
+from harness import (
+    REST_ACCEPT,
+    Blob,
+    Cluster,
+    GatewayProcess,
+    RedisServer,
+    basic,
+    send_request,
+)
 
 DEST = "b0a1d000-8f8b-4c43-a1d3-7f3f5f7c1a01"
 NODE = ("node/1", "node-secret-1")
@@ -151,29 +158,6 @@ def request(gateway: GatewayProcess, method: str, path: str,
         return status, body
     finally:
         conn.close()
-
-
-@dataclass
-class Blob:
-    """`blocks` times the same random MiB: sent from a generator, never held whole."""
-
-    blocks: int
-    block: bytes = field(default_factory=lambda: os.urandom(MiB))
-    digest: str = ""
-
-    def __post_init__(self) -> None:
-        hasher = hashlib.sha256()
-        for _ in range(self.blocks):
-            hasher.update(self.block)
-        self.digest = hasher.hexdigest()
-
-    @property
-    def size(self) -> int:
-        return self.blocks * MiB
-
-    def chunks(self) -> Iterator[bytes]:
-        for _ in range(self.blocks):
-            yield self.block
 
 
 class Upload(threading.Thread):
