@@ -1,10 +1,16 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from typing import cast
 
 from aiohttp import StreamReader, web
 from aiohttp.web_protocol import RequestHandler
+
+from gateway.logs import ACCESS_LOGGER, access_level, access_line
+
+access_log = logging.getLogger(ACCESS_LOGGER)
 
 # Read-only peeks into aiohttp's RequestHandler, checked when a factory is built:
 #   _request_count: bumped by the parser once per complete request head (line + headers);
@@ -39,6 +45,13 @@ REQUEST_TIMEOUT_RESPONSE = _canned_response("408 Request Timeout", "request head
 HEAD_TOO_LARGE_RESPONSE = _canned_response(
     "431 Request Header Fields Too Large", "request head too large\n"
 )
+# The first bytes of HTTP/2's connection preface ("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"), which
+# opens a connection. The parser takes a "PRI" request line and its empty line for the start of
+# the preface and waits for the rest, so a client that sent only those would wait for the header
+# timeout and a 408: a connection that opens with them is answered at once.
+HTTP2_PREFACE_START = b"PRI "
+HTTP2_PREFACE_REASON = "HTTP/2 is not served here: use HTTP/1.1"
+HTTP2_PREFACE_RESPONSE = _canned_response("400 Bad Request", HTTP2_PREFACE_REASON + "\n")
 # aiohttp bounds each line and the number of header fields; this bounds a whole request head.
 MAX_HEAD_BYTES = 32 * 1024
 
@@ -147,8 +160,8 @@ class _GuardedConnection(asyncio.Protocol):
     header_timeout after the previous response finished.
     """
 
-    __slots__ = ("_factory", "_handler", "_head_bytes", "_head_bytes_count", "_idle_count",
-                 "_payload", "_timer", "_transport")
+    __slots__ = ("_factory", "_handler", "_head_bytes", "_head_bytes_count", "_head_start",
+                 "_idle_count", "_payload", "_timer", "_transport")
 
     def __init__(self, factory: GuardedProtocolFactory) -> None:
         self._factory = factory
@@ -161,6 +174,8 @@ class _GuardedConnection(asyncio.Protocol):
         self._head_bytes_count = -1
         # Bytes of a request head that has not completed yet.
         self._head_bytes = 0
+        # The connection's first bytes (leading CRLFs skipped), until they can tell HTTP/2.
+        self._head_start = b""
         # Body of the last request whose head completed (aiohttp's StreamReader).
         self._payload: StreamReader | None = None
 
@@ -193,6 +208,12 @@ class _GuardedConnection(asyncio.Protocol):
                    or (payload is not None and payload.is_eof()))
         if in_head:
             self._head_bytes_count = count
+        if not count and len(self._head_start) < len(HTTP2_PREFACE_START):
+            start = (self._head_start + data[:64]).lstrip(b"\r\n")
+            self._head_start = start[:len(HTTP2_PREFACE_START)]
+            if self._head_start == HTTP2_PREFACE_START:
+                self._refuse_http2()
+                return
         handler.data_received(data)
         if handler._request_count != count:
             messages = handler._messages
@@ -205,6 +226,16 @@ class _GuardedConnection(asyncio.Protocol):
                 handler.force_close()
         else:
             self._head_bytes = 0
+
+    def _refuse_http2(self) -> None:
+        transport = self._transport
+        if not transport.is_closing():
+            transport.write(HTTP2_PREFACE_RESPONSE)
+            peer = transport.get_extra_info("peername")
+            access_log.log(access_level(400, "reject"), access_line(
+                {"source": peer[0] if peer else None, "status": 400, "decision": "reject",
+                 "reason": HTTP2_PREFACE_REASON}, time.time()))
+        self._handler.force_close()
 
     def eof_received(self) -> bool | None:
         return self._handler.eof_received()

@@ -657,29 +657,36 @@ def raw_request(host: str, port: int, data: bytes, *, source: str | None = None,
                                   source_address=source_address) as sock:
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             sock.sendall(data)
-        reader = _Reader(sock)
-        while True:
-            head = reader.until(b"\r\n\r\n")
-            if head is None:
-                return 0, {}, b""
-            lines = head.decode("iso-8859-1").split("\r\n")
-            parts = lines[0].split(" ", 2)
-            status = int(parts[1])
-            headers: dict[str, str] = {}
-            for line in lines[1:]:
-                name, _, value = line.partition(":")
-                key = name.strip().lower()
-                value = value.strip()
-                headers[key] = f"{headers[key]}, {value}" if key in headers else value
-            if 100 <= status < 200 and status != 101:
-                continue
-            break
-        if data.startswith(b"HEAD ") or status in (101, 204, 304):
-            body = b""
-        elif "chunked" in headers.get("transfer-encoding", "").lower():
-            body = _read_chunked(reader)
-        elif "content-length" in headers:
-            body = reader.exactly(int(headers["content-length"]))
-        else:
-            body = reader.rest()
-        return status, headers, body
+        return read_response(sock, head_only=data.startswith(b"HEAD "))
+
+
+def read_response(sock: socket.socket, *, head_only: bool = False
+                  ) -> tuple[int, dict[str, str], bytes]:
+    """Reads one final response from `sock`: (status, lowercased headers, body); status 0
+    when the server closed the connection without answering. `head_only`: it answers HEAD."""
+    reader = _Reader(sock)
+    while True:
+        head = reader.until(b"\r\n\r\n")
+        if head is None:
+            return 0, {}, b""
+        lines = head.decode("iso-8859-1").split("\r\n")
+        parts = lines[0].split(" ", 2)
+        status = int(parts[1])
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            key = name.strip().lower()
+            value = value.strip()
+            headers[key] = f"{headers[key]}, {value}" if key in headers else value
+        if 100 <= status < 200 and status != 101:
+            continue
+        break
+    if head_only or status in (101, 204, 304):
+        body = b""
+    elif "chunked" in headers.get("transfer-encoding", "").lower():
+        body = _read_chunked(reader)
+    elif "content-length" in headers:
+        body = reader.exactly(int(headers["content-length"]))
+    else:
+        body = reader.rest()
+    return status, headers, body

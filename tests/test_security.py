@@ -28,6 +28,7 @@ from harness import (
     RedisServer,
     basic,
     raw_request,
+    read_response,
     send_request,
 )
 from hypothesis import HealthCheck, given, settings
@@ -422,6 +423,46 @@ def test_a_request_head_trickled_past_its_limit_gets_431(env: Env) -> None:
         except ConnectionResetError:
             pass
     assert received.startswith(b"HTTP/1.1 431 "), received[:80]
+
+
+HTTP2_PREFACES = {
+    "the whole preface and a SETTINGS frame":
+        [b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"],
+    # The parser waits for the preface's last 6 bytes: before the fix, a 408 after 5 s.
+    "its first 18 bytes": [b"PRI * HTTP/2.0\r\n\r\n"],
+    "a PRI line of HTTP/1.1": [b"PRI // HTTP/1.1\r\n\r\n"],
+    "in pieces, after an empty line": [b"\r\nP", b"R", b"I * HTTP/2.0\r\n\r\n"],
+}
+
+
+@pytest.mark.parametrize("pieces", HTTP2_PREFACES.values(), ids=HTTP2_PREFACES.keys())
+def test_a_connection_that_opens_with_http2s_preface_gets_400(env: Env,
+                                                              pieces: list[bytes]) -> None:
+    log_offset = env.gateway.log_path.stat().st_size
+    with socket.create_connection(("127.0.0.1", env.port), timeout=2 * HEADER_TIMEOUT) as sock:
+        for piece in pieces:
+            sock.sendall(piece)
+            time.sleep(0.05)
+        status, headers, body = read_response(sock)
+    assert (status, body) == (400, b"HTTP/2 is not served here: use HTTP/1.1\n"), (status, body)
+    assert headers["connection"] == "close"
+    deadline = time.monotonic() + 10
+    while not (lines := new_log_lines(env.gateway, log_offset)):
+        assert time.monotonic() < deadline, "no access line"
+        time.sleep(0.05)
+    assert [(line["status"], line["reason"]) for line in lines] == [
+        (400, "HTTP/2 is not served here: use HTTP/1.1")]
+
+
+def test_a_pri_request_on_a_kept_alive_connection_is_not_taken_for_http2(env: Env) -> None:
+    """Only a connection's first bytes can be HTTP/2's preface; later, a field value may
+    start a packet with them."""
+    with socket.create_connection(("127.0.0.1", env.port), timeout=2 * HEADER_TIMEOUT) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n" + AUTH_LINE + b"X-A: ")
+        time.sleep(0.05)
+        sock.sendall(b"PRI \r\n\r\n")
+        status, _, body = read_response(sock)
+    assert status == 200, (status, body)
 
 
 SMUGGLING = {
