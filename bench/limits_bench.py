@@ -15,13 +15,12 @@ import json
 import os
 import shutil
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from harness import REST_ACCEPT, Blob, Cluster, GatewayProcess, basic, free_port
+from harness import REST_ACCEPT, Blob, BlobUpload, Cluster, GatewayProcess, basic, free_port
 
 from gateway.limits.config import BWLIMIT_KEY
 from gateway.limits.values import parse_rate
@@ -112,60 +111,17 @@ def set_bwlimit(cluster: Cluster, gateway: GatewayProcess, node: tuple[str, str]
     raise RuntimeError(f"the gateway did not report the bandwidth limits {fields} in 30 s")
 
 
-class Upload(threading.Thread):
-    """The module's POST of a data object, in the background."""
-
-    def __init__(self, gateway: GatewayProcess, repo: Repo, data: Blob):
-        super().__init__(daemon=True)
-        self.gateway, self.repo, self.data = gateway, repo, data
-        self.file = repo.stored(data.digest)
-        self.started = self.ended = 0.0  # perf_counter
-        self.status = 0
-        self.answer = b""
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        conn = http.client.HTTPConnection(self.gateway.host, self.gateway.port,
-                                          timeout=TIMEOUT)
-        headers = {"Authorization": basic(*self.repo.user), "Accept": REST_ACCEPT,
-                   "Content-Length": str(self.data.size)}
-        try:
-            self.started = time.perf_counter()
-            conn.request("POST", f"{self.repo.base}/data/{self.data.digest}",
-                         body=self.data.chunks(), headers=headers)
-            response = conn.getresponse()
-            self.answer = response.read()
-            self.status = response.status
-        except BaseException as exc:  # raised by finish()
-            self.error = exc
-        finally:
-            self.ended = time.perf_counter()
-            conn.close()
-
-    def stored_bytes(self) -> int:
-        try:
-            return self.file.stat().st_size
-        except FileNotFoundError:
-            return 0
-
-    def finish(self) -> float:
-        """Waits for the answer; the seconds from the request to the answer."""
-        self.join(TIMEOUT)
-        if self.is_alive():
-            raise RuntimeError("an upload did not end")
-        if self.error is not None:
-            raise RuntimeError(f"upload failed: {self.error!r}")
-        if self.status != 200 or self.stored_bytes() != self.data.size:
-            raise RuntimeError(f"upload answered {self.status} ({self.answer[:200]!r}), "
-                               f"{self.stored_bytes()} of {self.data.size} bytes stored")
-        return self.ended - self.started
+def upload_of(gateway: GatewayProcess, repo: Repo, data: Blob) -> BlobUpload:
+    """The module's POST of a data object, to start in the background."""
+    return BlobUpload(gateway, f"{repo.base}/data/{data.digest}", repo.user, data,
+                      repo.stored(data.digest), timeout=TIMEOUT)
 
 
-def _sample(upload: Upload) -> list[tuple[float, float, int]]:
-    """(perf_counter, time.time(), stored bytes) every SAMPLE_EVERY s until the upload ends."""
+def _sample(upload: BlobUpload) -> list[tuple[float, float, int]]:
+    """(monotonic, time.time(), stored bytes) every SAMPLE_EVERY s until the upload ends."""
     samples = []
     while True:
-        samples.append((time.perf_counter(), time.time(), upload.stored_bytes()))
+        samples.append((time.monotonic(), time.time(), upload.stored_bytes()))
         if not upload.is_alive():
             return samples
         time.sleep(SAMPLE_EVERY)
@@ -201,13 +157,13 @@ def shaped_upload_ratio(cluster: Cluster, gateway: GatewayProcess, node: tuple[s
     """Rate of a module's upload under its own `module/<id>/upload` limit, over the limit."""
     new_repository(gateway, repo)
     set_bwlimit(cluster, gateway, node, {f"module/{repo.module_id}/upload": limit})
-    upload = Upload(gateway, repo, blob(mib))
+    upload = upload_of(gateway, repo, blob(mib))
     try:
         upload.start()
         seconds = upload.finish()
     finally:
         set_bwlimit(cluster, gateway, node, {})
-    return upload.data.size / seconds / rate_of(limit)
+    return upload.blob.size / seconds / rate_of(limit)
 
 
 def shaped_download_ratio(cluster: Cluster, gateway: GatewayProcess, node: tuple[str, str],
@@ -218,18 +174,18 @@ def shaped_download_ratio(cluster: Cluster, gateway: GatewayProcess, node: tuple
     if not repo.stored(data.digest).exists() or (
             repo.stored(data.digest).stat().st_size != data.size):
         new_repository(gateway, repo)
-        Upload(gateway, repo, data).run()
+        upload_of(gateway, repo, data).run()
     set_bwlimit(cluster, gateway, node, {"download": limit})
     conn = http.client.HTTPConnection(gateway.host, gateway.port, timeout=TIMEOUT)
     try:
-        started = time.perf_counter()
+        started = time.monotonic()
         conn.request("GET", f"{repo.base}/data/{data.digest}",
                      headers={"Authorization": basic(*repo.user), "Accept": REST_ACCEPT})
         response = conn.getresponse()
         size = 0
         while chunk := response.read(MiB):
             size += len(chunk)
-        seconds = time.perf_counter() - started
+        seconds = time.monotonic() - started
     finally:
         conn.close()
         set_bwlimit(cluster, gateway, node, {})
@@ -248,22 +204,22 @@ def switch_off_seconds(cluster: Cluster, gateway: GatewayProcess, node: tuple[st
     field_name = f"module/{repo.module_id}/upload"
     new_repository(gateway, repo)
     set_bwlimit(cluster, gateway, node, {field_name: limit})
-    upload = Upload(gateway, repo, blob(mib))
+    upload = upload_of(gateway, repo, blob(mib))
     samples: list[tuple[float, int]] = []
     published = 0.0
     try:
         upload.start()
-        while upload.is_alive() and time.perf_counter() - upload.started < limited_for:
-            samples.append((time.perf_counter(), upload.stored_bytes()))
+        while upload.is_alive() and time.monotonic() - upload.started < limited_for:
+            samples.append((time.monotonic(), upload.stored_bytes()))
             time.sleep(SAMPLE_EVERY)
         cluster.r.hdel(BWLIMIT_KEY, field_name)
-        published = time.perf_counter()
+        published = time.monotonic()
         cluster.publish("backup-limits-changed")
         samples += [(at, size) for at, _, size in _sample(upload)]
         upload.finish()
     finally:
         set_bwlimit(cluster, gateway, node, {})
-        repo.stored(upload.data.digest).unlink(missing_ok=True)
+        repo.stored(upload.blob.digest).unlink(missing_ok=True)
     old_rate = rate_of(limit)
     under = _rate_between(samples, upload.started + 0.5, published)
     lifted = _lifted_at(samples, published, old_rate)
@@ -295,15 +251,15 @@ def schedule_switch_seconds(cluster: Cluster, gateway: GatewayProcess, node: tup
                            f"{limit}")
     time.sleep(max(0.0, boundary.timestamp() - before - time.time()))
     waited = time.monotonic() - waited_from
-    upload = Upload(gateway, repo, blob(mib))
+    upload = upload_of(gateway, repo, blob(mib))
     try:
         upload.start()
         samples = _sample(upload)
         upload.finish()
     finally:
         set_bwlimit(cluster, gateway, node, {})
-        repo.stored(upload.data.digest).unlink(missing_ok=True)
-    # the boundary on the perf_counter clock, from the wall clock of the samples
+        repo.stored(upload.blob.digest).unlink(missing_ok=True)
+    # the boundary on the monotonic clock, from the wall clock of the samples
     offsets = sorted(at - wall for at, wall, _ in samples)
     at_boundary = boundary.timestamp() + offsets[len(offsets) // 2]
     series = [(at, size) for at, _, size in samples]

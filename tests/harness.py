@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -329,6 +330,66 @@ class Blob:
     def chunks(self) -> Iterator[bytes]:
         for _ in range(self.blocks):
             yield self.block
+
+
+class BlobUpload(threading.Thread):
+    """A POST of `blob` to `path` as `user`, in the background. `stored` is the file the
+    storage keeps it in: its size is the upload's progress."""
+
+    def __init__(self, gateway: GatewayProcess, path: str, user: tuple[str, str], blob: Blob,
+                 stored: Path, *, timeout: float = 300.0):
+        super().__init__(daemon=True)
+        self.gateway, self.path, self.user, self.blob = gateway, path, user, blob
+        self.stored, self.timeout = stored, timeout
+        self.started = 0.0  # time.monotonic(), as the request goes out
+        self.started_wall = 0.0  # time.time(), the same moment
+        self.ended = 0.0  # time.monotonic(), as its answer is read
+        self.status = 0
+        self.answer = b""
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        conn = http.client.HTTPConnection(self.gateway.host, self.gateway.port,
+                                          timeout=self.timeout)
+        headers = {"Authorization": basic(*self.user), "Accept": REST_ACCEPT,
+                   "Content-Length": str(self.blob.size)}
+        try:
+            self.started, self.started_wall = time.monotonic(), time.time()
+            conn.request("POST", self.path, body=self.blob.chunks(), headers=headers)
+            response = conn.getresponse()
+            self.answer = response.read()
+            self.status = response.status
+        except BaseException as exc:  # raised by finish()
+            self.error = exc
+        finally:
+            self.ended = time.monotonic()
+            conn.close()
+
+    def stored_bytes(self) -> int:
+        try:
+            return self.stored.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def finish(self) -> float:
+        """Waits for the answer, which must be 200 with the whole blob stored; the seconds
+        from the request to the answer."""
+        self.join(self.timeout * 2)
+        who = self.user[0]
+        if self.is_alive():
+            raise RuntimeError(f"{who}: the upload never ended")
+        if self.error is not None:
+            raise RuntimeError(f"{who}: the upload failed: {self.error!r}")
+        if self.status != 200 or self.stored_bytes() != self.blob.size:
+            raise RuntimeError(f"{who}: the upload answered {self.status} "
+                               f"({self.answer[:200]!r}), {self.stored_bytes()} of "
+                               f"{self.blob.size} bytes stored")
+        return self.ended - self.started
+
+    def send(self) -> float:
+        """The upload in the foreground: start() and finish()."""
+        self.start()
+        return self.finish()
 
 
 # --------------------------------------------------------------------------- gateway

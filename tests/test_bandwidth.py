@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ import pytest
 from harness import (
     REST_ACCEPT,
     Blob,
+    BlobUpload,
     Cluster,
     GatewayProcess,
     RedisServer,
@@ -160,52 +160,10 @@ def request(gateway: GatewayProcess, method: str, path: str,
         conn.close()
 
 
-class Upload(threading.Thread):
-    """A module's POST of a restic data object, in the background."""
-
-    def __init__(self, env: Env, module: str, blob: Blob):
-        super().__init__(daemon=True)
-        self.env, self.module, self.blob = env, module, blob
-        self.path = f"{env.base(module)}/data/{blob.digest}"
-        self.file = env.stored(module, blob.digest)
-        self.started = 0.0  # monotonic, as the request goes out
-        self.started_wall = 0.0  # time.time(), the same moment
-        self.ended = 0.0  # monotonic, as its answer is read
-        self.status = 0
-        self.answer = b""
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        conn = http.client.HTTPConnection(self.env.gateway.host, self.env.gateway.port,
-                                          timeout=TIMEOUT)
-        headers = {"Authorization": basic(*who(self.module)), "Accept": REST_ACCEPT,
-                   "Content-Length": str(self.blob.size)}
-        try:
-            self.started, self.started_wall = time.monotonic(), time.time()
-            conn.request("POST", self.path, body=self.blob.chunks(), headers=headers)
-            response = conn.getresponse()
-            self.answer = response.read()
-            self.status = response.status
-        except BaseException as exc:  # reported by the test
-            self.error = exc
-        finally:
-            self.ended = time.monotonic()
-            conn.close()
-
-    def stored_bytes(self) -> int:
-        try:
-            return self.file.stat().st_size
-        except FileNotFoundError:
-            return 0
-
-    def finish(self) -> float:
-        """Waits for the answer; the seconds the upload took."""
-        self.join(TIMEOUT * 2)
-        assert not self.is_alive(), f"{self.module}: the upload never ended"
-        assert self.error is None, f"{self.module}: {self.error!r}"
-        assert self.status == 200, (self.module, self.status, self.answer)
-        assert self.file.stat().st_size == self.blob.size, (self.module, self.file)
-        return self.ended - self.started
+def module_upload(env: Env, module: str, blob: Blob) -> BlobUpload:
+    """A module's POST of a restic data object, to start in the background."""
+    return BlobUpload(env.gateway, f"{env.base(module)}/data/{blob.digest}", who(module), blob,
+                      env.stored(module, blob.digest), timeout=TIMEOUT)
 
 
 @dataclass
@@ -215,7 +173,7 @@ class Sample:
     sizes: tuple[int, ...]
 
 
-def sample_while(uploads: list[Upload], until: Callable[[], bool] | None = None
+def sample_while(uploads: list[BlobUpload], until: Callable[[], bool] | None = None
                  ) -> list[Sample]:
     """The stored sizes of `uploads` every SAMPLE_EVERY s, until all have ended (or
     `until` says so)."""
@@ -258,7 +216,7 @@ def test_an_upload_never_goes_faster_than_its_module_limit_and_streams(
     pid = env.gateway.pid
     Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM back to the RSS now (proc(5))
     rss_before = _vm_kib(pid, "VmRSS") / 1024
-    upload = Upload(env, module, blob)
+    upload = module_upload(env, module, blob)
     upload.start()
     took = upload.finish()
     peak = _vm_kib(pid, "VmHWM") / 1024
@@ -279,7 +237,7 @@ def test_modules_under_a_shared_gateway_limit_get_even_shares(limits: Env) -> No
         env.create_repository(module)
     reported = env.set_limits({"upload": "16M"})
     rate = 16 * MiB
-    uploads = [Upload(env, module, Blob(96)) for module in modules]
+    uploads = [module_upload(env, module, Blob(96)) for module in modules]
     for upload in uploads:
         upload.start()
     samples = sample_while(uploads)
@@ -339,7 +297,7 @@ def test_a_schedule_switching_the_limit_off_lifts_it_mid_upload(limits: Env) -> 
     reported = env.set_limits({field_name: schedule})
     # start the upload 9 s before the boundary: 36 MiB at the limit, the rest after it
     time.sleep(max(0.0, boundary.timestamp() - 9 - time.time()))
-    upload = Upload(env, module, blob)
+    upload = module_upload(env, module, blob)
     upload.start()
     samples = sample_while([upload])
     took = upload.finish()
@@ -366,8 +324,7 @@ def test_a_download_never_goes_faster_than_the_gateway_limit(limits: Env) -> Non
     env, module = limits, "nextcloud1"
     env.create_repository(module)
     blob = Blob(64)
-    Upload(env, module, blob).run()  # no limit yet
-    assert env.stored(module, blob.digest).stat().st_size == blob.size
+    module_upload(env, module, blob).send()  # no limit yet
     reported = env.set_limits({"download": "16M"})
     needed = blob.size / (16 * MiB)
     conn = http.client.HTTPConnection(env.gateway.host, env.gateway.port, timeout=TIMEOUT)
@@ -398,7 +355,7 @@ def test_a_limit_changed_in_redis_applies_to_the_upload_running(limits: Env) -> 
     field_name = f"module/{module}/upload"
     reported = env.set_limits({field_name: "4M"})
     blob = Blob(96)  # 24 s at 4M, 6 s at 16M
-    upload = Upload(env, module, blob)
+    upload = module_upload(env, module, blob)
     upload.start()
     # about 3 s at 4M, then the limit goes to 16M
     samples = sample_while([upload], until=lambda: time.monotonic() - upload.started >= 3)
