@@ -195,6 +195,18 @@ def shaped_download_ratio(cluster: Cluster, gateway: GatewayProcess, node: tuple
     return size / seconds / rate_of(limit)
 
 
+def _lifted_after(samples: list[tuple[float, int]], upload: BlobUpload, since: float,
+                  limit: str, what: str) -> tuple[float, float]:
+    """The seconds from `since` until the upload moved at LIFTED times `limit`, and its rate
+    under the limit before `since` (bytes/s)."""
+    under = _rate_between(samples, upload.started + 0.5, since)
+    lifted = _lifted_at(samples, since, rate_of(limit))
+    if lifted is None:
+        raise RuntimeError(f"the upload never went past {LIFTED:g}x the limit after {what} "
+                           f"(under the limit: {under / MiB:.1f} MiB/s)")
+    return lifted - since, under
+
+
 def switch_off_seconds(cluster: Cluster, gateway: GatewayProcess, node: tuple[str, str],
                        repo: Repo, mib: int, limit: str, limited_for: float = 1.5
                        ) -> tuple[float, float]:
@@ -220,13 +232,7 @@ def switch_off_seconds(cluster: Cluster, gateway: GatewayProcess, node: tuple[st
     finally:
         set_bwlimit(cluster, gateway, node, {})
         repo.stored(upload.blob.digest).unlink(missing_ok=True)
-    old_rate = rate_of(limit)
-    under = _rate_between(samples, upload.started + 0.5, published)
-    lifted = _lifted_at(samples, published, old_rate)
-    if lifted is None:
-        raise RuntimeError(f"the upload never went past {LIFTED:g}x the old limit after it "
-                           f"was removed (under the limit: {under / MiB:.1f} MiB/s)")
-    return lifted - published, under
+    return _lifted_after(samples, upload, published, limit, "the limit was removed")
 
 
 def schedule_switch_seconds(cluster: Cluster, gateway: GatewayProcess, node: tuple[str, str],
@@ -263,13 +269,8 @@ def schedule_switch_seconds(cluster: Cluster, gateway: GatewayProcess, node: tup
     offsets = sorted(at - wall for at, wall, _ in samples)
     at_boundary = boundary.timestamp() + offsets[len(offsets) // 2]
     series = [(at, size) for at, _, size in samples]
-    old_rate = rate_of(limit)
-    under = _rate_between(series, upload.started + 0.5, at_boundary)
-    lifted = _lifted_at(series, at_boundary, old_rate)
-    if lifted is None:
-        raise RuntimeError(f"the upload never went past {LIFTED:g}x the limit after "
-                           f"{boundary:%H:%M} (under the limit: {under / MiB:.1f} MiB/s)")
-    return lifted - at_boundary, under, waited
+    lifted, under = _lifted_after(series, upload, at_boundary, limit, f"{boundary:%H:%M}")
+    return lifted, under, waited
 
 
 def next_boundary(before: float = UPLOAD_BEFORE) -> datetime:
