@@ -181,8 +181,6 @@ class Scanner:
             wait = next_full - time.monotonic()
             if self._due:
                 wait = min(wait, min(self._due.values()) - time.monotonic())
-            if self._full_requested:
-                wait = 0.0
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), max(wait, 0.05))
 
@@ -218,11 +216,11 @@ class Scanner:
             for key in repositories(listing, destination):
                 seen.add(key)
                 await self.scan_repository(key)
-        for key in [k for k in self.stored if k.destination in listed and k not in seen]:
-            del self.stored[key]  # gone from the storage
         served = self.layout() or layout
-        for key in [k for k in self.stored if k.destination not in served.upstreams]:
-            del self.stored[key]  # its destination is no longer served here
+        for key in [k for k in self.stored
+                    if k.destination not in served.upstreams  # no longer served here
+                    or (k.destination in listed and k not in seen)]:  # gone from the storage
+            del self.stored[key]
         for destination in [d for d in self.spaces if d not in served.upstreams]:
             del self.spaces[destination]
         self.last_full_scan = started  # what it found is the storage as of then
@@ -232,8 +230,8 @@ class Scanner:
                  len(listed), len(served.upstreams))
         return True
 
-    async def scan_repository(self, key: RepositoryKey, layout: Layout | None = None) -> None:
-        layout = layout or self.layout()
+    async def scan_repository(self, key: RepositoryKey) -> None:
+        layout = self.layout()
         if layout is None or key.destination not in layout.upstreams:
             return
         if self.on_listing is not None:
