@@ -20,7 +20,7 @@ import pytest
 from gateway.insight.record import RepositoryKey
 from gateway.limits.concurrency import InFlight
 from gateway.limits.config import DEFAULT_MODULE_CAP, Limits, LimitsKeeper, RawLimits
-from gateway.limits.quota import UsageBook
+from gateway.limits.quota import MAX_LOCKS, UsageBook
 from gateway.limits.shaping import BURST_SECONDS, MIN_BURST, SLICE, Shaper, TokenBucket
 from gateway.limits.values import (
     MINUTES_PER_WEEK,
@@ -838,3 +838,15 @@ def test_a_lock_uploaded_here_is_taken_away_by_its_size_when_removed() -> None:
     book.removed(KEY, size)
     assert book.used(KEY) == 1000
     assert book.lock_size(KEY, "cd" * 32) is None  # asked once: forgotten
+
+
+def test_locks_never_deleted_here_do_not_stop_the_book_learning_new_ones() -> None:
+    """Locks deleted elsewhere (over WebDAV, on another node) are never asked for: past
+    MAX_LOCKS of them, the oldest make room, and a new lock's size is still known."""
+    book = UsageBook()
+    for n in range(MAX_LOCKS + 10):
+        book.lock_added(KEY, f"{n:064x}", 100 + n)
+    newest = MAX_LOCKS + 9
+    assert book.lock_size(KEY, f"{newest:064x}") == 100 + newest
+    assert book.lock_size(KEY, f"{0:064x}") is None  # the oldest made room
+    assert len(book.repositories[KEY].lock_sizes) == MAX_LOCKS - 1

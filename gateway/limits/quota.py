@@ -23,7 +23,7 @@ from gateway.limits.values import format_size
 log = logging.getLogger("rclone_gateway.limits")
 
 LEVELS = (80, 100)  # percent of a quota whose crossing is told (log, metrics, status page)
-MAX_LOCKS = 256  # lock sizes kept per repository: restic holds one or two at a time
+MAX_LOCKS = 256  # lock sizes kept per repository, the oldest dropped: restic holds one or two
 
 
 @dataclass
@@ -124,8 +124,9 @@ class UsageBook:
 
     def lock_added(self, key: RepositoryKey, lock_id: str, size: int) -> None:
         locks = self._entry(key).lock_sizes
-        if len(locks) < MAX_LOCKS:
-            locks[lock_id] = size
+        if len(locks) >= MAX_LOCKS:  # locks deleted elsewhere are never asked for
+            del locks[next(iter(locks))]
+        locks[lock_id] = size
 
     def lock_size(self, key: RepositoryKey, lock_id: str) -> int | None:
         """The size of a lock uploaded through the gateway, forgotten as it is asked."""
