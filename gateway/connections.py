@@ -1,16 +1,12 @@
 from __future__ import annotations
 
 import asyncio
-import logging
-import time
 from typing import cast
 
 from aiohttp import StreamReader, web
 from aiohttp.web_protocol import RequestHandler
 
-from gateway.logs import ACCESS_LOGGER, access_level, access_line
-
-access_log = logging.getLogger(ACCESS_LOGGER)
+from gateway.logs import log_reject
 
 # Read-only peeks into aiohttp's RequestHandler, checked when a factory is built:
 #   _request_count: bumped by the parser once per complete request head (line + headers);
@@ -62,7 +58,8 @@ class GuardedProtocolFactory:
     Caps the number of open client connections (over the cap: canned 503, no
     RequestHandler) and closes connections whose request line and headers are not
     complete within ``header_timeout`` (408 if some bytes arrived, else silently),
-    or whose request head grows over ``max_head_bytes`` (431).
+    or whose request head grows over ``max_head_bytes`` (431), or that open with
+    HTTP/2's preface (400).
     """
 
     __slots__ = ("_header_timeout", "_max_connections", "_max_head_bytes", "_open",
@@ -148,9 +145,11 @@ class _RejectedConnection(asyncio.Protocol):
 
 
 class _GuardedConnection(asyncio.Protocol):
-    """Sits between the transport and aiohttp's RequestHandler, forwarding everything.
+    """Sits between the transport and aiohttp's RequestHandler, forwarding everything but
+    a connection that opens with HTTP/2's preface (400).
 
-    The header timeout runs on a timer; nothing is scanned. Each tick looks at
+    The header timeout runs on a timer; no request is scanned (only a connection's first
+    four bytes are looked at, for the preface). Each tick looks at
     the handler. Busy (reading a body, handling, streaming): look again in
     header_timeout / 2. Idle with another request count than at the last look:
     open a header_timeout window. Still idle with the same count when the window
@@ -232,9 +231,7 @@ class _GuardedConnection(asyncio.Protocol):
         if not transport.is_closing():
             transport.write(HTTP2_PREFACE_RESPONSE)
             peer = transport.get_extra_info("peername")
-            access_log.log(access_level(400, "reject"), access_line(
-                {"source": peer[0] if peer else None, "status": 400, "decision": "reject",
-                 "reason": HTTP2_PREFACE_REASON}, time.time()))
+            log_reject(peer[0] if peer else None, 400, HTTP2_PREFACE_REASON)
         self._handler.force_close()
 
     def eof_received(self) -> bool | None:

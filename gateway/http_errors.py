@@ -8,7 +8,6 @@ log. Here neither the body nor the log line holds a byte of the request.
 from __future__ import annotations
 
 import logging
-import time
 import traceback
 
 from aiohttp import web
@@ -23,9 +22,8 @@ from aiohttp.http_exceptions import (
 from aiohttp.web_protocol import RequestHandler
 
 from gateway.connections import MAX_HEAD_BYTES
-from gateway.logs import ACCESS_LOGGER, access_level, access_line
+from gateway.logs import log_reject
 
-access_log = logging.getLogger(ACCESS_LOGGER)
 log = logging.getLogger("rclone_gateway")
 
 # Per line (request line, one header field) and per request head. The whole head is
@@ -90,9 +88,7 @@ class QuietRequestHandler(RequestHandler):
             # An error in the gateway's own code. Its message could quote request bytes:
             # log where it happened, not what it says.
             log.error("error handling a request: %s at %s", type(exc).__name__, _where(exc))
-        access_log.log(access_level(status, "reject"), access_line(
-            {"source": request.remote, "status": status, "decision": "reject",
-             "reason": reason}, time.time()))
+        log_reject(request.remote, status, reason)
         if request.writer.output_size > 0:
             raise ConnectionError("response already started")
         response = web.Response(status=status, text=reason + "\n")

@@ -61,6 +61,14 @@ def access_line(fields: dict[str, Any], now: float) -> str:
     return _JSON.encode({"time": _stamp(now), **fields})
 
 
+def log_reject(source: str | None, status: int, reason: str) -> None:
+    """The access line of a request refused before it could be read: its source, status
+    and a fixed reason, never a byte of what was sent."""
+    logging.getLogger(ACCESS_LOGGER).log(access_level(status, "reject"), access_line(
+        {"source": source, "status": status, "decision": "reject", "reason": reason},
+        time.time()))
+
+
 class AccessLog:
     """Access lines written straight to the access logger's stream, one write per loop turn.
 
