@@ -20,12 +20,10 @@ the machine weighs less than on the end-to-end comparison.
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
 from gateway.cluster import ClusterState
 from gateway.insight.record import RepositoryKey
@@ -55,24 +53,11 @@ class Logged:
     bytes_out: int
 
 
-def access_lines(log: Path, start: int = 0) -> tuple[list[Logged], int]:
-    """The access lines written to `log` from byte `start` on, and where the log ends."""
-    with open(log, "rb") as f:
-        f.seek(start)
-        data = f.read()
-    found = []
-    for raw in data.splitlines():
-        if not raw.startswith(b"{"):
-            continue
-        try:
-            line = json.loads(raw)
-        except ValueError:
-            continue
-        if "method" in line and "status" in line:
-            found.append(Logged(line.get("user", "-"), line["method"], line.get("path", "-"),
-                                int(line["status"]), int(line.get("bytes_in") or 0),
-                                int(line.get("bytes_out") or 0)))
-    return found, start + len(data)
+def logged(entry: dict) -> Logged:
+    """One access line (a JSON object with a method and a status) as a Logged."""
+    return Logged(entry.get("user", "-"), entry["method"], entry.get("path", "-"),
+                  int(entry["status"]), int(entry.get("bytes_in") or 0),
+                  int(entry.get("bytes_out") or 0))
 
 
 @dataclass

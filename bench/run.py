@@ -326,7 +326,7 @@ def backup_cpu(target: Target, gateway: GatewayProcess, data: Path, storage: Pat
     restic(repo, "backup", "--host", "bench", str(data), timeout=1800)
     cpu = cpu_since(gateway.pid, before)
     time.sleep(0.2)
-    logged, _ = limit_checks_cost.access_lines(gateway.log_path, offset)
+    logged = [limit_checks_cost.logged(e) for e in gateway.access_lines(since=offset)]
     shutil.rmtree(repo_dir, ignore_errors=True)
     if not logged:
         raise RuntimeError(f"{target.name}: no access line for the backup in {gateway.log_path}")

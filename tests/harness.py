@@ -527,10 +527,15 @@ class GatewayProcess:
                 pids.append(pid)
         return sorted(pids)
 
-    def access_lines(self) -> list[dict]:
-        """The access log so far: one JSON object per request, oldest first."""
+    def access_lines(self, since: int = 0) -> list[dict]:
+        """The access log from byte `since` of the log on: one JSON object per request,
+        oldest first."""
+        try:
+            text = self.log_path.read_bytes()[since:].decode("utf-8", "replace")
+        except OSError:
+            text = ""
         entries = []
-        for line in self.log_text().splitlines():
+        for line in text.splitlines():
             if not line.startswith("{"):
                 continue
             try:
