@@ -73,7 +73,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from harness import Cluster, GatewayProcess, RedisServer, send_request  # noqa: E402
+from harness import (  # noqa: E402
+    Cluster,
+    GatewayProcess,
+    RedisServer,
+    send_request,
+    stop_process,
+)
 
 from gateway.limits.values import BadValue, format_size, parse_rate, parse_size  # noqa: E402
 
@@ -744,7 +750,7 @@ class Soak:
                 say(f"stop: no running {backend} child to stop")
                 return
             before = info.get("replacements", 0)
-            os.kill(pid, signal.SIGSTOP)
+            stop_process(pid)
             window = Window("stop", backend, pid, time.time(),
                             generation=info.get("generation", 0))
             self.windows.append(window)

@@ -132,6 +132,34 @@ def _proc_stat(pid: int) -> tuple[str, int, int, int] | None:
     return fields[0], int(fields[1]), int(fields[2]), int(fields[19])
 
 
+def stop_process(pid: int, timeout: float = 10.0) -> None:
+    """SIGSTOP to `pid`, back once every thread of it is stopped. The stop reaches the
+    threads of a process one by one: a Go server (rclone) still answered a request sent
+    right after the signal in about 5 % of tries, and never once all its threads were."""
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + timeout
+    while not _all_threads_stopped(pid):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"pid {pid} was not stopped {timeout:g} s after SIGSTOP")
+        time.sleep(0.001)
+
+
+def _all_threads_stopped(pid: int) -> bool:
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return True  # gone: nothing left to run
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/stat", "rb") as f:
+                state = f.read().rpartition(b")")[2].split()[0]
+        except (OSError, IndexError):
+            continue  # a thread that ended meanwhile
+        if state not in (b"T", b"t"):
+            return False
+    return True
+
+
 def _all_pids() -> list[int]:
     return [int(name) for name in os.listdir("/proc") if name.isdigit()]
 

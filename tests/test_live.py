@@ -21,7 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from harness import REST_ACCEPT, Cluster, GatewayProcess, RedisServer, basic, restic
+from harness import (
+    REST_ACCEPT,
+    Cluster,
+    GatewayProcess,
+    RedisServer,
+    basic,
+    restic,
+    stop_process,
+)
 
 from backends.remote_check import RemoteHealth, error_summary, section_secrets
 
@@ -507,7 +515,7 @@ def test_backup_survives_redis_stopped_for_10s(live: Live) -> None:
     backup.start()
     redis_pid = live.redis.proc.pid
     time.sleep(2)
-    os.kill(redis_pid, signal.SIGSTOP)
+    stop_process(redis_pid)
     stopped = time.monotonic()
     try:
         document = wait_for("health to say degraded", lambda: (

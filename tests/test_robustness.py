@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from harness import Cluster, GatewayProcess, RedisServer, restic, send_request
+from harness import Cluster, GatewayProcess, RedisServer, restic, send_request, stop_process
 
 DEST = "7e57d00d-8f8b-4c43-a1d3-7f3f5f7c1a01"
 REMOTE_DEST = "7e57d00d-1b2a-4d6e-9f70-aa11bb22cc33"
@@ -214,7 +214,7 @@ def test_a_stopped_child_is_replaced_and_killed(env: Env, kind: str) -> None:
     method, path, who, rest, headers = KIND_REQUESTS[kind]
     backend = env.health()["backends"][kind]
     old_pid, replaced_before = backend["pid"], backend["replacements"]
-    os.kill(old_pid, signal.SIGSTOP)
+    stop_process(old_pid)
     try:
         started = time.monotonic()
 
@@ -271,7 +271,7 @@ def test_a_crashed_child_holds_up_only_its_own_requests_and_only_briefly(env: En
 def test_a_stuck_webdav_child_does_not_make_a_remote_unreachable(env: Env) -> None:
     module_config = f"/{REMOTE_DEST}/traefik/{TRAEFIK_UUID}/config"
     pid = env.health()["backends"]["webdav"]["pid"]
-    os.kill(pid, signal.SIGSTOP)
+    stop_process(pid)
     # a request stuck on the stopped child keeps it (and its connections) in service
     # after its replacement, until it times out
     def stuck_request() -> None:
