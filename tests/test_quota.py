@@ -499,3 +499,81 @@ def test_a_listing_asked_for_during_a_scan_runs_next(tmp_path: Path) -> None:
 
     asked_at, listed_at = asyncio.run(scenario())
     assert listed_at is not None and listed_at >= asked_at
+
+
+# --------------------------------------------------------------------------- small objects
+
+SMALL_MAX = 64 * 1024  # spec section 4, "Sizes": config, keys and locks
+
+
+def test_a_modules_config_keys_and_locks_over_64_kib_are_refused_before_their_body(
+        env: Env, tmp_path: Path) -> None:
+    """Issue "Real links and real storage", 9: a lock, which no quota refuses, could store
+    anything. 64 KiB passes; one byte more is 413 before the body (never a 100), and
+    nothing is stored; a chunked body is cut past the limit and leaves nothing. Nodes
+    are not limited."""
+    module = "dokuwiki1"
+    who = module_user(module)
+    base = env.base(module)
+    assert env.request("POST", f"{base}/?create=true", who, rest=True)[0] == 200
+    lines_before = len(env.access_lines())
+
+    def config_stored() -> bool:
+        return (env.repo_dir(module) / "config").exists()
+
+    # config: named `config`, not by its hash
+    statuses, body = expect_continue_upload(env, who, f"{base}/config", SMALL_MAX + 1)
+    assert statuses == [413], (statuses, body)
+    status, _, body = env.request("POST", f"{base}/config", who, body=os.urandom(SMALL_MAX + 1),
+                                  rest=True)
+    assert status == 413, body
+    assert not config_stored()
+    conn = http.client.HTTPConnection("127.0.0.1", env.gateway.port, timeout=30)
+    try:  # chunked: no Content-Length to refuse it by, cut once past the limit
+        status, _, body = send_request(
+            conn, "POST", f"{base}/config", who, rest=True,
+            body=iter([os.urandom(16 * 1024) for _ in range(5)]))
+    finally:
+        conn.close()
+    assert status == 413, body
+    wait_for(lambda: env.request("HEAD", f"{base}/config", NODE, rest=True)[0] == 404
+             and not config_stored(), SETTLE_TIMEOUT, lambda: "no config left behind")
+    config = os.urandom(SMALL_MAX)
+    status, _, body = env.request("POST", f"{base}/config", who, body=config, rest=True)
+    assert status == 200, body
+
+    # keys and locks: named by their SHA-256
+    for kind in ("keys", "locks"):
+        exact = os.urandom(SMALL_MAX)
+        assert env.post(who, module, kind, exact)[0] == 200, kind
+        assert env.stored(module, kind, hashlib.sha256(exact).hexdigest())
+        for size in (SMALL_MAX + 1, 4 << 20):
+            content = os.urandom(size)
+            object_id = hashlib.sha256(content).hexdigest()
+            statuses, body = expect_continue_upload(env, who, f"{base}/{kind}/{object_id}",
+                                                    size)
+            assert statuses == [413], (kind, size, statuses, body)
+            status, refused_id = env.post(who, module, kind, content)
+            assert status == 413, (kind, size, status)
+            assert not env.stored(module, kind, refused_id)
+    refused = [e for e in env.access_lines()[lines_before:] if e["status"] == 413]
+    assert len(refused) == 10, refused
+    assert {e["bytes_in"] for e in refused if e["path"].rsplit("/", 1)[-1] != "config"} == {0}
+
+    # the node is not limited: a big lock of its own, in the module's repository
+    status, node_lock = env.post(NODE, module, "locks", os.urandom(4 << 20))
+    assert status == 200
+    assert env.stored(module, "locks", node_lock)
+
+
+def test_restic_init_backup_and_unlock_pass_the_size_limit(env: Env, tmp_path: Path) -> None:
+    module = "traefik1"
+    url = env.url(module)
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "file.bin").write_bytes(os.urandom(200_000))
+    restic(url, "init")
+    restic(url, "backup", str(source))
+    restic(url, "unlock")
+    restic(url, "check")
+    assert not [e for e in env.access_lines() if e["status"] == 413]

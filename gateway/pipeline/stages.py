@@ -32,10 +32,11 @@ from gateway.policy import (
     is_probe,
     module_caller,
     node_caller,
+    size_limit,
 )
 from gateway.proxy import plain
 from gateway.throttle import credential_key
-from gateway.upload import Upload
+from gateway.upload import TOO_LARGE_REASON, Upload, at_most, too_large_text
 from gateway.webdav_headers import RULE as REFERENCES_RULE
 from gateway.webdav_headers import HeaderRefused, references_of
 
@@ -165,6 +166,17 @@ async def webdav_references(x: Exchange) -> Answer:
     return None
 
 
+async def small_objects(x: Exchange) -> Answer:
+    """A module's config, key or lock larger than restic ever writes: 413 before its body
+    is let in (spec section 4, "Sizes"); a body of unknown length is cut past the limit."""
+    if (limit := size_limit(x.described)) is None:
+        return None
+    if (x.request.content_length or 0) > limit:
+        return x.refuse(413, TOO_LARGE_REASON, too_large_text(limit))
+    x.body_transforms.append(at_most(limit))
+    return None
+
+
 async def upload_precheck(x: Exchange) -> Answer:
     """A POST of a restic object: a module's is checked before its body is let in, and its
     body must then hash to the object's name, wherever it is sent."""
@@ -252,6 +264,7 @@ STAGES: tuple[Stage, ...] = (
     policy,             # 403
     webdav_references,  # 400, 403
     concurrency_cap,    # 503
+    small_objects,      # 413
     upload_precheck,    # 411, 400
     storage_quota,      # 507
     bandwidth,          # shapes both bodies
