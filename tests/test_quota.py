@@ -577,3 +577,63 @@ def test_restic_init_backup_and_unlock_pass_the_size_limit(env: Env, tmp_path: P
     restic(url, "unlock")
     restic(url, "check")
     assert not [e for e in env.access_lines() if e["status"] == 413]
+
+
+# --------------------------------------------------------------------------- whole repositories
+
+
+def test_a_repository_the_node_deletes_or_moves_whole_holds_nothing_after(
+        env: Env, tmp_path: Path) -> None:
+    """Issue "Real links and real storage", 8: after a node's WebDAV DELETE of a repository
+    directory (or of its app directory), or a MOVE of it away, the module re-inits and backs
+    up under its quota; a MOVE back brings its bytes back, counted at once."""
+    source = tmp_path / "big"
+    source.mkdir()
+    (source / "big.bin").write_bytes(os.urandom(1_500_000))
+    small = tmp_path / "small"
+    small.mkdir()
+    (small / "small.bin").write_bytes(os.urandom(100_000))
+
+    for module in MODULES:
+        restic(env.url(module), "init")
+        restic(env.url(module), "backup", str(source))
+        env.wait_listed_after(module, time.time())
+        assert env.wait_usage_is_disk(module, "after the first backup") > 1_500_000
+    env.set_quota({"*": "1M"})
+    env.wait_quota(dict.fromkeys(MODULES, 1 << 20))
+
+    def node_webdav(method: str, path: str, headers: dict[str, str] | None = None) -> int:
+        status, _, body = env.request(method, path, NODE, headers=headers)
+        assert 200 <= status < 300, (method, path, status, body)
+        return status
+
+    def backs_up_again(module: str, when: str) -> None:
+        assert not env.repo_dir(module).exists(), when
+        # at once: the count of the repository gone is dropped with it
+        assert env.quota_entry(module)["used_bytes"] == 0, (  # type: ignore[index]
+            when, env.quota_entry(module))
+        restic(env.url(module), "init")
+        backup = restic(env.url(module), "backup", str(small), check=False)
+        assert backup.returncode == 0, (when, backup.stderr[-2000:])
+        env.wait_listed_after(module, time.time())
+        assert env.wait_usage_is_disk(module, when) < 1 << 20
+
+    # the repository directory itself
+    node_webdav("DELETE", env.base("traefik1") + "/")
+    backs_up_again("traefik1", "after a DELETE of the repository")
+    # its app directory
+    node_webdav("DELETE", f"/{DEST}/{app_of('dokuwiki1')}")
+    backs_up_again("dokuwiki1", "after a DELETE of the app directory")
+    # moved away, then back over the new one
+    module = "mail1"
+    kept = f"/{DEST}/{app_of(module)}/{MODULES[module]}-kept"
+    address = f"http://127.0.0.1:{env.gateway.port}"
+    node_webdav("MOVE", env.base(module), {"Destination": address + kept})
+    backs_up_again(module, "after a MOVE of the repository away")
+    node_webdav("MOVE", kept, {"Destination": address + env.base(module), "Overwrite": "T"})
+    big = env.on_disk(module)
+    assert big > 1_500_000
+    # the bytes moved back are counted at once, and again by a listing
+    assert env.quota_entry(module)["used_bytes"] >= big  # type: ignore[index]
+    assert env.wait_usage_is_disk(module, "after a MOVE back") == big
+    assert env.post(module_user(module), module, "data", os.urandom(1000))[0] == 507

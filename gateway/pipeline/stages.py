@@ -18,7 +18,12 @@ from gateway.credentials import parse_basic, password_digest, verify_digest
 from gateway.http_errors import head_too_large
 from gateway.insight.page import html_page
 from gateway.insight.record import repository_path
-from gateway.limits.accounting import object_size, when_stored, written_by_webdav
+from gateway.limits.accounting import (
+    object_size,
+    recount_after_webdav,
+    when_stored,
+    written_by_webdav,
+)
 from gateway.limits.concurrency import RETRY_AFTER
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway.paths import PathError, canonicalise
@@ -205,14 +210,18 @@ async def storage_quota(x: Exchange) -> Answer:
     """A module's upload that would take its repository over its quota: 507, before the
     body is let in. Where the repository is stored: a peer's destination is its matter.
     Also keeps the count of stored bytes up to date with every upload and delete."""
-    if x.goes_to_peer or (where := repository_path(x.target)) is None:
+    if x.goes_to_peer:
         return None
-    limits, scanner, method, key = (x.services.limits, x.services.scanner, x.request.method,
-                                    where.key)
+    limits, scanner, method = x.services.limits, x.services.scanner, x.request.method
     if x.described.protocol is not Protocol.REST:
-        if written_by_webdav(method):  # a node's WebDAV write: the storage says what it did
-            x.at_end.append(when_stored(lambda: scanner.scan_soon(key)))
+        if written_by_webdav(method):  # a node's: a repository may go or come whole
+            moved_to = x.references.destination if x.references is not None else None
+            x.at_end.append(when_stored(
+                recount_after_webdav(limits, scanner, method, x.target, moved_to)))
         return None
+    if (where := repository_path(x.target)) is None:
+        return None
+    key = where.key
     if method == "POST" and where.kind is not None and (where.object_id or where.kind == "config"):
         size = x.request.content_length or 0
         module = x.caller.module_id
