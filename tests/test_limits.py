@@ -449,7 +449,10 @@ def test_a_limits_key_of_the_wrong_redis_type_stops_nothing_else(
         for key in GOOD_LIMITS:
             write(pipe, key)
         pipe.execute()
+        published = time.time()
         env.publish()
+        # that read applied: none begun before the new user is written can end after it
+        read_after(published)
 
         # a new user: logs in as soon as its acl-changed is read, never counted as failing
         user = (f"node/{20 + round_}", f"secret-{round_}")
