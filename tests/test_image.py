@@ -26,6 +26,7 @@ import shlex
 import shutil
 import socket
 import subprocess
+import threading
 import time
 import uuid as uuidlib
 from collections.abc import Callable, Iterator
@@ -223,6 +224,39 @@ def tree(root: Path) -> dict[str, bytes]:
             if p.is_file()}
 
 
+class UploadAcrossStop(threading.Thread):
+    """A node's WebDAV PUT in flight when the gateway is told to stop: half the body
+    first, the rest only once the gateway has logged that it is stopping."""
+
+    def __init__(self, node: Node, path: str, body: bytes):
+        super().__init__(daemon=True)
+        self.node, self.path, self.body = node, path, body
+        self.half_sent = threading.Event()
+        self.status = 0
+
+    def run(self) -> None:
+        def chunks() -> Iterator[bytes]:
+            yield self.body[: len(self.body) // 2]
+            self.half_sent.set()
+            deadline = time.monotonic() + 60
+            while "stopping: no new connections" not in self.node.log_text():
+                if time.monotonic() > deadline:
+                    return
+                time.sleep(0.05)
+            time.sleep(0.5)
+            yield self.body[len(self.body) // 2:]
+
+        conn = http.client.HTTPConnection("127.0.0.1", PORT, timeout=90)
+        try:
+            conn.request("PUT", self.path, body=chunks(), headers={
+                "Authorization": basic(*NODE), "Content-Length": str(len(self.body))})
+            self.status = conn.getresponse().status
+        except OSError:
+            self.status = -1
+        finally:
+            conn.close()
+
+
 @pytest.fixture
 def node(redis_server: RedisServer, tmp_path: Path) -> Iterator[Node]:
     assert shutil.which("podman"), "podman not installed (scripts/image-bootstrap.sh)"
@@ -383,14 +417,23 @@ def test_the_unit_runs_the_image(node: Node, tmp_path: Path) -> None:
     assert (volume / "offsite" / "dokuwiki" / MODULE_UUID / "config").is_file()
     processes = container_processes(gateway_pid)
 
-    # systemctl stop: the unit's stop signal through podman; exit 0 within TimeoutStopSec.
+    # systemctl stop: the unit's stop signal through podman, an upload in flight that
+    # finishes after it; exit 0 within TimeoutStopSec.
     waiter = subprocess.Popen(["podman", "wait", cid], env=node.env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
-    time.sleep(0.5)  # `podman wait` attached before the stop
+    last = os.urandom(2_000_000)
+    upload = UploadAcrossStop(node, f"/{DEST}/cluster/last-{os.getpid()}.json.gz.gpg", last)
+    upload.start()
+    assert upload.half_sent.wait(30)
+    # /health counts itself among the requests in flight
+    wait_for(lambda: health().get("inflight", 0) >= 2, 30, "the upload to be in flight")
     stopping = time.monotonic()
     node.run("ExecStop", timeout=seconds(settings["TimeoutStopSec"][0]) + 30)
     stop_took = time.monotonic() - stopping
     out, err = waiter.communicate(timeout=60)
+    upload.join(30)
+    assert upload.status in (201, 204), upload.status
+    assert (volume / "cluster" / upload.path.rsplit("/", 1)[1]).read_bytes() == last
     node.run("ExecStopPost")
     print(f"stopped in {stop_took:.1f} s; podman wait: {out.strip()!r} {err.strip()!r}")
     assert stop_took < seconds(settings["TimeoutStopSec"][0])
