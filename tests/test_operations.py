@@ -606,3 +606,11 @@ def test_systemd_unit_runs_the_gateway_as_the_old_unit_did() -> None:
     assert str(args.local_repo) == "/srv/repo"
     tmpfs = [a for a in start if a.startswith("--mount=type=tmpfs")]
     assert any(f"destination={args.runtime_dir}," in a for a in tmpfs)
+    # The old unit's volume and name, kept (a node's repository is in that volume).
+    assert "BACKUP_VOLUME=rclone-webdav" in settings["Environment"]
+    assert settings["Alias"] == ["rclone-webdav.service"]
+    # Stopping: the gateway's grace for requests in flight fits in podman's, and podman's
+    # in systemd's.
+    stop = shlex.split(settings["ExecStop"][0])
+    podman_grace = int(next(a for a in stop if a.startswith("--time=")).split("=")[1])
+    assert args.shutdown_grace < podman_grace < int(settings["TimeoutStopSec"][0])
