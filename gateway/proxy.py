@@ -39,7 +39,9 @@ HOP_BY_HOP = frozenset(
 REQUEST_DROP = HOP_BY_HOP | {
     "authorization", "host", "expect", "x-gateway-forwarded", "content-length",
 }
-RESPONSE_DROP = HOP_BY_HOP | {"x-gateway-backend", "server", "date"}
+# The backend's `Server` stays (spec section 7): restic from 0.16.3 reads `rclone/<version>`
+# there to tell a listing that failed inside rclone from a missing directory.
+RESPONSE_DROP = HOP_BY_HOP | {"x-gateway-backend", "date"}
 
 
 class _ProxyResponse(web.StreamResponse):
