@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import dataclass
 
@@ -19,7 +20,16 @@ from gateway.upstream import (
 from gateway.webdav_headers import References, rewrite_references
 
 CHUNK = 256 * 1024
-BACKEND_IDLE_TIMEOUT = 30.0
+# Seconds the backend may take for its next move (to take more of the body, to answer once
+# the whole request is sent, to go on with its answer) before 504: restic's own patience
+# (a listing of a large repository on a slow remote can take minutes). A child that hangs
+# is the liveness check's to catch, not this timer's.
+BACKEND_TIMEOUT = 300.0
+# Seconds a request body may stay silent while the gateway waits for it: far above the gaps
+# of a slow but live link (TCP's retransmissions after a short outage reach a minute), and
+# below restic's own 5 minutes without progress. After it the request gets 408 and frees
+# its slot, its quota reservation and its partial object.
+CLIENT_BODY_TIMEOUT = 120.0
 
 HOP_BY_HOP = frozenset(
     {
@@ -119,7 +129,12 @@ async def request_body(request: web.BaseRequest, transfer: Transfer) -> AsyncIte
     while True:
         # All that is buffered, joined: fewer, larger writes to the backend cost less CPU
         # per byte than handing on each received piece (measured on 1 GiB PUTs).
-        chunk = await content.readany()
+        try:
+            async with asyncio.timeout(CLIENT_BODY_TIMEOUT):
+                chunk = await content.readany()
+        except TimeoutError:
+            raise BodyRefused(408, "request body timeout",
+                              f"client body stalled for {CLIENT_BODY_TIMEOUT:.0f} s") from None
         if not chunk:
             return
         transfer.bytes_in += len(chunk)
@@ -135,7 +150,7 @@ async def forward(
     body_filter: BodyFilter | None = None,
     *,
     headers: CIMultiDict[str] | None = None,
-    idle_timeout: float = BACKEND_IDLE_TIMEOUT,
+    backend_timeout: float = BACKEND_TIMEOUT,
     refuse_statuses: Collection[int] = (),
     on_status: StatusHook | None = None,
     references: References | None = None,
@@ -162,7 +177,7 @@ async def forward(
     try:
         upstream = await pool.request(
             request.method, target.path_and_query, headers, data,
-            content_length=request.content_length, timeout=idle_timeout,
+            content_length=request.content_length, timeout=backend_timeout,
         )
     except Timeout as exc:
         raise UpstreamError(504, "backend did not answer in time") from exc

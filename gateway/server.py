@@ -16,7 +16,7 @@ from pathlib import Path
 from aiohttp import ClientSession
 
 from backends.liveness import Watchdog
-from backends.manager import CHILD_DRAIN_MARGIN, BackendManager
+from backends.manager import CHILD_DRAIN_GRACE, CHILD_DRAIN_MARGIN, BackendManager
 from backends.process import http_ready
 from backends.rclone_conf import Placement, RenderedConfig
 from gateway import __version__
@@ -58,8 +58,11 @@ class Gateway:
         self.source = RedisSource(settings.redis_url, resync_interval=settings.resync_interval)
         self.backends = BackendManager(
             settings.runtime_dir, settings.rclone, drain_grace=settings.drain_grace,
-            # a replaced child keeps its requests until they finish or time out (504)
-            child_drain_grace=settings.backend_timeout + CHILD_DRAIN_MARGIN,
+            # a replaced child keeps its requests until they finish or time out (504), but
+            # it was replaced because it stopped answering: not for the whole 5 minutes a
+            # healthy child gets to answer
+            child_drain_grace=min(settings.backend_timeout + CHILD_DRAIN_MARGIN,
+                                  CHILD_DRAIN_GRACE),
         )
         self.watchdog = Watchdog(self.backends, settings.liveness)
         self.placement = Placement()

@@ -1,14 +1,22 @@
 """Real links and real storage (spec section 7): real redis-server, rclone children and
 restic objects; the clients pace themselves.
 
+- A slow upload is stored whatever its length: the backend is not idle while the body
+  still flows to it. The answer's wait (`--backend-timeout`) starts once the whole
+  request is sent.
 - A proxied answer keeps rclone's `Server: rclone/<version>` (restic reads it).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import http.client
 import json
+import os
+import signal
+import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -16,10 +24,15 @@ from pathlib import Path
 
 import pytest
 from harness import (
+    REST_ACCEPT,
+    Blob,
     Cluster,
     GatewayProcess,
     RedisServer,
+    basic,
+    read_response,
     send_request,
+    stop_process,
 )
 
 DEST = "5a0e1000-7c2b-4d1e-9f3a-1b2c3d4e5f60"
@@ -32,7 +45,11 @@ MODULES = {  # module id -> (app, uuid)
     "ldap1": ("ldap", "5a0e4444-2f87-4e7b-9a34-0a1d9f9e4b04"),
     "samba1": ("samba", "5a0e5555-2f87-4e7b-9a34-0a1d9f9e4b05"),
 }
+BWLIMIT = "rclone-gateway/bwlimit"
 MiB = 1024 * 1024
+MB = 1000 * 1000
+PIECE = 64 * 1024  # what a paced client sends at a time
+CLIENT_TIMEOUT = 300.0  # a client's socket timeout: far beyond any transfer here
 
 
 # --------------------------------------------------------------------------- fixture
@@ -125,7 +142,119 @@ def who(module: str) -> tuple[str, str]:
     return f"module/{module}", PASSWORD
 
 
+def paced(blob: Blob, rate: float | None) -> Iterator[bytes]:
+    """The blob in pieces of PIECE bytes, `rate` bytes a second at most (None: at once)."""
+    began, sent = time.monotonic(), 0
+    for block in blob.chunks():
+        for start in range(0, len(block), PIECE):
+            if rate is not None:
+                wait = began + sent / rate - time.monotonic()
+                if wait > 0:
+                    time.sleep(wait)
+            piece = block[start:start + PIECE]
+            sent += len(piece)
+            yield piece
+
+
+class PacedUpload(threading.Thread):
+    """An upload whose body the client sends at `rate` bytes a second, in the background."""
+
+    def __init__(self, env: Env, method: str, path: str, user: tuple[str, str], blob: Blob,
+                 stored: Path, *, rate: float | None, rest: bool) -> None:
+        super().__init__(daemon=True)
+        self.env, self.method, self.path, self.user = env, method, path, user
+        self.blob, self.stored, self.rate, self.rest = blob, stored, rate, rest
+        self.status = 0
+        self.headers: dict[str, str] = {}
+        self.answer = b""
+        self.error: BaseException | None = None
+        self.took = 0.0  # seconds from the request to its answer
+
+    def run(self) -> None:
+        gateway = self.env.gateway
+        head = [f"{self.method} {self.path} HTTP/1.1", "Host: gateway",
+                f"Authorization: {basic(*self.user)}", f"Content-Length: {self.blob.size}"]
+        if self.rest:
+            head.append(f"Accept: {REST_ACCEPT}")
+        began = time.monotonic()
+        try:
+            with socket.create_connection((gateway.host, gateway.port),
+                                          timeout=CLIENT_TIMEOUT) as sock:
+                try:
+                    sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode())
+                    for piece in paced(self.blob, self.rate):
+                        sock.sendall(piece)
+                except (BrokenPipeError, ConnectionResetError) as exc:
+                    self.error = exc  # the gateway may have answered before it cut
+                self.status, self.headers, self.answer = read_response(sock)
+        except OSError as exc:
+            self.error = exc
+        finally:
+            self.took = time.monotonic() - began
+
+    def outcome(self) -> str:
+        """What became of it, for the test's report and its failures."""
+        self.join(CLIENT_TIMEOUT * 2)
+        stored = self.stored.stat().st_size if self.stored.exists() else 0
+        answer = f"{self.status} {self.answer[:120]!r}"
+        if self.error is not None:
+            answer += f" ({self.error!r} while sending)"
+        return (f"{self.method} {self.blob.size // MiB} MiB at "
+                f"{'full speed' if self.rate is None else f'{self.rate / 1000:.0f} kB/s'}: "
+                f"{answer} after {self.took:.1f} s, {stored} of {self.blob.size} bytes stored")
+
+    def stored_digest(self) -> str:
+        hasher = hashlib.sha256()
+        with open(self.stored, "rb") as f:
+            while block := f.read(MiB):
+                hasher.update(block)
+        return hasher.hexdigest()
+
+
+def node_put(env: Env, blob: Blob, rate: float | None) -> PacedUpload:
+    """A node's WebDAV PUT of `blob` at the destination's root."""
+    name = f"cluster-backup-{blob.digest[:12]}.bin"
+    return PacedUpload(env, "PUT", f"/{DEST}/{name}", NODE, blob,
+                       env.gateway.local_repo / name, rate=rate, rest=False)
+
+
+def module_post(env: Env, module: str, blob: Blob, rate: float | None) -> PacedUpload:
+    """A module's Restic REST POST of `blob` as a data object, named by its sha256."""
+    return PacedUpload(env, "POST", f"{env.base(module)}/data/{blob.digest}", who(module),
+                       blob, env.stored(module, blob.digest), rate=rate, rest=True)
+
+
+def expect_stored(uploads: list[PacedUpload]) -> None:
+    """Each upload answered 2xx with its blob stored byte for byte."""
+    outcomes = [upload.outcome() for upload in uploads]
+    for text in outcomes:
+        print(text)
+    for upload, text in zip(uploads, outcomes, strict=True):
+        success = (201, 204) if upload.method == "PUT" else (200,)
+        assert upload.error is None and upload.status in success, text
+        assert upload.stored_digest() == upload.blob.digest, f"stored bytes differ: {text}"
+
+
 # --------------------------------------------------------------------------- tests
+
+
+def test_slow_clients_are_stored_byte_for_byte(env: Env) -> None:
+    """A node's 64 MiB WebDAV PUT at 1 MB/s, a module's 40 MiB restic object at 1 MB/s
+    and a 16 MiB object under a 256K module limit: each takes a minute or more, far
+    past the backend timeout's old 30 s, and each is stored whole."""
+    for module in ("traefik1", "dokuwiki1"):
+        env.create_repository(module)
+    env.set_limit(BWLIMIT, {"module/dokuwiki1/upload": "256K"},
+                  lambda limits: "module/dokuwiki1/upload" in limits["bandwidth"])
+    uploads = [
+        node_put(env, Blob(64), MB),
+        module_post(env, "traefik1", Blob(40), MB),
+        module_post(env, "dokuwiki1", Blob(16), None),  # held to 256 KiB/s by the gateway
+    ]
+    for upload in uploads:
+        upload.start()
+    expect_stored(uploads)
+    assert uploads[2].took > 16 * MiB / (256 * 1024) * 0.85, uploads[2].outcome()
 
 
 def test_answers_keep_the_backends_server_header(env: Env) -> None:
@@ -157,3 +286,52 @@ def test_answers_keep_the_backends_server_header(env: Env) -> None:
     # the gateway's own answers keep what they had
     status, headers, _ = refused
     assert status == 403 and not headers.get("server", "").startswith("rclone/"), refused
+
+
+def test_the_answer_wait_starts_once_the_body_is_sent(redis_server: RedisServer,
+                                                      tmp_path: Path) -> None:
+    """With `--backend-timeout 3`: uploads whose bodies flow for 10 s are stored; a
+    backend that stays silent once the whole request is sent is answered 504 after
+    about 3 s."""
+    with started(redis_server, tmp_path / "gateway", "--backend-timeout", "3",
+                 "--liveness-interval", "600") as env:
+        env.create_repository("traefik1")
+        uploads = [node_put(env, Blob(10), MiB),
+                   module_post(env, "traefik1", Blob(10), MiB)]
+        for upload in uploads:
+            upload.start()
+        expect_stored(uploads)
+        assert all(upload.took >= 8 for upload in uploads), [u.took for u in uploads]
+
+        # a node's restic POST goes to the full-access server: stopped, it accepts the
+        # connection and the small body (socket buffers), and never answers
+        pid = health_pid(env, "restic")
+        body = os.urandom(4096)
+        path = f"/{DEST}/traefik/{MODULES['traefik1'][1]}/data/{hashlib.sha256(body).hexdigest()}"
+        stop_process(pid)
+        try:
+            began = time.monotonic()
+            conn = http.client.HTTPConnection(env.gateway.host, env.gateway.port, timeout=60)
+            try:
+                status, headers, answer = send_request(conn, "POST", path, NODE, body=body,
+                                                       rest=True)
+            finally:
+                conn.close()
+            took = time.monotonic() - began
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        print(f"silent backend after the whole body: {status} after {took:.2f} s "
+              f"(--backend-timeout 3)")
+        assert status == 504, (status, headers, answer)
+        assert 2.5 <= took < 20, took
+
+
+def health_pid(env: Env, kind: str) -> int:
+    conn = http.client.HTTPConnection(env.gateway.host, env.gateway.port, timeout=30)
+    try:
+        _, _, body = send_request(conn, "GET", "/health")
+    finally:
+        conn.close()
+    pid = json.loads(body)["backends"][kind]["pid"]
+    assert isinstance(pid, int), body
+    return pid
