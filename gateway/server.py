@@ -22,6 +22,7 @@ from backends.rclone_conf import Placement, RenderedConfig
 from gateway import __version__
 from gateway.cluster import ClusterState
 from gateway.connections import guarded_protocol_factory
+from gateway.hangup import HangupWatch
 from gateway.http_errors import GatewayServer
 from gateway.insight.metrics import ReportCollector
 from gateway.insight.record import Recorder, RepositoryKey
@@ -72,6 +73,7 @@ class Gateway:
         self.label_suffix = f"@node{settings.node_id}"
         self.metrics = GatewayMetrics(self.node_status)
         self.access_log = AccessLog()
+        self.hangups = HangupWatch()
         self.systemd = Notifier()
         self.reachability = Reachability(probe_interval=settings.remote_probe_interval,
                                          probe_timeout=settings.probe_timeout)
@@ -269,6 +271,7 @@ class Gateway:
         await self.scanner.close()
         await self.limits.close()
         await self.backends.stop()
+        self.hangups.close()
         self.access_log.flush()
         log.info("stopped")
         return 0

@@ -5,6 +5,8 @@ restic objects; the clients pace themselves.
   still flows to it. The answer's wait (`--backend-timeout`) starts once the whole
   request is sent.
 - A proxied answer keeps rclone's `Server: rclone/<version>` (restic reads it).
+- A client that leaves an upload held back by a bandwidth limit is noticed at once: its
+  slot, its quota reservation and its partial object are gone within 2 s.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import json
 import os
 import signal
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -46,6 +49,8 @@ MODULES = {  # module id -> (app, uuid)
     "samba1": ("samba", "5a0e5555-2f87-4e7b-9a34-0a1d9f9e4b05"),
 }
 BWLIMIT = "rclone-gateway/bwlimit"
+CONCURRENCY = "rclone-gateway/concurrency"
+QUOTA = f"rclone-gateway/quota/{DEST}"
 MiB = 1024 * 1024
 MB = 1000 * 1000
 PIECE = 64 * 1024  # what a paced client sends at a time
@@ -235,6 +240,13 @@ def expect_stored(uploads: list[PacedUpload]) -> None:
         assert upload.stored_digest() == upload.blob.digest, f"stored bytes differ: {text}"
 
 
+def rss_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
 # --------------------------------------------------------------------------- tests
 
 
@@ -335,3 +347,115 @@ def health_pid(env: Env, kind: str) -> int:
     pid = json.loads(body)["backends"][kind]["pid"]
     assert isinstance(pid, int), body
     return pid
+
+
+# --------------------------------------------------------------------------- memory
+
+
+HELD_UPLOADS = 50
+HELD_MODULES = ("traefik1", "dokuwiki1", "mail1", "ldap1", "samba1")  # 10 uploads each
+HELD_SIZE = 256 * MiB  # announced; never sent whole
+CLEANUP_BOUND = 2.0  # seconds: spec section 7, "within a second or two"
+HOLD = 10.0  # seconds the uploads stay held before the clients leave
+
+
+class HeldUpload(threading.Thread):
+    """A module's upload that sends as fast as the gateway takes it, until told to stop;
+    then its socket is reset (SO_LINGER 0), as a killed client's is."""
+
+    def __init__(self, env: Env, module: str, stop: threading.Event) -> None:
+        super().__init__(daemon=True)
+        self.object_id = os.urandom(32).hex()
+        self.stored = env.stored(module, self.object_id)
+        self.stop = stop
+        self.sent = 0
+        self.error: BaseException | None = None
+        self.sock = socket.create_connection((env.gateway.host, env.gateway.port), timeout=30)
+        head = (f"POST {env.base(module)}/data/{self.object_id} HTTP/1.1\r\n"
+                f"Host: gateway\r\nAuthorization: {basic(*who(module))}\r\n"
+                f"Accept: {REST_ACCEPT}\r\nContent-Length: {HELD_SIZE}\r\n\r\n")
+        self.sock.sendall(head.encode())
+        self.sock.settimeout(0.2)
+
+    def run(self) -> None:
+        block = os.urandom(256 * 1024)
+        try:
+            while not self.stop.is_set() and self.sent < HELD_SIZE:
+                try:
+                    self.sent += self.sock.send(block)
+                except TimeoutError:
+                    continue
+        except OSError as exc:
+            self.error = exc
+
+    def reset(self) -> None:
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.sock.close()
+
+
+def held_state(env: Env, uploads: list[HeldUpload]) -> tuple[int, int, int]:
+    """(requests in flight of the modules, bytes reserved in their repositories, partial
+    objects on disk)."""
+    limits = env.limits()
+    in_flight = sum(count for user, count in limits["concurrency"]["in_flight"].items()
+                    if user.startswith("module/"))
+    reserved = sum(q["reserved_bytes"] for q in limits["quotas"])
+    partial = sum(upload.stored.exists() for upload in uploads)
+    return in_flight, reserved, partial
+
+
+def test_shaped_uploads_are_gone_at_once_when_their_clients_leave(env: Env) -> None:
+    """50 uploads under a 1M shared upload limit, then every client resets its connection
+    at once: within 2 s no slot, no quota reservation and no partial object is left."""
+    for module in HELD_MODULES:
+        env.create_repository(module)
+    env.set_limit(CONCURRENCY, {"module": "16"},
+                  lambda limits: limits["concurrency"]["module_cap"] == 16)
+    env.set_limit(QUOTA, dict.fromkeys(HELD_MODULES, "100G"), lambda limits: sum(
+        bool(q["quota_bytes"]) for q in limits["quotas"]) == len(HELD_MODULES))
+    env.set_limit(BWLIMIT, {"upload": "1M"}, lambda limits: "upload" in limits["bandwidth"])
+
+    pid = env.gateway.pid
+    Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM back to the RSS now
+    rss_before = rss_kib(pid, "VmRSS") / 1024
+    stop = threading.Event()
+    uploads = [HeldUpload(env, HELD_MODULES[i % len(HELD_MODULES)], stop)
+               for i in range(HELD_UPLOADS)]
+    try:
+        for upload in uploads:
+            upload.start()
+        began = time.monotonic()
+        samples = []
+        while time.monotonic() - began < HOLD:
+            samples.append(rss_kib(pid, "VmRSS") / 1024)
+            time.sleep(0.2)
+        in_flight, reserved, partial = held_state(env, uploads)
+        peak = rss_kib(pid, "VmHWM") / 1024
+        sent = sum(upload.sent for upload in uploads)
+        print(f"{HELD_UPLOADS} uploads under 1M for {HOLD:.0f} s: gateway RSS "
+              f"{rss_before:.1f} MiB before, {max(samples):.1f} MiB sampled at most, peak "
+              f"{peak:.1f} MiB ({(peak - rss_before) * 1024 / HELD_UPLOADS:.0f} KiB per "
+              f"upload); clients sent {sent / MiB:.1f} MiB (in sockets or passed on); "
+              f"in flight {in_flight}, reserved {reserved / MiB:.0f} MiB, "
+              f"{partial} objects begun")
+        assert in_flight == HELD_UPLOADS, in_flight
+        assert reserved == HELD_UPLOADS * HELD_SIZE, reserved
+    finally:
+        stop.set()
+        for upload in uploads:
+            upload.join(5)
+        left_at = time.monotonic()
+        for upload in uploads:
+            upload.reset()
+
+    state = held_state(env, uploads)
+    seen = time.monotonic()
+    while state != (0, 0, 0) and seen - left_at < 30:
+        time.sleep(0.05)
+        state = held_state(env, uploads)
+        seen = time.monotonic()
+    took = seen - left_at
+    print(f"all {HELD_UPLOADS} clients reset: (in flight, reserved bytes, partial objects) "
+          f"{state} after {took:.2f} s")
+    assert state == (0, 0, 0), f"{state} still there {took:.1f} s after the clients left"
+    assert took <= CLEANUP_BOUND, f"cleaned up after {took:.2f} s"

@@ -82,6 +82,11 @@ class TokenBucket:
                 self._advance(time.monotonic())
                 if self.rate is None or self._allowed >= ticket:
                     break
+        except asyncio.CancelledError:
+            # The stream is gone (its client left): its piece never passes, and the
+            # streams behind it need not wait for it.
+            self._allowed += size
+            raise
         finally:
             self._waiting -= 1
         self.waited += time.monotonic() - now

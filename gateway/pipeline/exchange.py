@@ -10,6 +10,7 @@ from aiohttp import web
 
 from backends.manager import BackendManager
 from gateway.cluster import ClusterState
+from gateway.hangup import HangupWatch
 from gateway.insight.record import Recorder
 from gateway.insight.report import Report
 from gateway.insight.scan import Scanner
@@ -39,6 +40,7 @@ class Services(Protocol):
     throttle: LoginThrottle
     metrics: GatewayMetrics
     access_log: AccessLog
+    hangups: HangupWatch
     recorder: Recorder
     scanner: Scanner
     limits: Limiter
@@ -94,6 +96,7 @@ class Exchange:
         # Called with the status once the request is answered (or 499), whatever the stage.
         self.at_end: list[Callable[[int], None]] = []
         self._goes_to_peer: bool | None = None
+        self._body_admitted = False
         self._caller: Caller | None = None
         self._described: Request | None = None
         self._decision: Decision | None = None
@@ -168,6 +171,12 @@ class Exchange:
         """Lets the client send its body (`Expect: 100-continue`), for whichever dispatch
         sends it on: what it must pass through on the way."""
         await send_continue(self.request)
+        if not self._body_admitted and self.request.body_exists:
+            # The body may wait unread (a bandwidth limit, a backend that does not take
+            # data): a client that leaves meanwhile must still be noticed at once.
+            unwatch = self.services.hangups.watch(self.request.transport)
+            self.at_end.append(lambda _status: unwatch())
+        self._body_admitted = True
         return _chained(self.body_transforms)
 
     async def read_body(self) -> AsyncIterator[bytes]:
