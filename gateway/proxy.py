@@ -6,9 +6,10 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import dataclass
 
-from aiohttp import web
+from aiohttp import StreamReader, web
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from gateway.connections import FULL_READ, SMALL_READ, set_read_size
 from gateway.paths import Target
 from gateway.upstream import (
     ConnectFailed,
@@ -30,6 +31,21 @@ BACKEND_TIMEOUT = 300.0
 # below restic's own 5 minutes without progress. After it the request gets 408 and frees
 # its slot, its quota reservation and its partial object.
 CLIENT_BODY_TIMEOUT = 120.0
+# Bytes of a request body aiohttp reads ahead of the gateway once it flows unheld (up to
+# twice this, then the socket waits): enough for a PUT to keep flowing while this process
+# waits for the CPU, small enough for 2048 connections.
+READ_AHEAD = 512 * 1024
+# Until then (the server's `read_bufsize`), and while a limit holds it back, a body is read
+# ahead this much, and a held one read in pieces of this size, reading the socket in
+# pieces as small (`connections.SMALL_READ`): an upload that waits for its share holds a
+# few hundred KiB at most, not the megabytes the fast path reads ahead to batch its writes.
+HELD_PIECE = SMALL_READ
+# aiohttp's body reader pauses the socket past `_high_water` buffered bytes and resumes it
+# under `_low_water`; no public way lowers them once the request was parsed.
+_READ_AHEAD_FIELDS = ("_low_water", "_high_water")
+if not all(name in getattr(StreamReader, "__slots__", ()) for name in _READ_AHEAD_FIELDS):
+    raise RuntimeError("aiohttp's StreamReader has no _low_water or _high_water: "
+                       "gateway.proxy.read_ahead needs updating for this aiohttp version")
 
 HOP_BY_HOP = frozenset(
     {
@@ -124,21 +140,45 @@ async def send_continue(request: web.BaseRequest) -> None:
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
 
-async def request_body(request: web.BaseRequest, transfer: Transfer) -> AsyncIterator[bytes]:
+BodyHeld = Callable[[], bool]
+
+
+def read_ahead(request: web.BaseRequest, size: int) -> None:
+    """aiohttp reads up to twice `size` bytes of the body ahead of the gateway (one read
+    of the socket more at most: up to `size` too), and goes on reading once less than
+    `size` is left."""
     content = request.content
-    while True:
-        # All that is buffered, joined: fewer, larger writes to the backend cost less CPU
-        # per byte than handing on each received piece (measured on 1 GiB PUTs).
-        try:
-            async with asyncio.timeout(CLIENT_BODY_TIMEOUT):
-                chunk = await content.readany()
-        except TimeoutError:
-            raise BodyRefused(408, "request body timeout",
-                              f"client body stalled for {CLIENT_BODY_TIMEOUT:.0f} s") from None
-        if not chunk:
-            return
-        transfer.bytes_in += len(chunk)
-        yield chunk
+    content._low_water, content._high_water = size, 2 * size
+    set_read_size(request.transport, FULL_READ if size > HELD_PIECE else SMALL_READ)
+
+
+async def request_body(request: web.BaseRequest, transfer: Transfer,
+                       held: BodyHeld | None = None) -> AsyncIterator[bytes]:
+    """The request body as it arrives. While `held()` says a limit holds it back, in small
+    pieces with a small read ahead; otherwise all that is buffered, joined: fewer, larger
+    writes to the backend cost less CPU per byte than handing on each received piece
+    (measured on 1 GiB PUTs)."""
+    content = request.content
+    small: bool | None = None
+    try:
+        while True:
+            if (now_held := held is not None and held()) is not small:
+                small = now_held
+                read_ahead(request, HELD_PIECE if small else READ_AHEAD)
+            try:
+                async with asyncio.timeout(CLIENT_BODY_TIMEOUT):
+                    chunk = await (content.read(HELD_PIECE) if small else content.readany())
+            except TimeoutError:
+                raise BodyRefused(
+                    408, "request body timeout",
+                    f"client body stalled for {CLIENT_BODY_TIMEOUT:.0f} s") from None
+            if not chunk:
+                return
+            transfer.bytes_in += len(chunk)
+            yield chunk
+    finally:
+        if not small:  # the next request's head and body start in small reads again
+            set_read_size(request.transport, SMALL_READ)
 
 
 async def forward(
@@ -155,6 +195,7 @@ async def forward(
     on_status: StatusHook | None = None,
     references: References | None = None,
     response_filter: BodyFilter | None = None,
+    body_held: BodyHeld | None = None,
 ) -> web.StreamResponse:
     """Streams `request` to the canonical target on `pool`'s backend and the answer back.
 
@@ -164,6 +205,8 @@ async def forward(
     BodyFailed, after the backend's connection was aborted. The other resources a WebDAV
     request names (`references`: its Destination, its If header's) are named at `pool`'s
     own authority. `response_filter` transforms the answer's body on its way back.
+    `body_held` says whether a limit holds the request body back now (read it in small
+    pieces).
     """
     if headers is None:
         headers = request_headers(request.headers)
@@ -171,7 +214,7 @@ async def forward(
         rewrite_references(headers, references, pool.host)
     data: AsyncIterator[bytes] | None = None
     if request.body_exists:
-        data = request_body(request, transfer)
+        data = request_body(request, transfer, body_held)
         if body_filter is not None:
             data = body_filter(data)
     try:

@@ -36,6 +36,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.peers import PeerGateways, where_served
 from gateway.pipeline.handler import Pipeline
 from gateway.policy import Backend
+from gateway.proxy import HELD_PIECE
 from gateway.reachability import Reachability
 from gateway.redis_source import RedisSource
 from gateway.reloader import Reloader
@@ -48,9 +49,6 @@ log = logging.getLogger("rclone_gateway")
 
 # Seconds the WebDAV child has to answer OPTIONS when a remote probe through it timed out.
 LOCAL_ANSWER_TIMEOUT = 2.0
-# Bytes of a request body read ahead per connection: enough for a PUT to keep flowing
-# while this process waits for the CPU, small enough for 2048 connections.
-READ_BUFSIZE = 512 * 1024
 
 
 class Gateway:
@@ -233,7 +231,7 @@ class Gateway:
         loop.add_signal_handler(signal.SIGUSR1, self._on_sigusr1)
 
         server = GatewayServer(self.pipeline.handle, handler_cancellation=True, access_log=None,
-                               read_bufsize=READ_BUFSIZE)
+                               read_bufsize=HELD_PIECE)
         factory = guarded_protocol_factory(
             server, max_connections=self.settings.max_connections,
             header_timeout=self.settings.header_timeout,

@@ -481,7 +481,7 @@ async def _send_body(connection: _Connection, head: bytes, body: AsyncIterator[b
         await connection.write(chunk, timeout)
 
     chunks = aiter(body)
-    first = asyncio.ensure_future(anext(chunks, b""))
+    first: asyncio.Future[bytes] | None = asyncio.ensure_future(anext(chunks, b""))
     try:
         # The head waits for the body's first piece, to go out with it in one segment; not
         # for long: rclone drops a connection that sends no head within 10 s, and a slow
@@ -489,11 +489,14 @@ async def _send_body(connection: _Connection, head: bytes, body: AsyncIterator[b
         if not (await asyncio.wait({first}, timeout=HEAD_ALONE_AFTER))[0]:
             head_sent = True
             await connection.write(head, timeout)
-        if chunk := await first:
+        chunk = await first
+        first = None  # the task keeps its result: not for the whole body
+        if chunk:
             await send(chunk)
         async for chunk in chunks:
             if chunk:
                 await send(chunk)
+            del chunk  # sent: not kept while the next piece is awaited (a held one, slowly)
     except UpstreamFailure:
         connection.abort()
         raise
@@ -503,7 +506,8 @@ async def _send_body(connection: _Connection, head: bytes, body: AsyncIterator[b
             raise
         raise BodyFailed(exc) from exc
     finally:
-        first.cancel()  # done already, unless this sender was cancelled waiting for it
+        if first is not None:  # cancelled while waiting for the first piece
+            first.cancel()
     if content_length is not None and sent != content_length:
         connection.abort()
         raise BodyFailed(ValueError("request body shorter or longer than its Content-Length"))

@@ -1,12 +1,14 @@
-"""Real links and real storage (spec section 7): real redis-server, rclone children and
-restic objects; the clients pace themselves.
+"""Real links and real storage (spec section 7): uploads slower than any fixed timer, the
+backend's `Server` header, memory and clean-up under shaped uploads. Real redis-server,
+rclone children and restic objects; the clients pace themselves.
 
 - A slow upload is stored whatever its length: the backend is not idle while the body
   still flows to it. The answer's wait (`--backend-timeout`) starts once the whole
   request is sent.
 - A proxied answer keeps rclone's `Server: rclone/<version>` (restic reads it).
-- A client that leaves an upload held back by a bandwidth limit is noticed at once: its
-  slot, its quota reservation and its partial object are gone within 2 s.
+- An upload held back by a bandwidth limit holds a small bounded buffer in the gateway,
+  and a client that leaves it is noticed at once: its slot, its quota reservation and
+  its partial object are gone within 2 s.
 """
 
 from __future__ import annotations
@@ -355,6 +357,7 @@ def health_pid(env: Env, kind: str) -> int:
 HELD_UPLOADS = 50
 HELD_MODULES = ("traefik1", "dokuwiki1", "mail1", "ldap1", "samba1")  # 10 uploads each
 HELD_SIZE = 256 * MiB  # announced; never sent whole
+RSS_BOUND_MIB = 100
 CLEANUP_BOUND = 2.0  # seconds: spec section 7, "within a second or two"
 HOLD = 10.0  # seconds the uploads stay held before the clients leave
 
@@ -404,9 +407,10 @@ def held_state(env: Env, uploads: list[HeldUpload]) -> tuple[int, int, int]:
     return in_flight, reserved, partial
 
 
-def test_shaped_uploads_are_gone_at_once_when_their_clients_leave(env: Env) -> None:
-    """50 uploads under a 1M shared upload limit, then every client resets its connection
-    at once: within 2 s no slot, no quota reservation and no partial object is left."""
+def test_shaped_uploads_hold_little_memory_and_leave_at_once(env: Env) -> None:
+    """50 uploads under a 1M shared upload limit: the gateway's peak RSS stays under
+    100 MiB; then every client resets its connection at once, and within 2 s no slot, no
+    quota reservation and no partial object is left."""
     for module in HELD_MODULES:
         env.create_repository(module)
     env.set_limit(CONCURRENCY, {"module": "16"},
@@ -457,5 +461,6 @@ def test_shaped_uploads_are_gone_at_once_when_their_clients_leave(env: Env) -> N
     took = seen - left_at
     print(f"all {HELD_UPLOADS} clients reset: (in flight, reserved bytes, partial objects) "
           f"{state} after {took:.2f} s")
+    assert peak < RSS_BOUND_MIB, f"peak RSS {peak:.1f} MiB"
     assert state == (0, 0, 0), f"{state} still there {took:.1f} s after the clients left"
     assert took <= CLEANUP_BOUND, f"cleaned up after {took:.2f} s"

@@ -152,6 +152,10 @@ class Shaper:
                 found.append(self.buckets[name])
         return found
 
+    def holds(self, direction: str, module: str | None) -> bool:
+        """Whether a limit holds a transfer in `direction` by `module` back now."""
+        return any(bucket.rate is not None for bucket in self.buckets_for(direction, module))
+
     def transform(self, direction: str, module: str | None) -> BodyFilter:
         """A body transform holding a stream to the limits in force as each piece passes:
         a limit set, changed or lifted mid-transfer applies to the rest of it."""

@@ -81,6 +81,7 @@ async def to_backend(x: Exchange, uuid: str | None) -> web.StreamResponse:
                     body_filter=body_filter, backend_timeout=x.services.settings.backend_timeout,
                     on_status=upload.refused_status_hook(x.outcome) if upload else None,
                     references=x.references, response_filter=x.response_transform,
+                    body_held=x.body_held,
                 )
             except BodyFailed as exc:
                 return await _body_failed(x, exc, upload)

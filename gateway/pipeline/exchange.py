@@ -20,7 +20,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.paths import Target
 from gateway.peers import PeerGateways
 from gateway.policy import Backend, Caller, Decision, Request
-from gateway.proxy import BodyFilter, Transfer, plain, request_body, send_continue
+from gateway.proxy import BodyFilter, BodyHeld, Transfer, plain, request_body, send_continue
 from gateway.redis_source import RedisSource
 from gateway.settings import Settings
 from gateway.throttle import LoginThrottle
@@ -91,6 +91,8 @@ class Exchange:
         self.upload: Upload | None = None  # a POST of a restic object
         # Applied in order to the request body, wherever it goes (see `admit_body`).
         self.body_transforms: list[BodyFilter] = []
+        # Whether a limit holds the request body back now: it is then read in small pieces.
+        self.body_held: BodyHeld | None = None
         # Applied to the answer's body when it comes from a backend of this node.
         self.response_transform: BodyFilter | None = None
         # Called with the status once the request is answered (or 499), whatever the stage.
@@ -182,7 +184,7 @@ class Exchange:
     async def read_body(self) -> AsyncIterator[bytes]:
         """Lets the body in to be read here rather than sent on: through the same transforms."""
         transform = await self.admit_body()
-        body = request_body(self.request, self.outcome.transfer)
+        body = request_body(self.request, self.outcome.transfer, self.body_held)
         return body if transform is None else transform(body)
 
 
