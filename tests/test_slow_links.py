@@ -13,6 +13,7 @@ rclone children and restic objects; the clients pace themselves.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import http.client
@@ -28,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import uvloop
+from aiohttp import web
 from harness import (
     REST_ACCEPT,
     Blob,
@@ -39,6 +42,8 @@ from harness import (
     send_request,
     stop_process,
 )
+
+from gateway import proxy
 
 DEST = "5a0e1000-7c2b-4d1e-9f3a-1b2c3d4e5f60"
 NODE = ("node/1", "slow-links-node-secret")
@@ -464,3 +469,45 @@ def test_shaped_uploads_hold_little_memory_and_leave_at_once(env: Env) -> None:
     assert peak < RSS_BOUND_MIB, f"peak RSS {peak:.1f} MiB"
     assert state == (0, 0, 0), f"{state} still there {took:.1f} s after the clients left"
     assert took <= CLEANUP_BOUND, f"cleaned up after {took:.2f} s"
+
+
+# --------------------------------------------------------------------------- in process
+
+
+def test_a_body_that_stalls_is_refused_and_a_held_one_read_in_small_pieces(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The request body as proxy.request_body reads it, on an aiohttp server of its own:
+    held back by a limit, in pieces of HELD_PIECE at most; silent while it is waited for,
+    408 after CLIENT_BODY_TIMEOUT (120 s; 0.3 s here), which frees what the request
+    holds."""
+    monkeypatch.setattr(proxy, "CLIENT_BODY_TIMEOUT", 0.3)
+    pieces: list[int] = []
+
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        try:
+            async for chunk in proxy.request_body(request, proxy.Transfer(), lambda: True):
+                pieces.append(len(chunk))
+        except proxy.BodyRefused as refused:
+            return refused.answer()
+        return web.Response(text="whole")
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        listener = await loop.create_server(web.Server(handler), "127.0.0.1", 0)
+        port = listener.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"PUT /x HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n"
+                     + os.urandom(600_000))  # then nothing more
+        began = loop.time()
+        answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        took = loop.time() - began
+        writer.close()
+        listener.close()
+        print(f"600000 of 1000000 bytes, then silence: {answer.split(b' ', 2)[1].decode()} "
+              f"after {took:.2f} s; read in {len(pieces)} pieces of {max(pieces)} bytes "
+              f"at most")
+        assert answer.startswith(b"HTTP/1.1 408 "), answer
+        assert 0.25 <= took < 5, took
+        assert sum(pieces) == 600_000 and max(pieces) <= proxy.HELD_PIECE, pieces
+
+    uvloop.run(main())
