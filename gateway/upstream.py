@@ -135,7 +135,7 @@ class _Connection(asyncio.Protocol):
         finally:
             self._waiter = None
 
-    def body_sent(self, _sender: object = None) -> None:
+    def body_sent(self) -> None:
         """The request is out (or its sending ended): from now on the backend owes the
         answer, and a read waiting for it gets its timer."""
         self.sending = False
@@ -398,7 +398,6 @@ class UpstreamPool:
                     connection.sending = True
                     sender = asyncio.create_task(
                         _send_body(connection, head, body, content_length, timeout))
-                    sender.add_done_callback(connection.body_sent)
                 return await self._read_head(connection, method, timeout, sender)
             except UpstreamFailure as exc:
                 self._discard(connection)
@@ -463,6 +462,14 @@ class UpstreamPool:
 
 async def _send_body(connection: _Connection, head: bytes, body: AsyncIterator[bytes],
                      content_length: int | None, timeout: float) -> None:
+    try:
+        await _send_request(connection, head, body, content_length, timeout)
+    finally:
+        connection.body_sent()  # in this task, before any other request may use it
+
+
+async def _send_request(connection: _Connection, head: bytes, body: AsyncIterator[bytes],
+                        content_length: int | None, timeout: float) -> None:
     chunked = content_length is None
     sent = 0
     head_sent = False
