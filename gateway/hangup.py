@@ -31,13 +31,12 @@ class HangupWatch:
         self._epoll: select.epoll | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._watched: dict[int, asyncio.BaseTransport] = {}
-        self.noticed = 0  # hang-ups noticed here since start
 
     def watch(self, transport: asyncio.BaseTransport | None) -> Callable[[], None]:
         """Watches `transport` until the returned function is called."""
         fd = _fileno(transport)
         if transport is None or fd is None or not hasattr(select, "epoll"):
-            return _nothing
+            return _nothing  # gone already, or no epoll (not Linux)
         epoll = self._ready_epoll()
         try:
             epoll.register(fd, _HANGUP)
@@ -70,7 +69,6 @@ class HangupWatch:
             with contextlib.suppress(OSError):
                 self._epoll.unregister(fd)
             if transport is not None and not transport.is_closing():
-                self.noticed += 1
                 transport.abort()  # connection_lost: aiohttp cancels the handler
 
     def close(self) -> None:
