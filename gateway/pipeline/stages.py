@@ -254,6 +254,7 @@ async def bandwidth(x: Exchange) -> Answer:
     module = x.caller.module_id
     if x.request.body_exists:
         x.body_transforms.append(shaper.transform("upload", module))
+        x.body_held = lambda: shaper.holds("upload", module)
     x.response_transform = shaper.transform("download", module)
     return None
 
