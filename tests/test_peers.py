@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -20,7 +22,7 @@ from gateway.peers import (
     route,
     where_served,
 )
-from gateway.reachability import Reachability, probe_outcome
+from gateway.reachability import Reachability
 
 HOSTED = Destination("hosted", "cluster", "webdav:http://10.5.4.2:4694")
 HOSTED_HERE = Destination("mine", "cluster", "webdav:http://10.5.4.1:4694")
@@ -193,12 +195,10 @@ def test_reachability_follows_probes_not_single_answers() -> None:
     for status in (500, 502, 504):
         reach.observe("remote", status)
         assert reach.reachable("remote")
-    assert reach._probe_soon.is_set()  # but the next probe comes at once
-    reach.mark("remote", probe_outcome(None))
+    assert reach._wake.is_set()  # but the next probe comes at once
+    assert reach.next_due() is not None and reach.next_due() <= time.monotonic()
+    reach.mark("remote", "remote did not answer within 4 s")  # the probe's verdict
     assert not reach.reachable("remote")
-    assert reach.reason("remote") == "remote did not answer in time"
-    reach.mark("remote", probe_outcome(207))
+    assert reach.reason("remote") == "remote did not answer within 4 s"
+    reach.mark("remote", None)
     assert reach.reachable("remote")
-    assert probe_outcome(None) == "remote did not answer in time"
-    assert probe_outcome(404) is None  # the remote answered: its root is just absent
-    assert probe_outcome(500) == "remote access failed (500)"
