@@ -194,7 +194,7 @@ class FaultProxy:
     def close(self) -> None:
         if self._loop.is_closed():
             return
-        self._call(self._shutdown)
+        asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
         self._loop.close()
@@ -224,13 +224,13 @@ class FaultProxy:
             task.cancel()
         return count
 
-    def _shutdown(self) -> None:
-        self._accepting.cancel()
-        self._listener.close()
+    async def _shutdown(self) -> None:
         self._reset_open()
-        for task in asyncio.all_tasks(self._loop):
-            if task is not asyncio.current_task():
-                task.cancel()
+        others = [t for t in asyncio.all_tasks(self._loop) if t is not asyncio.current_task()]
+        for task in others:
+            task.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
+        self._listener.close()
 
     async def _accept_loop(self) -> None:
         if self._unfrozen is None:

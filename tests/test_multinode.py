@@ -491,6 +491,14 @@ def test_a_node_that_loses_its_route_to_a_remote_backs_up_through_a_peer(
         assert (status, headers["x-gateway-backend"]) == (207, "webdav@node1")
         for node in (2, 3):
             assert mesh.served(node, LINKED) == ("here", None)
+    # The requests that met the dark link were moved on by node 1 itself, not left to hang
+    # until the backend timeout (504), as they were while the children ran with rclone's
+    # defaults and only later requests went to a peer.
+    seen_by_1 = [e for e in mesh.access(1) if e["user"] == who[0] and LINKED in e["path"]]
+    print("node 1's answers: " + ", ".join(
+        f"{e['method']} {e['status']} {e['backend']}" for e in seen_by_1 if e["status"] >= 500
+        or not e["backend"].endswith("@node1")))
+    assert not [e for e in seen_by_1 if e["status"] == 504], seen_by_1
     mesh.wait_served(1, LINKED, ("here", None), timeout=30)
     check = mesh.restic(1, mesh.repo(1, node_user(1), LINKED, module_uuid=module_uuid),
                         "check", "--read-data", binary=restic_018)
