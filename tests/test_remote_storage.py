@@ -271,15 +271,27 @@ SLOW_LISTING_RATE = 100_000  # bytes per second
                           "after the request is sent): until then 504 after 30 s",
                    strict=False)
 def test_a_listing_whose_first_byte_comes_after_30_s_is_answered(
-        s3: S3Storage, cluster: Cluster, start_node: Callable[..., Node]) -> None:
-    proxy = s3.proxy()
-    stored = s3.destination(cluster, S3_DEST, proxy)
+        cluster: Cluster, start_node: Callable[..., Node], tmp_path: Path) -> None:
+    # A storage of its own, started once the objects are there: `rclone serve s3` keeps
+    # listings it made in a cache, and would not see objects made behind its back.
+    s3 = S3Storage(tmp_path / "s3", tmp_path / "s3-run")
     module_uuid = str(uuidlib.uuid4())
-    locks = stored / "traefik" / module_uuid / "locks"
+    locks = s3.bucket_dir / "traefik" / module_uuid / "locks"
     locks.mkdir(parents=True)
     (locks.parent / "config").write_bytes(b"x")
     for i in range(LISTED_OBJECTS):
         (locks / f"{i:064x}").touch()
+    s3.start()
+    try:
+        listing_through_a_slow_link(s3, cluster, start_node, module_uuid)
+    finally:
+        s3.stop()
+
+
+def listing_through_a_slow_link(s3: S3Storage, cluster: Cluster,
+                                start_node: Callable[..., Node], module_uuid: str) -> None:
+    proxy = s3.proxy()
+    s3.destination(cluster, S3_DEST, proxy)
     node = start_node()
     poll(node.scanned, time.monotonic() + 120, lambda: "the start's storage scan to end")
     quiet(proxy)
