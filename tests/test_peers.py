@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
@@ -202,3 +203,51 @@ def test_reachability_follows_probes_not_single_answers() -> None:
     assert reach.reason("remote") == "remote did not answer within 4 s"
     reach.mark("remote", None)
     assert reach.reachable("remote")
+
+
+def test_remote_probe_schedule_follows_the_verdicts() -> None:
+    """Spec 7: once an interval while healthy, every few seconds while failing, sooner after
+    a failing request (but a second after the last probe at the soonest)."""
+    async def failing(uuid: str) -> str | None:
+        return "remote did not answer within 4 s"
+
+    async def answering(uuid: str) -> str | None:
+        return None
+
+    async def run() -> None:
+        reach = Reachability(interval=60, fast_interval=3)
+        now = time.monotonic()
+        assert reach.schedule(["remote"], now) == []  # its start check listed it just now
+        assert reach.next_due() == pytest.approx(now + 60)
+        await reach.probe_all(["remote"], failing)
+        assert not reach.reachable("remote")
+        assert reach.next_due() <= time.monotonic() + 3
+        await reach.probe_all(["remote"], answering)
+        assert reach.reachable("remote")
+        assert reach.next_due() >= time.monotonic() + 59
+        reach.probe_soon("remote")
+        assert time.monotonic() + 0.5 <= reach.next_due() <= time.monotonic() + 1
+        assert reach.schedule([], time.monotonic()) == []
+        assert reach.next_due() is None
+
+    asyncio.run(run())
+
+
+def test_a_confirmation_waits_for_a_probe_started_after_it() -> None:
+    probed: list[float] = []
+
+    async def answering(uuid: str) -> str | None:
+        probed.append(time.monotonic())
+        return None
+
+    async def run() -> None:
+        reach = Reachability(interval=60, fast_interval=3)
+        reach.start(lambda: ["remote"], answering)
+        try:
+            asked = time.monotonic()
+            assert await reach.confirm("remote", timeout=30)
+            assert len(probed) == 1 and probed[0] >= asked
+        finally:
+            await reach.close()
+
+    asyncio.run(run())
