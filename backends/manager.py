@@ -44,6 +44,10 @@ def rclone_argv(rclone: str, backend: Backend, conf: Path, socket: Path, root: s
         "--log-level", "NOTICE",
         "--cache-dir", str(conf.parent / "cache"),
         "--ask-password=false",
+        # Fail fast against storage that does not answer, as the old gateway's children
+        # do (rclone's defaults: a minute to connect, ten tries): restic retries itself,
+        # and the request can go to a peer meanwhile.
+        "--contimeout", "5s", "--low-level-retries", "1",
     ]
     if backend is Backend.WEBDAV:
         # The default (5 minutes) keeps a repository created through REST invisible over

@@ -1,5 +1,8 @@
 """Checks that each remote destination starts, alone, before it joins the served tree.
 
+The same check, one listing of the destination's root (one LIST on S3), is the
+reachability probe of `gateway.reachability`.
+
 A remote that cannot start (unreachable host, bad credentials, unknown type)
 would make the whole `combine` tree fail, or fail every request under it. So
 each remote destination is listed once on its own (`rclone lsjson`, short
@@ -99,7 +102,7 @@ async def check_remote(
         argv = [
             rclone, "lsjson", "--max-depth", "1", "--config", conf,
             "--contimeout", f"{io_timeout}s", "--timeout", f"{io_timeout}s",
-            "--low-level-retries", "1", "--ask-password=false",
+            "--low-level-retries", "1", "--retries", "1", "--ask-password=false",
             "--cache-dir", str(workdir / "cache"),
             f"{name}:{basepath}",
         ]

@@ -90,9 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds between full re-reads of Redis")
     serve.add_argument("--probe-interval", type=float, default=2.0,
                        help="seconds between probes of the peer gateways")
-    serve.add_argument("--remote-probe-interval", type=float, default=10.0,
-                       help="seconds between checks that this node reaches its remote "
-                            "destinations (each lists the destination's root)")
+    serve.add_argument("--remote-probe-interval", type=positive_seconds, default=60.0,
+                       help="seconds between checks that this node reaches a healthy remote "
+                            "destination (each lists the destination's root: one request "
+                            "to the storage; default 60)")
+    serve.add_argument("--remote-probe-fast-interval", type=positive_seconds, default=3.0,
+                       help="seconds between checks of a remote destination found "
+                            "unreachable (default 3)")
     serve.add_argument("--probe-timeout", type=float, default=4.0,
                        help="seconds a probe may take before it counts as failed")
     serve.add_argument("--remote-check-timeout", type=float, default=15.0,
@@ -221,6 +225,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         probe_interval=args.probe_interval,
         probe_timeout=args.probe_timeout,
         remote_probe_interval=args.remote_probe_interval,
+        remote_probe_fast_interval=args.remote_probe_fast_interval,
         remote_check_timeout=args.remote_check_timeout,
         backend_timeout=args.backend_timeout,
         liveness=LivenessSettings(args.liveness_interval, args.liveness_timeout,

@@ -2,13 +2,21 @@
 
 A remote can be out of reach from one node only (a firewall, a broken route)
 while its backend here runs fine: requests for it would hang in rclone until
-they time out. Each remote destination served here is probed through the local
-WebDAV backend with a listing of its root (`PROPFIND /<uuid>/`, Depth 1; a
-Depth 0 answer can come from what rclone already knows of the tree, without
-reaching the remote). A failure seen on a real request (a 5xx answer, a
-timeout) marks nothing by itself: rclone answers 500 to some requests that have
-nothing to do with the storage (a REST `HEAD` of a directory), so it only brings
-the next probe forward, and the probe decides. While a destination is
+they time out. Each remote destination served here is probed with one listing
+of its root by a short `rclone lsjson --max-depth 1` of that destination alone
+(`backends.remote_check`, the start check: one LIST on S3). Not through the
+WebDAV child: its listings of every destination wait behind one stuck on a dark
+remote (measured with rclone 1.75: a PROPFIND of a healthy destination's root
+timed out while another's hung), so one lost remote would make all look lost.
+
+Remote storage is often billed per request, so the cadence is the old gateway's
+(spec section 7): while a destination is healthy, one probe every `interval`
+(60 s); while it fails, one every `fast_interval` (3 s), so that its return is
+found within seconds. A failure seen on a real request (a 5xx answer, a
+timeout, or a request still unanswered after a few seconds) marks nothing by
+itself: rclone answers 500 to some requests that have nothing to do with the
+storage (a REST `HEAD` of a directory). It brings that destination's next probe
+forward, at most one a second, and the probe decides. While a destination is
 unreachable, requests for it go to a peer (gateway.peers).
 """
 
@@ -21,14 +29,15 @@ import time
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 
-import aiohttp
-
 from gateway.tasks import cancel_and_wait
 
 log = logging.getLogger("rclone_gateway.reachability")
 
-MIN_PROBE_SPACING = 1.0  # seconds
-NO_VERDICT = -1  # the local backend itself did not answer: says nothing of the remote
+MIN_PROBE_SPACING = 1.0  # seconds between two probes of one destination, at least
+SCHEDULE_TICK = 1.0  # seconds between two looks at the schedule, at most
+
+# One probe of a destination: None when its storage answered, else why not.
+Check = Callable[[str], Awaitable[str | None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,23 +46,20 @@ class Unreachable:
     since: float  # wall clock
 
 
-def probe_outcome(status: int | None) -> str | None:
-    """None when a probe answer shows the remote answering; otherwise why not."""
-    if status is None:
-        return "remote did not answer in time"
-    if status >= 500:
-        return f"remote access failed ({status})"
-    return None
-
-
 class Reachability:
-    def __init__(self, *, probe_interval: float = 2.0, probe_timeout: float = 4.0) -> None:
-        self.probe_interval = probe_interval
+    def __init__(self, *, interval: float = 60.0, fast_interval: float = 3.0,
+                 probe_timeout: float = 4.0) -> None:
+        self.interval = interval
+        self.fast_interval = fast_interval
         self.probe_timeout = probe_timeout
         self.unreachable: dict[str, Unreachable] = {}
+        self.probes = 0  # probes sent, since start
+        self._due: dict[str, float] = {}  # uuid -> monotonic time of its next probe
+        self._last_start: dict[str, float] = {}  # uuid -> when its last probe started
+        self._down: dict[str, asyncio.Event] = {}  # set while the destination is unreachable
+        self._waiters: dict[str, list[tuple[float, asyncio.Future[None]]]] = {}
+        self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._probe_soon = asyncio.Event()
-        self._backend_answers: Callable[[aiohttp.ClientSession], Awaitable[bool]] | None = None
 
     def reachable(self, uuid: str) -> bool:
         return uuid not in self.unreachable
@@ -63,80 +69,125 @@ class Reachability:
         return entry.reason if entry else None
 
     def mark(self, uuid: str, failure: str | None) -> None:
+        down = self._down.setdefault(uuid, asyncio.Event())
         if failure is None:
             if self.unreachable.pop(uuid, None) is not None:
                 log.info("destination %s is reachable again", uuid)
-        elif uuid not in self.unreachable:
-            log.warning("destination %s unreachable from this node: %s", uuid, failure)
-            self.unreachable[uuid] = Unreachable(failure, time.time())
+            down.clear()
+        else:
+            if uuid not in self.unreachable:
+                log.warning("destination %s unreachable from this node: %s", uuid, failure)
+                self.unreachable[uuid] = Unreachable(failure, time.time())
+            down.set()
 
     def observe(self, uuid: str, status: int) -> None:
         """A real request's answer: a failure brings the next probe forward."""
         if status >= 500 and uuid not in self.unreachable:
-            self._probe_soon.set()
+            self.probe_soon(uuid)
 
-    def start(
-        self,
-        remotes: Callable[[], Collection[str]],
-        session: Callable[[], aiohttp.ClientSession | None],
-        backend_answers: Callable[[aiohttp.ClientSession], Awaitable[bool]] | None = None,
-    ) -> None:
-        """Probe `remotes()` through the WebDAV backend that `session()` talks to.
+    def probe_soon(self, uuid: str) -> None:
+        """Brings the next probe of `uuid` forward: now, or a second after the last one."""
+        now = time.monotonic()
+        soonest = max(now, self._last_start.get(uuid, 0.0) + MIN_PROBE_SPACING)
+        if soonest < self._due.get(uuid, float("inf")):
+            self._due[uuid] = soonest
+            self._wake.set()
 
-        `backend_answers(session)` tells whether the backend behind that session still
-        answers: a probe that timed out while it did not says nothing of the remotes (the
-        child is stuck, or was replaced meanwhile, by the liveness checks).
-        """
-        self._backend_answers = backend_answers
+    async def went_down(self, uuid: str) -> None:
+        """Returns once a probe has found `uuid` unreachable."""
+        await self._down.setdefault(uuid, asyncio.Event()).wait()
+
+    async def confirm(self, uuid: str, timeout: float) -> bool:
+        """Whether `uuid` is reachable, by a probe started from now on (brought forward);
+        what is known already if no such probe ends within `timeout`."""
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(uuid, []).append((time.monotonic(), waiter))
+        self.probe_soon(uuid)
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter), timeout)
+        except TimeoutError:
+            pass
+        finally:
+            waiter.cancel()
+        return self.reachable(uuid)
+
+    def start(self, remotes: Callable[[], Collection[str]], check: Check) -> None:
+        """Probes `remotes()`, each with `check(uuid)`, on the cadence above."""
         if self._task is None:
-            self._task = asyncio.create_task(self._loop(remotes, session), name="reachability")
+            self._task = asyncio.create_task(self._loop(remotes, check), name="reachability")
 
     async def close(self) -> None:
         await cancel_and_wait(self._task)
         self._task = None
 
-    async def _loop(
-        self,
-        remotes: Callable[[], Collection[str]],
-        session: Callable[[], aiohttp.ClientSession | None],
-    ) -> None:
+    def schedule(self, uuids: Collection[str], now: float) -> list[str]:
+        """Keeps the schedule to `uuids`; returns those due now. A destination new here
+        was just listed by its start check (`backends.remote_check`): probed an interval
+        later."""
+        for gone in set(self._due) - set(uuids):
+            del self._due[gone]
+            self._last_start.pop(gone, None)
+            self.unreachable.pop(gone, None)
+        for uuid in uuids:
+            self._due.setdefault(uuid, now + self.interval)
+        return sorted(uuid for uuid in uuids if self._due[uuid] <= now)
+
+    def next_due(self) -> float | None:
+        return min(self._due.values(), default=None)
+
+    async def _loop(self, remotes: Callable[[], Collection[str]], check: Check) -> None:
         while True:
-            self._probe_soon.clear()
+            self._wake.clear()
             try:
-                await self.probe_all(remotes(), session())
+                due = self.schedule(remotes(), time.monotonic())
+                if due:
+                    await self.probe_all(due, check)
             except Exception:
                 log.exception("probing remote destinations failed")
-            # Failing requests bring a probe forward, never more often than this.
-            spacing = min(MIN_PROBE_SPACING, self.probe_interval)
-            await asyncio.sleep(spacing)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._probe_soon.wait(), self.probe_interval - spacing)
+            # Woken early by a failure, and once a second anyway: destinations come and go.
+            wake_at = self.next_due()
+            wait = SCHEDULE_TICK if wake_at is None else min(
+                SCHEDULE_TICK, max(0.0, wake_at - time.monotonic()))
+            if wait > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), wait)
 
-    async def probe_all(
-        self, uuids: Collection[str], session: aiohttp.ClientSession | None
-    ) -> None:
-        for uuid in list(self.unreachable):
-            if uuid not in uuids:
-                del self.unreachable[uuid]
-        if session is None or not uuids:
-            return
+    async def probe_all(self, uuids: Collection[str], check: Check) -> None:
+        """Probes `uuids` at once and marks each by its answer; the next probe of each is
+        set by the verdict."""
+        started = time.monotonic()
         ordered = sorted(uuids)
-        statuses = await asyncio.gather(*(self._probe(session, uuid) for uuid in ordered))
-        if None in statuses and self._backend_answers is not None and not (
-                await self._backend_answers(session)):
-            statuses = [NO_VERDICT if status is None else status for status in statuses]
-        for uuid, status in zip(ordered, statuses, strict=True):
-            if status != NO_VERDICT:
-                self.mark(uuid, probe_outcome(status))
+        for uuid in ordered:
+            self._last_start[uuid] = started
+            self._due[uuid] = started + self.interval  # for now; set again by the verdict
+        self.probes += len(ordered)
+        failures = await asyncio.gather(*(self._probe(check, uuid) for uuid in ordered))
+        for uuid, failure in zip(ordered, failures, strict=True):
+            self.mark(uuid, failure)
+            healthy = failure is None
+            if uuid in self._due:
+                later = self._due[uuid]  # a failure meanwhile may have brought it forward
+                self._due[uuid] = min(later, started + (
+                    self.interval if healthy else self.fast_interval))
+            self._answer_waiters(uuid, started)
 
-    async def _probe(self, session: aiohttp.ClientSession, uuid: str) -> int | None:
-        timeout = aiohttp.ClientTimeout(total=self.probe_timeout)
+    def _answer_waiters(self, uuid: str, probe_started: float) -> None:
+        waiting = self._waiters.get(uuid, [])
+        keep = []
+        for since, waiter in waiting:
+            if since <= probe_started:
+                if not waiter.done():
+                    waiter.set_result(None)
+            elif not waiter.done():
+                keep.append((since, waiter))
+        if keep:
+            self._waiters[uuid] = keep
+        else:
+            self._waiters.pop(uuid, None)
+
+    async def _probe(self, check: Check, uuid: str) -> str | None:
         try:
-            async with session.request("PROPFIND", f"http://backend/{uuid}/",
-                                       headers={"Depth": "1"}, timeout=timeout) as response:
-                await response.read()
-                return response.status
-        except TimeoutError:
+            return await check(uuid)
+        except OSError as exc:  # rclone could not even be started: says nothing of the remote
+            log.warning("probe of %s could not run: %s", uuid, exc)
             return None
-        except aiohttp.ClientError:
-            return NO_VERDICT

@@ -13,12 +13,10 @@ import signal
 import time
 from pathlib import Path
 
-from aiohttp import ClientSession
-
 from backends.liveness import Watchdog
 from backends.manager import CHILD_DRAIN_GRACE, CHILD_DRAIN_MARGIN, BackendManager
-from backends.process import http_ready
-from backends.rclone_conf import Placement, RenderedConfig
+from backends.rclone_conf import Placement, RenderedConfig, section_body
+from backends.remote_check import check_remote
 from gateway import __version__
 from gateway.cluster import ClusterState
 from gateway.connections import guarded_protocol_factory
@@ -35,7 +33,6 @@ from gateway.logs import AccessLog
 from gateway.metrics import GatewayMetrics
 from gateway.peers import PeerGateways, where_served
 from gateway.pipeline.handler import Pipeline
-from gateway.policy import Backend
 from gateway.proxy import HELD_PIECE
 from gateway.reachability import Reachability
 from gateway.redis_source import RedisSource
@@ -47,8 +44,6 @@ from gateway.throttle import LoginThrottle
 
 log = logging.getLogger("rclone_gateway")
 
-# Seconds the WebDAV child has to answer OPTIONS when a remote probe through it timed out.
-LOCAL_ANSWER_TIMEOUT = 2.0
 
 
 class Gateway:
@@ -73,7 +68,8 @@ class Gateway:
         self.access_log = AccessLog()
         self.hangups = HangupWatch()
         self.systemd = Notifier()
-        self.reachability = Reachability(probe_interval=settings.remote_probe_interval,
+        self.reachability = Reachability(interval=settings.remote_probe_interval,
+                                         fast_interval=settings.remote_probe_fast_interval,
                                          probe_timeout=settings.probe_timeout)
         self.peers = PeerGateways(settings.node_id, lambda: self.source.state,
                                   probe_interval=settings.probe_interval,
@@ -129,24 +125,28 @@ class Gateway:
         return [uuid for uuid in self.placement.local
                 if uuid in state.destinations and state.destinations[uuid].provider != "cluster"]
 
+    def is_remote(self, uuid: str) -> bool:
+        """Served here from storage that is not this node's own disk."""
+        state = self.source.state or ClusterState()
+        dest = state.destinations.get(uuid)
+        return uuid in self.placement.local and dest is not None and dest.provider != "cluster"
+
     def observe_status(self, uuid: str | None, status: int) -> None:
         """A backend's answer (or failure) for `uuid`: whether its remote storage is reached."""
-        if uuid is not None and uuid in self.remote_destinations():
+        if uuid is not None and self.is_remote(uuid):
             self.reachability.observe(uuid, status)
 
-    def _webdav_session(self) -> ClientSession | None:
-        generation = self.backends.current
-        if generation is None or not generation.children[Backend.WEBDAV].ready:
+    async def _probe_remote(self, uuid: str) -> str | None:
+        """One listing of a remote destination's root, alone (a reachability probe): None
+        when its storage answered, else why not (no secrets)."""
+        state = self.source.state or ClusterState()
+        dest = state.destinations.get(uuid)
+        if dest is None:
             return None
-        return generation.session(Backend.WEBDAV)
-
-    async def _webdav_answers(self, session: ClientSession) -> bool:
-        """Whether the WebDAV child behind `session` answers (False: it was replaced)."""
-        generation = self.backends.current
-        if generation is None or generation.sessions.get(Backend.WEBDAV) is not session:
-            return False
-        child = generation.children[Backend.WEBDAV]
-        return child.ready and await http_ready(child.socket_path, LOCAL_ANSWER_TIMEOUT)
+        return await check_remote(
+            self.settings.rclone, uuid, section_body(dest.rclone_section or ""), dest.basepath,
+            workdir=self.settings.runtime_dir / "probes", env=self.backends.child_env(),
+            timeout=self.settings.probe_timeout)
 
     # --- health, metrics and status ------------------------------------------------------
 
@@ -252,8 +252,7 @@ class Gateway:
         self.source.start()
         self.source.request_resync()
         self.peers.start()
-        self.reachability.start(self.remote_destinations, self._webdav_session,
-                                self._webdav_answers)
+        self.reachability.start(self.remote_destinations, self._probe_remote)
 
         await stop.wait()
         log.info("stopping: no new connections, finishing in-flight requests")

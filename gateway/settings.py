@@ -26,7 +26,9 @@ class Settings:
     resync_interval: float = 60.0
     probe_interval: float = 2.0  # peer gateways
     probe_timeout: float = 4.0
-    remote_probe_interval: float = 10.0  # remote storage served here (costs a listing)
+    # Remote storage served here, one listing a probe: while healthy, and while failing.
+    remote_probe_interval: float = 60.0
+    remote_probe_fast_interval: float = 3.0
     remote_check_timeout: float = 15.0
     backend_timeout: float = BACKEND_TIMEOUT  # the backend's next move, at most, before 504
     liveness: LivenessSettings = field(default_factory=LivenessSettings)

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness import Cluster, GatewayProcess, RedisServer
+from harness import RESTIC_BINARIES, Cluster, GatewayProcess, RedisServer
 
 # In CI, and wherever the suite runs as root (as `make test` does on a node), the machine is
 # expected to run every test: a skip there hides a test that could have failed.
@@ -98,3 +98,10 @@ def gateway_factory(redis_server: RedisServer, tmp_path: Path):
                     f"gateway {gateway.pid} left children {killed} behind (killed)",
                     stacklevel=1,
                 )
+
+
+@pytest.fixture(params=sorted(RESTIC_BINARIES))
+def restic_binary(request: pytest.FixtureRequest) -> str:
+    """Each restic client the suite runs, by name (`restic-0.14`, `restic-0.18`): the
+    machine's own and the one the cluster's images run. Pass it as `binary=`."""
+    return RESTIC_BINARIES[request.param]

@@ -643,12 +643,21 @@ class ResticError(subprocess.CalledProcessError):
                 f"--- stderr ---\n{self.stderr}")
 
 
+# The restic clients the suite runs: the machine's (Debian 12's 0.14) and the one the
+# cluster's images run (0.18, put beside the venv's python by scripts/bootstrap.sh).
+RESTIC_BINARIES = {
+    "restic-0.14": "restic",
+    "restic-0.18": str(REPO_ROOT / ".venv" / "bin" / "restic-0.18"),
+}
+
+
 def _restic_command(repo_url: str, args: Iterable[str], password: str,
                     env: Mapping[str, str | None] | None,
-                    netns: str | None) -> tuple[list[str], dict[str, str]]:
-    exe = shutil.which("restic")
+                    netns: str | None, binary: str | None = None
+                    ) -> tuple[list[str], dict[str, str]]:
+    exe = shutil.which(binary or "restic")
     if exe is None:
-        raise RuntimeError("restic not found in PATH (run scripts/bootstrap.sh)")
+        raise RuntimeError(f"{binary or 'restic'} not found (run scripts/bootstrap.sh)")
     full_env = {k: v for k, v in os.environ.items()
                 if not k.startswith("RESTIC_") or k == "RESTIC_CACHE_DIR"}
     full_env["RESTIC_PASSWORD"] = password
@@ -663,8 +672,10 @@ def _restic_command(repo_url: str, args: Iterable[str], password: str,
 
 def restic(repo_url: str, *args: str, password: str = "pw",
            env: Mapping[str, str | None] | None = None, check: bool = True,
-           timeout: float = 300, netns: str | None = None) -> subprocess.CompletedProcess[str]:
-    cmd, full_env = _restic_command(repo_url, args, password, env, netns)
+           timeout: float = 300, netns: str | None = None,
+           binary: str | None = None) -> subprocess.CompletedProcess[str]:
+    """restic `args` on `repo_url`; `binary`: which restic (default: the one in PATH)."""
+    cmd, full_env = _restic_command(repo_url, args, password, env, netns, binary)
     result = subprocess.run(cmd, env=full_env, stdin=subprocess.DEVNULL,
                             capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
@@ -674,9 +685,10 @@ def restic(repo_url: str, *args: str, password: str = "pw",
 
 def restic_process(repo_url: str, *args: str, password: str = "pw",
                    env: Mapping[str, str | None] | None = None,
-                   netns: str | None = None) -> subprocess.Popen[bytes]:
+                   netns: str | None = None,
+                   binary: str | None = None) -> subprocess.Popen[bytes]:
     """restic running in the background, its stdin a pipe (for `backup --stdin`)."""
-    cmd, full_env = _restic_command(repo_url, args, password, env, netns)
+    cmd, full_env = _restic_command(repo_url, args, password, env, netns, binary)
     proc = subprocess.Popen(cmd, env=full_env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, process_group=0)
     _register(proc)

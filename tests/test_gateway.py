@@ -198,16 +198,19 @@ def make_files(directory: Path, count: int = 5, size: int = 200_000) -> Path:
 # --------------------------------------------------------------------------- restic
 
 
-def test_module_backs_up_and_restores(env: Env, tmp_path: Path) -> None:
-    repo = env.repo_url(TRAEFIK, "traefik", TRAEFIK_UUID)
+def test_module_backs_up_and_restores(env: Env, tmp_path: Path, restic_binary: str) -> None:
+    module_uuid = str(uuidlib.uuid4())  # one repository per restic version
+    repo = env.repo_url(TRAEFIK, "traefik", module_uuid)
     data = make_files(tmp_path / "data")
-    restic(repo, "init")
-    restic(repo, "backup", str(data))
-    (data / "file0.bin").write_bytes(os.urandom(300_000))
-    restic(repo, "backup", str(data))
-    snapshots = restic(repo, "snapshots", "--json").stdout
-    assert snapshots.count('"id"') == 2
-    restic(repo, "restore", "latest", "--target", str(tmp_path / "out"))
+    with moved_module(env, TRAEFIK, TRAEFIK_UUID, module_uuid):
+        restic(repo, "init", binary=restic_binary)
+        restic(repo, "backup", str(data), binary=restic_binary)
+        (data / "file0.bin").write_bytes(os.urandom(300_000))
+        restic(repo, "backup", str(data), binary=restic_binary)
+        snapshots = restic(repo, "snapshots", "--json", binary=restic_binary).stdout
+        assert snapshots.count('"id"') == 2
+        restic(repo, "restore", "latest", "--target", str(tmp_path / "out"),
+               binary=restic_binary)
     restored = tmp_path / "out" / data.relative_to("/")
     assert tree(restored) == tree(data)
 
@@ -269,19 +272,21 @@ def test_refused_restic_operations_leave_repositories_unchanged(env: Env, tmp_pa
     assert json.loads(restic(ldap, "snapshots", "--json").stdout)[0]["id"] == snapshot
 
 
-def test_node_runs_retention_and_checks_through_the_gateway(env: Env, tmp_path: Path) -> None:
+def test_node_runs_retention_and_checks_through_the_gateway(
+        env: Env, tmp_path: Path, restic_binary: str) -> None:
     module_uuid = str(uuidlib.uuid4())
     module_repo = env.repo_url(RETAIN, "traefik", module_uuid)
     with moved_module(env, RETAIN, RETAIN_UUID, module_uuid):
         data = make_files(tmp_path / "data", count=3)
-        restic(module_repo, "init")
-        restic(module_repo, "backup", str(data))
+        restic(module_repo, "init", binary=restic_binary)
+        restic(module_repo, "backup", str(data), binary=restic_binary)
         (data / "file0.bin").write_bytes(os.urandom(1000))
-        restic(module_repo, "backup", str(data))
+        restic(module_repo, "backup", str(data), binary=restic_binary)
     node_repo = env.repo_url(NODE, "traefik", module_uuid)
-    restic(node_repo, "forget", "--keep-last", "1", "--prune")
-    assert restic(node_repo, "snapshots", "--json").stdout.count('"id"') == 1
-    check = restic(node_repo, "check", "--read-data")
+    restic(node_repo, "forget", "--keep-last", "1", "--prune", binary=restic_binary)
+    assert restic(node_repo, "snapshots", "--json",
+                  binary=restic_binary).stdout.count('"id"') == 1
+    check = restic(node_repo, "check", "--read-data", binary=restic_binary)
     assert "no errors were found" in check.stdout
 
 

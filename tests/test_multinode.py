@@ -4,7 +4,10 @@ Each node is a network namespace with its own gateway on port 4694; a fourth
 namespace ("svc") holds the Redis all nodes read and a plain `rclone serve s3`
 that is the remote storage of one destination (S3 like most remotes: an
 interrupted upload leaves no partial object). A blackhole route in a node's
-namespace makes that storage unreachable from that node only.
+namespace makes that storage unreachable from that node only. A second destination
+on the same storage is reached by each node through a fault proxy of its own
+(`tests/faultproxy.py`, on 127.0.0.1:9000 inside the node's namespace): blackholing one
+node's proxy takes that storage from that node alone, with nothing else changed.
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ from pathlib import Path
 
 import pytest
 import redis
+from faultproxy import FaultProxy
 from harness import (
+    RESTIC_BINARIES,
     Cluster,
     GatewayProcess,
     _register,
@@ -48,6 +53,8 @@ REDIS_HOST = 10
 STORAGE_HOST = 20
 HOSTED_BY_2 = "aa000002-1b2a-4d6e-9f70-aa11bb22cc33"
 REMOTE = "bb000020-1b2a-4d6e-9f70-aa11bb22cc33"
+LINKED = "cc000020-1b2a-4d6e-9f70-aa11bb22cc33"  # the same storage, through each node's link
+LINK_PORT = 9000
 TRAEFIK = ("module/traefik1", "traefik-secret")
 TRAEFIK_UUID = "5c1d6c1e-2f87-4e7b-9a34-0a1d9f9e4b01"
 S3_KEY = "MESHACCESSKEY"
@@ -65,6 +72,7 @@ class Mesh:
     workdir: Path
     storage: Path  # the remote storage's directory, as `rclone serve s3` serves it
     gateways: dict[int, GatewayProcess] = field(default_factory=dict)
+    links: dict[int, FaultProxy] = field(default_factory=dict)  # node -> its proxy to storage
 
     def ns(self, node: int) -> str:
         return self.topology.name(f"n{node}")
@@ -211,6 +219,9 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
             RCLONE, "serve", "s3", str(mesh.storage), "--auth-key", f"{S3_KEY},{S3_SECRET}",
             "--addr", f"{topology.address(STORAGE_HOST)}:8080"], workdir / "storage.log"))
         wait_listening(svc, topology.address(STORAGE_HOST), 8080, services[-1])
+        for node in NODES:
+            mesh.links[node] = FaultProxy((topology.address(STORAGE_HOST), 8080),
+                                          port=LINK_PORT, netns=mesh.ns(node))
 
         client = redis.Redis(unix_socket_path=str(socket_path), decode_responses=True)
         cluster = Cluster(client)
@@ -229,6 +240,12 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
             rclone_conf=(f"[{REMOTE}]\ntype = s3\nprovider = Rclone\n"
                          f"endpoint = http://{topology.address(STORAGE_HOST)}:8080\n"
                          f"access_key_id = {S3_KEY}\nsecret_access_key = {S3_SECRET}\n"))
+        cluster.add_destination(
+            LINKED, provider="aws", url=f"s3:127.0.0.1:{LINK_PORT}/backups/linked",
+            name="shared storage, through each node's link",
+            rclone_conf=(f"[{LINKED}]\ntype = s3\nprovider = Other\n"
+                         f"endpoint = http://127.0.0.1:{LINK_PORT}\nforce_path_style = true\n"
+                         f"access_key_id = {S3_KEY}\nsecret_access_key = {S3_SECRET}\n"))
         client.close()
 
         redis_url = f"redis://{topology.address(REDIS_HOST)}:6379/0"
@@ -236,7 +253,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
             mesh.gateways[node] = GatewayProcess.start(
                 redis_url, node, workdir / f"node{node}", listen_host="0.0.0.0", port=PORT,
                 netns=mesh.ns(node),
-                extra_args=["--probe-interval", "1", "--remote-probe-interval", "1",
+                extra_args=["--probe-interval", "1", "--remote-probe-interval", "3",
                             "--probe-timeout", "3"])
         for node in NODES:
             wait_for(lambda node=node: all(p["reachable"] and "ok" in p["destinations"].values()
@@ -248,6 +265,8 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
         for gateway in mesh.gateways.values():
             gateway.stop(signal.SIGTERM, timeout=20)
             gateway.kill_leftovers()
+        for link in mesh.links.values():
+            link.close()
         for proc in services:
             _stop_popen(proc, signal.SIGTERM, 10)
         topology.destroy()
@@ -429,6 +448,61 @@ def test_unreachable_remote_is_served_through_the_leader(mesh: Mesh, tmp_path: P
 
         check = mesh.restic(3, mesh.repo(3, node_user(3), REMOTE), "check", "--read-data")
         assert "no errors were found" in check.stdout
+
+
+def test_a_node_that_loses_its_route_to_a_remote_backs_up_through_a_peer(
+        mesh: Mesh, tmp_path: Path) -> None:
+    """Node 1's link to the storage goes dark (its proxy forwards nothing, connects time
+    out) as a backup through node 1 starts: nothing tells node 1 beforehand. The backup
+    succeeds through a peer (restic's own retries allowed); the other destinations are
+    served as before."""
+    module_uuid = str(uuidlib.uuid4())
+    who = ("module/traefik6", "traefik6-secret")
+    with mesh.cluster() as cluster:
+        cluster.add_user(*who)
+        cluster.set_module("traefik6", module_uuid, node_id=1)
+        cluster.publish("acl-changed")
+    wait_for(lambda: mesh.request(1, "GET", f"/{LINKED}/traefik/{module_uuid}/config",
+                                  who, rest=True)[0] == 404, 10,
+             lambda: "the new module user to be known")
+    assert mesh.served(1, LINKED) == ("here", None)
+    repo = mesh.repo(1, who, LINKED, module_uuid=module_uuid)
+    data = make_files(tmp_path / "data", count=4, size=300_000)
+    restic_018 = RESTIC_BINARIES["restic-0.18"]
+    leader_seen = len(mesh.access(LEADER))
+    with mesh.links[1].blackholed():
+        started = time.monotonic()
+        mesh.restic(1, repo, "init", binary=restic_018, timeout=240)
+        mesh.restic(1, repo, "backup", str(data), binary=restic_018, timeout=240)
+        took = time.monotonic() - started
+        print(f"\ninit and backup through node 1, its link to the storage dark: {took:.1f} s")
+
+        stored = mesh.storage / "backups" / "linked" / "traefik" / module_uuid
+        assert (stored / "config").is_file()
+        assert len(list((stored / "snapshots").iterdir())) == 1
+        leader_saw = [e for e in mesh.access(LEADER)[leader_seen:] if e["user"] == who[0]]
+        assert any(e["method"] == "POST" and "/data/" in e["path"] and e["status"] == 200
+                   for e in leader_saw)
+        # the other destinations: the remote node 1 reaches directly, and node 2's disk
+        assert mesh.served(1, REMOTE) == ("here", None)
+        assert mesh.served(1, HOSTED_BY_2) == ("peer", "node2")
+        status, headers, _ = mesh.request(1, "PROPFIND", f"/{REMOTE}/", node_user(1),
+                                          headers={"Depth": "1"})
+        assert (status, headers["x-gateway-backend"]) == (207, "webdav@node1")
+        for node in (2, 3):
+            assert mesh.served(node, LINKED) == ("here", None)
+    # The requests that met the dark link were moved on by node 1 itself, not left to hang
+    # until the backend timeout (504), as they were while the children ran with rclone's
+    # defaults and only later requests went to a peer.
+    seen_by_1 = [e for e in mesh.access(1) if e["user"] == who[0] and LINKED in e["path"]]
+    print("node 1's answers: " + ", ".join(
+        f"{e['method']} {e['status']} {e['backend']}" for e in seen_by_1 if e["status"] >= 500
+        or not e["backend"].endswith("@node1")))
+    assert not [e for e in seen_by_1 if e["status"] == 504], seen_by_1
+    mesh.wait_served(1, LINKED, ("here", None), timeout=30)
+    check = mesh.restic(1, mesh.repo(1, node_user(1), LINKED, module_uuid=module_uuid),
+                        "check", "--read-data", binary=restic_018)
+    assert "no errors were found" in check.stdout
 
 
 def test_killed_peer_moves_requests_to_the_next_one(mesh: Mesh) -> None:

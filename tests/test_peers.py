@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -20,7 +23,7 @@ from gateway.peers import (
     route,
     where_served,
 )
-from gateway.reachability import Reachability, probe_outcome
+from gateway.reachability import Reachability
 
 HOSTED = Destination("hosted", "cluster", "webdav:http://10.5.4.2:4694")
 HOSTED_HERE = Destination("mine", "cluster", "webdav:http://10.5.4.1:4694")
@@ -193,12 +196,58 @@ def test_reachability_follows_probes_not_single_answers() -> None:
     for status in (500, 502, 504):
         reach.observe("remote", status)
         assert reach.reachable("remote")
-    assert reach._probe_soon.is_set()  # but the next probe comes at once
-    reach.mark("remote", probe_outcome(None))
+    assert reach._wake.is_set()  # but the next probe comes at once
+    assert reach.next_due() is not None and reach.next_due() <= time.monotonic()
+    reach.mark("remote", "remote did not answer within 4 s")  # the probe's verdict
     assert not reach.reachable("remote")
-    assert reach.reason("remote") == "remote did not answer in time"
-    reach.mark("remote", probe_outcome(207))
+    assert reach.reason("remote") == "remote did not answer within 4 s"
+    reach.mark("remote", None)
     assert reach.reachable("remote")
-    assert probe_outcome(None) == "remote did not answer in time"
-    assert probe_outcome(404) is None  # the remote answered: its root is just absent
-    assert probe_outcome(500) == "remote access failed (500)"
+
+
+def test_remote_probe_schedule_follows_the_verdicts() -> None:
+    """Spec 7: once an interval while healthy, every few seconds while failing, sooner after
+    a failing request (but a second after the last probe at the soonest)."""
+    async def failing(uuid: str) -> str | None:
+        return "remote did not answer within 4 s"
+
+    async def answering(uuid: str) -> str | None:
+        return None
+
+    async def run() -> None:
+        reach = Reachability(interval=60, fast_interval=3)
+        now = time.monotonic()
+        assert reach.schedule(["remote"], now) == []  # its start check listed it just now
+        assert reach.next_due() == pytest.approx(now + 60)
+        await reach.probe_all(["remote"], failing)
+        assert not reach.reachable("remote")
+        assert reach.next_due() <= time.monotonic() + 3
+        await reach.probe_all(["remote"], answering)
+        assert reach.reachable("remote")
+        assert reach.next_due() >= time.monotonic() + 59
+        reach.probe_soon("remote")
+        assert time.monotonic() + 0.5 <= reach.next_due() <= time.monotonic() + 1
+        assert reach.schedule([], time.monotonic()) == []
+        assert reach.next_due() is None
+
+    asyncio.run(run())
+
+
+def test_a_confirmation_waits_for_a_probe_started_after_it() -> None:
+    probed: list[float] = []
+
+    async def answering(uuid: str) -> str | None:
+        probed.append(time.monotonic())
+        return None
+
+    async def run() -> None:
+        reach = Reachability(interval=60, fast_interval=3)
+        reach.start(lambda: ["remote"], answering)
+        try:
+            asked = time.monotonic()
+            assert await reach.confirm("remote", timeout=30)
+            assert len(probed) == 1 and probed[0] >= asked
+        finally:
+            await reach.close()
+
+    asyncio.run(run())

@@ -8,6 +8,7 @@ way: a concern on the request body is added once, for both.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 from aiohttp import web
 
@@ -16,7 +17,7 @@ from backends.process import RcloneChild
 from gateway.peers import unavailable
 from gateway.pipeline.exchange import Exchange
 from gateway.policy import Backend
-from gateway.proxy import BodyRefused, UpstreamError, forward, plain
+from gateway.proxy import BodyFilter, BodyRefused, StatusHook, UpstreamError, forward, plain
 from gateway.upload import Upload
 from gateway.upstream import RETRYABLE_METHODS, BodyFailed, Broken, ConnectFailed
 
@@ -24,6 +25,14 @@ from gateway.upstream import RETRYABLE_METHODS, BodyFailed, Broken, ConnectFaile
 CHILD_RESTART_WAIT = 5.0
 # Seconds the supervisor takes, at most, to see that a child it thought running has exited.
 CHILD_EXIT_NOTICE = 0.2
+# Seconds a request for remote storage may wait for its answer before it brings that
+# destination's probe forward: a lost route makes requests hang, not fail.
+SLOW_ANSWER = 2.0
+
+
+class StorageUnreachable(Exception):
+    """The probe found the destination's storage unreachable from here before the request
+    was answered."""
 
 
 async def dispatch(x: Exchange) -> web.StreamResponse:
@@ -35,9 +44,11 @@ async def dispatch(x: Exchange) -> web.StreamResponse:
     return await to_backend(x, uuid)
 
 
-async def to_peer(x: Exchange, uuid: str) -> web.StreamResponse:
+async def to_peer(x: Exchange, uuid: str, body_filter: BodyFilter | None = None,
+                  *, admitted: bool = False) -> web.StreamResponse:
     """A destination not served here: sent on to the peer gateway that can serve it (spec
-    section 7), which checks the request again."""
+    section 7), which checks the request again. `admitted`: the body was let in already
+    (a request moved here from this node's backend), through `body_filter`."""
     dest = x.state.destinations.get(uuid)
     if dest is None:
         return plain(404, "unknown destination")
@@ -46,8 +57,10 @@ async def to_peer(x: Exchange, uuid: str) -> web.StreamResponse:
     if not chosen.peers:
         answer = unavailable(chosen.refusal)
     else:
+        if not admitted:
+            body_filter = await x.admit_body()
         answer = await peers.forward(x.request, x.target, dest, chosen, x.outcome.transfer,
-                                     x.references, body_filter=await x.admit_body())
+                                     x.references, body_filter=body_filter)
     x.outcome.backend = answer.backend
     if answer.refused:
         x.outcome.reason = answer.reason
@@ -66,40 +79,121 @@ async def to_backend(x: Exchange, uuid: str | None) -> web.StreamResponse:
     x.outcome.backend = label
     x.outcome.served_here = True
     upload = x.upload
+    remote = uuid is not None and x.services.is_remote(uuid)
+    body_filter: BodyFilter | None = None
     # Counted before the first await: a reload now retires this generation only after us.
     with generation.use():
-        if upload is not None:
-            upload.stored_by(generation)
-            if (answer := await upload.over_existing_object(x.read_body, x.outcome)) is not None:
-                return answer
-        body_filter = await x.admit_body()
-        for attempt in (1, 2):
-            child = generation.children[backend]
-            try:
-                response = await forward(
-                    x.request, x.target, generation.pool(backend), label, x.outcome.transfer,
-                    body_filter=body_filter, backend_timeout=x.services.settings.backend_timeout,
-                    on_status=upload.refused_status_hook(x.outcome) if upload else None,
-                    references=x.references, response_filter=x.response_transform,
-                    body_held=x.body_held,
-                )
-            except BodyFailed as exc:
-                return await _body_failed(x, exc, upload)
-            except UpstreamError as exc:
-                # The child died under a request it had not begun to act on: the request
-                # waits for the restart, like one that came a moment later.
-                if (attempt == 1 and await _child_died(x, exc, child)
-                        and (restarted := await _ready_generation(x, backend)) is not None):
-                    generation = restarted
-                    continue
-                x.outcome.reason = exc.reason
-                x.services.observe_status(uuid, exc.status)
-                if exc.status == 502 and upload is not None:
-                    x.outcome.reason += (await upload.repair()).note
-                return plain(exc.status, exc.reason, {"Retry-After": "2"})
-            x.services.observe_status(uuid, response.status)
-            return response
-        raise AssertionError("unreachable")
+        try:
+            if upload is not None:
+                upload.stored_by(generation)
+                if (answer := await upload.over_existing_object(x.read_body,
+                                                                x.outcome)) is not None:
+                    return answer
+            body_filter = await x.admit_body()
+            for attempt in (1, 2):
+                child = generation.children[backend]
+                try:
+                    on_status = upload.refused_status_hook(x.outcome) if upload else None
+                    if remote:
+                        assert uuid is not None
+                        response = await _forward_to_remote(x, uuid, generation, label,
+                                                            body_filter, on_status)
+                    else:
+                        response = await forward(
+                            x.request, x.target, generation.pool(backend), label,
+                            x.outcome.transfer, body_filter=body_filter,
+                            backend_timeout=x.services.settings.backend_timeout,
+                            on_status=on_status, references=x.references,
+                            response_filter=x.response_transform, body_held=x.body_held,
+                        )
+                except BodyFailed as exc:
+                    return await _body_failed(x, exc, upload)
+                except UpstreamError as exc:
+                    # The child died under a request it had not begun to act on: the request
+                    # waits for the restart, like one that came a moment later.
+                    if (attempt == 1 and await _child_died(x, exc, child)
+                            and (restarted := await _ready_generation(x, backend)) is not None):
+                        generation = restarted
+                        continue
+                    x.outcome.reason = exc.reason
+                    x.services.observe_status(uuid, exc.status)
+                    if remote and await _storage_lost(x, uuid):
+                        raise StorageUnreachable from exc
+                    if exc.status == 502 and upload is not None:
+                        x.outcome.reason += (await upload.repair()).note
+                    return plain(exc.status, exc.reason, {"Retry-After": "2"})
+                x.services.observe_status(uuid, response.status)
+                return response
+            raise AssertionError("unreachable")
+        except StorageUnreachable:
+            pass
+    assert uuid is not None
+    # The probe agrees: this node does not reach the storage. A request that has sent no
+    # body goes to a peer that can serve the destination; one whose body is gone cannot be
+    # sent again: restic retries it, and its retry goes to a peer.
+    x.outcome.served_here = False
+    if x.outcome.transfer.bytes_in:
+        x.outcome.reason = "storage unreachable from this node"
+        return plain(503, "storage unreachable from this node", {"Retry-After": "2"})
+    return await to_peer(x, uuid, body_filter, admitted=True)
+
+
+async def _storage_lost(x: Exchange, uuid: str | None) -> bool:
+    """Whether a request that failed on this node's backend may go to a peer instead: it
+    has sent no body, and the probe (brought forward) finds the storage unreachable."""
+    if uuid is None or x.outcome.transfer.bytes_in:
+        return False
+    reachability = x.services.reachability
+    return not await reachability.confirm(uuid, reachability.probe_timeout + MARGIN)
+
+
+MARGIN = 1.0  # seconds beyond the probe's own timeout to wait for its verdict
+
+
+async def _forward_to_remote(x: Exchange, uuid: str, generation: Generation, label: str,
+                             body_filter: BodyFilter | None,
+                             on_status: StatusHook | None) -> web.StreamResponse:
+    """`forward` for a destination on remote storage, watching the storage meanwhile.
+
+    A request not answered within SLOW_ANSWER brings the destination's probe forward;
+    when the probe finds the storage unreachable before the answer's head came, the
+    request is given up here (StorageUnreachable). So is a 5xx answer, when the request
+    sent no body and a probe brought forward agrees.
+    """
+    head_seen = False
+
+    async def watch_status(status: int) -> web.StreamResponse | None:
+        nonlocal head_seen
+        if status >= 500 and await _storage_lost(x, uuid):
+            raise StorageUnreachable
+        head_seen = True
+        return await on_status(status) if on_status is not None else None
+
+    reachability = x.services.reachability
+    backend = x.backend
+    forwarding = asyncio.ensure_future(forward(
+        x.request, x.target, generation.pool(backend), label, x.outcome.transfer,
+        body_filter=body_filter, backend_timeout=x.services.settings.backend_timeout,
+        on_status=watch_status, references=x.references,
+        response_filter=x.response_transform, body_held=x.body_held,
+    ))
+    went_down = asyncio.ensure_future(reachability.went_down(uuid))
+    try:
+        done, _ = await asyncio.wait({forwarding, went_down}, timeout=SLOW_ANSWER,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if not done:
+            reachability.probe_soon(uuid)
+            done, _ = await asyncio.wait({forwarding, went_down},
+                                         return_when=asyncio.FIRST_COMPLETED)
+        if forwarding in done or head_seen:
+            return await forwarding
+        raise StorageUnreachable
+    finally:
+        went_down.cancel()
+        if not forwarding.done():
+            forwarding.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await forwarding
 
 
 async def _body_failed(x: Exchange, exc: BodyFailed, upload: Upload | None) -> web.Response:

@@ -21,6 +21,7 @@ from gateway.paths import Target
 from gateway.peers import PeerGateways
 from gateway.policy import Backend, Caller, Decision, Request
 from gateway.proxy import BodyFilter, BodyHeld, Transfer, plain, request_body, send_continue
+from gateway.reachability import Reachability
 from gateway.redis_source import RedisSource
 from gateway.settings import Settings
 from gateway.throttle import LoginThrottle
@@ -44,11 +45,13 @@ class Services(Protocol):
     recorder: Recorder
     scanner: Scanner
     limits: Limiter
+    reachability: Reachability
     label_suffix: str  # of X-Gateway-Backend: "@node<id>"
     stopping: bool
 
     def served_here(self, uuid: str) -> bool: ...
     def destination_healthy(self, uuid: str) -> bool: ...
+    def is_remote(self, uuid: str) -> bool: ...
     def observe_status(self, uuid: str | None, status: int) -> None: ...
     def serving(self) -> bool: ...
     def health_document(self) -> dict[str, object]: ...
