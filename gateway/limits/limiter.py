@@ -12,12 +12,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from gateway.cluster import ClusterState
-from gateway.insight.record import RepositoryKey
 from gateway.limits.concurrency import InFlight
 from gateway.limits.config import Limits, LimitsKeeper
 from gateway.limits.quota import Segments, UsageBook
 from gateway.limits.shaping import Shaper
 from gateway.policy import app_type
+from gateway.repository import RepositoryKey
 
 
 @dataclass(frozen=True, slots=True)
