@@ -23,8 +23,10 @@ MAX_REMOVED_LOCKS = 1024
 
 
 def recorded_under(where: RepositoryAddress) -> RepositoryKey:
-    """The key a target's exchanges are recorded under: its repository's, except that a
-    module's metadata file `<uuid>.json` has always been kept under a key of its own name."""
+    """The key a target's exchanges are recorded under: its repository's. A module's
+    metadata file `<uuid>.json` is kept, as it was before the address was parsed in one
+    place, under a key of its own name: a refusal of it shows as a repository of that
+    name in the report. Whether it should count under its repository is still open."""
     key = where.key
     if where.metadata:
         return RepositoryKey(key.destination, key.app, key.uuid + METADATA_SUFFIX)
