@@ -26,12 +26,12 @@ from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 
 from gateway.cluster import ClusterState
-from gateway.insight.record import RepositoryKey
 from gateway.limits.limiter import Limiter
 from gateway.paths import canonicalise
 from gateway.pipeline.exchange import Exchange
 from gateway.pipeline.stages import bandwidth, concurrency_cap, storage_quota
 from gateway.policy import Request, decide, detect_protocol, module_caller, node_caller
+from gateway.repository import RepositoryKey
 
 LIMIT_STAGES = (concurrency_cap, storage_quota, bandwidth)
 REST_ACCEPT = "application/vnd.x.restic.rest.v2"

@@ -2,7 +2,8 @@
 
 The raw request target is decoded exactly once; everything downstream (the
 policy decision, the routing, the request sent to a backend) uses the
-`Target` computed here and nothing else.
+`Target` computed here and nothing else. Its repository address
+(`gateway.repository`) is split once with it.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from urllib.parse import quote
+
+from gateway.repository import RepositoryAddress, address_of
 
 MAX_SEGMENT_BYTES = 255
 MAX_PATH_BYTES = 4096
@@ -35,6 +38,8 @@ class Target:
     query: str
     # The canonical, percent-encoded path sent to the backend (computed once).
     path: str = field(init=False, repr=False, compare=False)
+    # Where it lies in the repository layout, split once here for every reader.
+    address: RepositoryAddress | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.segments:
@@ -47,6 +52,7 @@ class Target:
             if self.trailing_slash:
                 path += "/"
         object.__setattr__(self, "path", path)
+        object.__setattr__(self, "address", address_of(self.segments, self.trailing_slash))
 
     @property
     def path_and_query(self) -> str:

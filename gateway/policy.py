@@ -12,12 +12,11 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from gateway.paths import Target
+from gateway.repository import RepositoryAddress, Resource
 
 REST_MEDIA_TYPE = "application/vnd.x.restic.rest.v2"
 CREATE_QUERY = "create=true"
 PROBE_SEGMENT = "_probe_rest_404"
-OBJECT_TYPES = frozenset({"data", "keys", "locks", "snapshots", "index"})
-_OBJECT_ID = re.compile(r"[0-9a-f]{64}\Z")
 _TRAILING_DIGITS = re.compile(r"\d+\Z")
 
 
@@ -130,40 +129,35 @@ class Decision:
 
 
 def scope_of(caller: Caller, target: Target) -> Scope:
-    segs = target.segments
-    if not segs:
+    if not target.segments:
         return Scope.ROOT
-    if len(segs) < 3 or segs[1] != caller.app:
+    where = target.address
+    if where is None or where.key.app != caller.app:
         return Scope.OTHER
-    name = segs[2]
     for uuid, repo, meta in (
         (caller.own_uuid, Scope.OWN, Scope.OWN_META),
         (caller.restore_uuid, Scope.RESTORE, Scope.RESTORE_META),
     ):
-        if not uuid:
-            continue
-        if name == uuid:
-            return repo
-        if len(segs) == 3 and name == f"{uuid}.json" and not target.trailing_slash:
-            return meta
+        if uuid and where.key.uuid == uuid:
+            return meta if where.metadata else repo
     return Scope.OTHER
 
 
-def shape_of(target: Target) -> Shape:
-    segs = target.segments
-    if len(segs) < 3:
+_SHAPES = {
+    Resource.REPOSITORY: Shape.REPO,
+    Resource.CONFIG: Shape.CONFIG,
+    Resource.LIST: Shape.LIST,
+    Resource.OBJECT: Shape.OBJECT,
+    Resource.NONE: Shape.OTHER,
+}
+
+
+def shape_of(where: RepositoryAddress | None) -> Shape:
+    if where is None or where.metadata:
         return Shape.NONE
-    inner = segs[3:]
-    slash = target.trailing_slash
-    if not inner:
-        return Shape.REPO
-    if inner == ("config",) and not slash:
-        return Shape.CONFIG
-    if len(inner) == 1 and inner[0] in OBJECT_TYPES and slash:
-        return Shape.LIST
-    if len(inner) == 2 and inner[0] in OBJECT_TYPES and _OBJECT_ID.match(inner[1]) and not slash:
-        return Shape.LOCK if inner[0] == "locks" else Shape.OBJECT
-    return Shape.OTHER
+    if where.resource is Resource.OBJECT and where.object_type == "locks":
+        return Shape.LOCK
+    return _SHAPES[where.resource]
 
 
 ANY_SHAPE = frozenset(Shape)
@@ -240,9 +234,11 @@ def size_limit(request: Request) -> int | None:
     or a lock; None: no limit (nodes, other objects, other requests)."""
     if request.caller.is_node or request.protocol is not REST or request.method != "POST":
         return None
-    shape = shape_of(request.target)
-    if shape is Shape.CONFIG or (shape in OBJECTS
-                                 and request.target.segments[3] in SMALL_OBJECT_TYPES):
+    where = request.target.address
+    if where is None or where.metadata:
+        return None
+    if where.resource is Resource.CONFIG or (where.resource is Resource.OBJECT
+                                             and where.object_type in SMALL_OBJECT_TYPES):
         return SMALL_OBJECT_MAX
     return None
 
@@ -295,7 +291,7 @@ def decide(request: Request) -> Decision:
         backend = Backend.RESTIC if request.protocol is REST else Backend.WEBDAV
         return Decision(True, "node-full-access", "nodes have full access", backend)
     scope = scope_of(caller, request.target)
-    shape = shape_of(request.target) if scope in (OWN, RESTORE) else Shape.NONE
+    shape = shape_of(request.target.address) if scope in (OWN, RESTORE) else Shape.NONE
     if caller.own_uuid is not None:
         for rule in MODULE_RULES:
             if _matches(rule, request, scope, shape):

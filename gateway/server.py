@@ -23,7 +23,7 @@ from gateway.connections import guarded_protocol_factory
 from gateway.hangup import HangupWatch
 from gateway.http_errors import GatewayServer
 from gateway.insight.metrics import ReportCollector
-from gateway.insight.record import Recorder, RepositoryKey
+from gateway.insight.record import Recorder
 from gateway.insight.report import Report, build_report
 from gateway.insight.scan import Layout, Scanner, StoredFigures
 from gateway.lifecycle import drain_connections
@@ -37,6 +37,7 @@ from gateway.proxy import HELD_PIECE
 from gateway.reachability import Reachability
 from gateway.redis_source import RedisSource
 from gateway.reloader import Reloader
+from gateway.repository import RepositoryKey
 from gateway.sd_notify import Notifier
 from gateway.settings import Settings
 from gateway.status import BackendStatus, DestinationHealth, NodeStatus, RedisHealth, Replaced

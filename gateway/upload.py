@@ -42,8 +42,9 @@ from yarl import URL
 
 from backends.manager import Generation
 from gateway.paths import Target
-from gateway.policy import OBJECTS, REST_MEDIA_TYPE, Backend, Request, shape_of
+from gateway.policy import REST_MEDIA_TYPE, Backend, Request
 from gateway.proxy import BodyFilter, BodyRefused, StatusHook, plain
+from gateway.repository import Resource
 
 # The name operators' log filters know this from.
 log = logging.getLogger("rclone_gateway.repair")
@@ -66,26 +67,6 @@ BodyReader = Callable[[], Awaitable[AsyncIterator[bytes]]]
 
 class HasReason(Protocol):
     reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class ObjectPath:
-    """`/<destination>/<app>/<module uuid>/<type>/<id>`, parsed once."""
-
-    target: Target
-    destination: str
-    app: str
-    uuid: str
-    kind: str  # data, keys, locks, snapshots, index
-    object_id: str  # 64 lowercase hex: the SHA-256 of the content
-
-
-def object_path(target: Target) -> ObjectPath | None:
-    """The restic object a canonical target names, or None."""
-    if shape_of(target) not in OBJECTS:
-        return None
-    destination, app, uuid, kind, object_id = target.segments
-    return ObjectPath(target, destination, app, uuid, kind, object_id)
 
 
 class DigestMismatch(BodyRefused):
@@ -160,8 +141,10 @@ class Repair:
 class Upload:
     """One POST of a restic object to a Restic REST backend, a node's or a module's."""
 
-    def __init__(self, path: ObjectPath, backend: Backend, verified: bool) -> None:
-        self.path = path
+    def __init__(self, target: Target, object_id: str, backend: Backend,
+                 verified: bool) -> None:
+        self.target = target  # `/<destination>/<app>/<module uuid>/<type>/<id>`
+        self.object_id = object_id  # 64 lowercase hex: the SHA-256 of the content
         self.backend = backend
         self.verified = verified  # a module's: the body must hash to the object's name
         self.body_matched = False  # set by `verify` once the whole body hashed to the name
@@ -173,10 +156,12 @@ class Upload:
         """The upload `request` is, sent to `backend` as the policy decided; None if none."""
         if request.method != "POST" or backend not in RESTIC_BACKENDS:
             return None
-        path = object_path(request.target)
-        if path is None:
+        target = request.target
+        where = target.address
+        if where is None or where.resource is not Resource.OBJECT or where.object_id is None:
             return None
-        return cls(path, backend, not request.caller.is_node and not request.target.query)
+        return cls(target, where.object_id, backend,
+                   not request.caller.is_node and not target.query)
 
     # --- before the body is let in, wherever it goes ---------------------------------------
 
@@ -187,7 +172,7 @@ class Upload:
         if content_length is None:
             notes.reason = "upload without Content-Length"
             return plain(411, "Content-Length required for restic object uploads")
-        if content_length == 0 and not hmac.compare_digest(self.path.object_id, EMPTY_SHA256):
+        if content_length == 0 and not hmac.compare_digest(self.object_id, EMPTY_SHA256):
             notes.reason = MISMATCH_REASON
             return plain(400, MISMATCH_TEXT)
         return None
@@ -209,7 +194,7 @@ class Upload:
             if hashing is not None:
                 await hashing
             held = chunk
-        if not hmac.compare_digest(digest.hexdigest(), self.path.object_id):
+        if not hmac.compare_digest(digest.hexdigest(), self.object_id):
             raise DigestMismatch()
         self.body_matched = True
         if held is not None:
@@ -281,7 +266,7 @@ class Upload:
                 digest = hashlib.sha256()
                 async for chunk in response.content.iter_chunked(256 * 1024):
                     digest.update(chunk)
-            if digest.hexdigest() == self.path.object_id:
+            if digest.hexdigest() == self.object_id:
                 return Repair(RepairOutcome.COMPLETE)
             async with session.delete(url, headers=headers, timeout=timeout) as response:
                 if response.status not in (200, 204, 404):
@@ -289,7 +274,7 @@ class Upload:
         except (aiohttp.ClientError, TimeoutError, RuntimeError):  # RuntimeError: session closed
             return Repair(RepairOutcome.BACKEND_ERROR)
         log.warning("removed the partial object left by a broken upload: %s",
-                    self.path.target.display)
+                    self.target.display)
         return Repair(RepairOutcome.REMOVED)
 
     async def _reads_whole(self, body: AsyncIterator[bytes]) -> bool:
@@ -308,7 +293,7 @@ class Upload:
         return self._generation
 
     def _url(self) -> URL:
-        return URL("http://backend" + self.path.target.path, encoded=True)
+        return URL("http://backend" + self.target.path, encoded=True)
 
     async def _status(self, timeout: float) -> int | None:
         assert self._session is not None

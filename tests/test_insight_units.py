@@ -4,10 +4,11 @@ and the report built from both."""
 from __future__ import annotations
 
 from gateway.insight.page import html_page, text_table
-from gateway.insight.record import Exchange, Recorder, RepositoryKey, repository_path
+from gateway.insight.record import Exchange, Recorder, recorded_under
 from gateway.insight.report import STALE_AFTER, build_report
 from gateway.insight.scan import figures, repositories, space
 from gateway.paths import canonicalise
+from gateway.repository import RepositoryKey
 from gateway.status import DestinationHealth
 
 DEST = "dddd0000-0000-4000-8000-000000000001"
@@ -25,13 +26,15 @@ def exchange(method: str, path: str, status: int = 200, *, allowed: bool = True,
 
 
 def test_repository_paths() -> None:
-    assert repository_path(canonicalise(f"/{DEST}/traefik")) is None
-    assert repository_path(canonicalise(f"/{DEST}/traefik/{UUID}.json")) is not None  # a name
-    where = repository_path(canonicalise(f"/{DEST}/traefik/{UUID}/data/ab/{'ab' * 32}"))
-    assert where is not None and (where.key, where.kind, where.object_id) == (
+    assert canonicalise(f"/{DEST}/traefik").address is None
+    where = canonicalise(f"/{DEST}/traefik/{UUID}.json").address
+    assert where is not None and recorded_under(where) == RepositoryKey(
+        DEST, "traefik", f"{UUID}.json")  # a name
+    where = canonicalise(f"/{DEST}/traefik/{UUID}/data/ab/{'ab' * 32}").address
+    assert where is not None and (recorded_under(where), where.object_type, where.object_id) == (
         KEY, "data", "ab" * 32)
-    where = repository_path(canonicalise(f"/{DEST}/traefik/{UUID}/config"))
-    assert where is not None and where.kind == "config"
+    where = canonicalise(f"/{DEST}/traefik/{UUID}/config").address
+    assert where is not None and where.is_config
 
 
 def test_recorder_follows_uploads_locks_restores_and_refusals() -> None:

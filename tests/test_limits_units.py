@@ -17,7 +17,6 @@ from datetime import datetime, timedelta
 
 import pytest
 
-from gateway.insight.record import RepositoryKey
 from gateway.limits.concurrency import InFlight
 from gateway.limits.config import DEFAULT_MODULE_CAP, Limits, LimitsKeeper, RawLimits
 from gateway.limits.quota import MAX_LOCKS, UsageBook
@@ -30,6 +29,7 @@ from gateway.limits.values import (
     parse_schedule,
     parse_size,
 )
+from gateway.repository import RepositoryKey
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 DEST = "dddd0000-0000-4000-8000-000000000001"

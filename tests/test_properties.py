@@ -12,7 +12,6 @@ from yarl import URL
 from gateway.paths import MAX_SEGMENT_BYTES, PathError, Target, canonicalise
 from gateway.policy import (
     CREATE_QUERY,
-    OBJECT_TYPES,
     Backend,
     Protocol,
     Request,
@@ -20,6 +19,7 @@ from gateway.policy import (
     module_caller,
     node_caller,
 )
+from gateway.repository import OBJECT_TYPES
 
 PROFILE = settings(max_examples=300, deadline=None,
                    suppress_health_check=[HealthCheck.too_slow])

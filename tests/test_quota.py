@@ -29,9 +29,9 @@ from harness import (
     send_request,
 )
 
-from gateway.insight.record import RepositoryKey
 from gateway.insight.scan import Layout, Scanner
 from gateway.limits.quota import UsageBook
+from gateway.repository import RepositoryKey
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

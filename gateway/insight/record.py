@@ -10,59 +10,27 @@ only callers that passed authentication can name inside a served destination.
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 
 from gateway.paths import Target
+from gateway.repository import METADATA_SUFFIX, RepositoryAddress, RepositoryKey
 
-_OBJECT_ID = re.compile(r"[0-9a-f]{64}\Z")
-OBJECT_TYPES = frozenset({"data", "keys", "locks", "snapshots", "index"})
 # Reasons kept per repository: beyond this many distinct ones, the rest count as "other".
 MAX_REASONS = 32
 MAX_REPOSITORIES = 10_000
 MAX_REMOVED_LOCKS = 1024
 
 
-@dataclass(frozen=True, slots=True, order=True)
-class RepositoryKey:
-    destination: str
-    app: str
-    uuid: str
-
-    @property
-    def path(self) -> str:
-        return f"/{self.destination}/{self.app}/{self.uuid}"
-
-
-@dataclass(frozen=True, slots=True)
-class RepositoryPath:
-    """A target inside a module repository: the repository and the rest of the path."""
-
-    key: RepositoryKey
-    kind: str | None  # restic object type (`data`, `locks`...), `config`, or None
-    object_id: str | None  # the 64-hex name of an object, when the path names one
-
-
-def repository_path(target: Target) -> RepositoryPath | None:
-    """The repository a canonical target lies in, or None (the root, a destination, a file
-    beside the repositories such as `<uuid>.json`)."""
-    segments = target.segments
-    if len(segments) < 3:
-        return None
-    key = RepositoryKey(*segments[:3])
-    rest = segments[3:]
-    if not rest:
-        return RepositoryPath(key, None, None)
-    kind = rest[0]
-    if kind == "config" and len(rest) == 1:
-        return RepositoryPath(key, "config", None)
-    if kind in OBJECT_TYPES:
-        name = rest[-1] if len(rest) > 1 else None
-        # data objects may sit under a two-hex fan-out directory
-        object_id = name if name is not None and _OBJECT_ID.match(name) else None
-        return RepositoryPath(key, kind, object_id)
-    return RepositoryPath(key, None, None)
+def recorded_under(where: RepositoryAddress) -> RepositoryKey:
+    """The key a target's exchanges are recorded under: its repository's. A module's
+    metadata file `<uuid>.json` is kept, as it was before the address was parsed in one
+    place, under a key of its own name: a refusal of it shows as a repository of that
+    name in the report. Whether it should count under its repository is still open."""
+    key = where.key
+    if where.metadata:
+        return RepositoryKey(key.destination, key.app, key.uuid + METADATA_SUFFIX)
+    return key
 
 
 @dataclass
@@ -125,20 +93,20 @@ class Recorder:
 
     def record(self, exchange: Exchange) -> RepositoryKey | None:
         """Takes one exchange in; returns the repository it ended a snapshot upload of."""
-        where = repository_path(exchange.target)
+        where = exchange.target.address
         if where is None:
             return None
+        key = recorded_under(where)
         if not exchange.allowed:
-            entry = self._entry(where.key)
+            entry = self._entry(key)
             if entry is not None:
                 entry.refuse(exchange.reason)
             return None
         if not 200 <= exchange.status < 300:
             return None
-        method, kind = exchange.method, where.kind
-        if method == "POST" and kind is not None and (
-                where.object_id is not None or kind == "config"):
-            entry = self._entry(where.key)
+        method, kind = exchange.method, where.object_type
+        if method == "POST" and (where.object_id is not None or where.is_config):
+            entry = self._entry(key)
             if entry is None:
                 return None
             entry.uploaded_bytes += exchange.bytes_in
@@ -149,16 +117,16 @@ class Recorder:
                 entry.removed_locks.discard(where.object_id)
             elif kind == "snapshots":
                 entry.last_snapshot_at = exchange.at
-                return where.key
+                return key
         elif method == "DELETE" and kind == "locks" and where.object_id is not None:
-            entry = self.repositories.get(where.key)
+            entry = self.repositories.get(key)
             if entry is not None:
                 entry.locks.pop(where.object_id, None)
                 if len(entry.removed_locks) < MAX_REMOVED_LOCKS:
                     entry.removed_locks.add(where.object_id)
         elif (method == "GET" and kind == "data" and where.object_id is not None
               and not exchange.is_node):
-            entry = self._entry(where.key)
+            entry = self._entry(key)
             if entry is not None:
                 entry.restored_bytes += exchange.bytes_out
                 entry.last_restore_at = exchange.at

@@ -11,9 +11,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from gateway.insight.record import Activity, RepositoryKey
+from gateway.insight.record import Activity
 from gateway.insight.scan import Space, StoredFigures
-from gateway.limits.limiter import QuotaView
+from gateway.limits.views import QuotaView
+from gateway.repository import RepositoryKey
 from gateway.status import DestinationHealth
 
 STALE_AFTER = 26 * 3600.0  # no snapshot for this long: the repository is flagged

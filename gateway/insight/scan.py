@@ -23,7 +23,7 @@ from datetime import datetime
 from pathlib import Path
 
 from backends.process import die_with_parent
-from gateway.insight.record import OBJECT_TYPES, RepositoryKey
+from gateway.repository import CONFIG, OBJECT_TYPES, RepositoryKey
 from gateway.tasks import cancel_and_wait
 
 log = logging.getLogger("rclone_gateway.insight")
@@ -100,7 +100,7 @@ def repositories(entries: Iterable[dict[str, object]], destination: str) -> list
     found = []
     for entry in entries:
         parts = str(entry.get("Path", "")).split("/")
-        if len(parts) == 3 and parts[2] == "config" and not entry.get("IsDir"):
+        if len(parts) == 3 and parts[2] == CONFIG and not entry.get("IsDir"):
             found.append(RepositoryKey(destination, parts[0], parts[1]))
     return sorted(found)
 

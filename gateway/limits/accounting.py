@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import Protocol
 
 import aiohttp
 from yarl import URL
 
 from backends.manager import Generation
-from gateway.insight.scan import Scanner
 from gateway.limits.limiter import Limiter
 from gateway.paths import Target
 from gateway.policy import REST_MEDIA_TYPE, Backend
+from gateway.repository import RepositoryKey
 
 WEBDAV_WRITES = frozenset({"PUT", "DELETE", "MOVE", "COPY", "MKCOL"})
 SIZE_TIMEOUT = 10.0
+
+
+class StorageListings(Protocol):
+    """What the count asks of the storage scan (`gateway.insight.scan.Scanner`), which
+    the limits do not import: insight reads the limits, not the reverse."""
+
+    def forget(self, keys: Iterable[RepositoryKey]) -> None: ...
+    def scan_soon(self, key: RepositoryKey) -> None: ...
 
 
 def written_by_webdav(method: str) -> bool:
@@ -31,7 +40,7 @@ def when_stored(action: Callable[[], object]) -> Callable[[int], None]:
     return ended
 
 
-def recount_after_webdav(limits: Limiter, scanner: Scanner, method: str, target: Target,
+def recount_after_webdav(limits: Limiter, scanner: StorageListings, method: str, target: Target,
                          destination: Target | None) -> Callable[[], None]:
     """What a node's successful WebDAV write does to the count: repositories removed whole
     hold nothing at once, those copied or moved are counted where they landed, and the

@@ -9,36 +9,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from gateway.cluster import ClusterState
-from gateway.insight.record import RepositoryKey
 from gateway.limits.concurrency import InFlight
 from gateway.limits.config import Limits, LimitsKeeper
 from gateway.limits.quota import Segments, UsageBook
 from gateway.limits.shaping import Shaper
+from gateway.limits.views import QuotaView
 from gateway.policy import app_type
-
-
-@dataclass(frozen=True, slots=True)
-class QuotaView:
-    key: RepositoryKey
-    module: str | None
-    quota: int | None
-    used: int | None  # None: the storage was not listed yet
-    reserved: int
-    level: int  # 0, 80 or 100: the highest share of the quota crossed
-
-    def document(self) -> dict[str, object]:
-        return {
-            "destination": self.key.destination,
-            "repository": self.key.path,
-            "module": self.module,
-            "quota_bytes": self.quota,
-            "used_bytes": self.used,
-            "reserved_bytes": self.reserved,
-            "level_percent": self.level,
-        }
+from gateway.repository import RepositoryKey
 
 
 class Limiter:

@@ -17,7 +17,6 @@ from gateway.cluster import is_trusted_source
 from gateway.credentials import parse_basic, password_digest, verify_digest
 from gateway.http_errors import head_too_large
 from gateway.insight.page import html_page
-from gateway.insight.record import repository_path
 from gateway.limits.accounting import (
     object_size,
     recount_after_webdav,
@@ -219,28 +218,28 @@ async def storage_quota(x: Exchange) -> Answer:
             x.at_end.append(when_stored(
                 recount_after_webdav(limits, scanner, method, x.target, moved_to)))
         return None
-    if (where := repository_path(x.target)) is None:
+    if (where := x.target.address) is None:
         return None
-    key = where.key
-    if method == "POST" and where.kind is not None and (where.object_id or where.kind == "config"):
+    key, is_lock = where.key, where.object_type == "locks"
+    if method == "POST" and (where.object_id is not None or where.is_config):
         size = x.request.content_length or 0
         module = x.caller.module_id
         # locks come and go with every run, and retention must always run: never refused
-        quota = None if module is None or where.kind == "locks" else limits.quota_of(key, module)
+        quota = None if module is None or is_lock else limits.quota_of(key, module)
         if (refusal := limits.book.check(key, size, quota)) is not None:
             return x.refuse(refusal.status, refusal.reason, refusal.text)
         reserved = size if quota is not None else 0
         transfer = x.outcome.transfer
-        lock = where.object_id if where.kind == "locks" else None
+        lock = where.object_id if is_lock else None
         x.at_end.append(lambda status: limits.upload_ended(
             key, module, reserved, transfer.bytes_in if 200 <= status < 300 else None, lock))
     elif method == "DELETE" and where.object_id is not None:
-        size = limits.book.lock_size(key, where.object_id) if where.kind == "locks" else None
+        size = limits.book.lock_size(key, where.object_id) if is_lock else None
         if size is None and limits.current.quotas.get(key.destination):
             size = await object_size(x.services.backends.current, x.backend, x.target)
         if size is not None:
             x.at_end.append(when_stored(lambda: limits.deleted(key, size)))
-        elif where.kind != "locks":  # a prune's delete: the storage says what is left
+        elif not is_lock:  # a prune's delete: the storage says what is left
             x.at_end.append(when_stored(lambda: scanner.scan_soon(key)))
     return None
 
