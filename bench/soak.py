@@ -392,7 +392,7 @@ class Soak:
         self.windows: list[Window] = []
         self.procs: set[subprocess.Popen] = set()
         self.procs_lock = threading.Lock()
-        self.restic_exe = shutil.which("restic") or "restic"
+        self.restic_exe = args.restic
         self.ready_at = time.time()  # the gateway answered /health with 200
         self.t0 = 0.0
         self.t_end = 0.0
@@ -1634,7 +1634,7 @@ def seed_cluster(cluster: Cluster, modules: list[Module], remote_dir: Path) -> N
                             rclone_conf=f"[{DEST_REMOTE}]\ntype = local\n")
 
 
-def versions(rclone: str) -> str:
+def versions(rclone: str, restic: str) -> str:
     def first_line(argv: list[str]) -> str:
         try:
             out = subprocess.run(argv, capture_output=True, text=True, timeout=10).stdout
@@ -1642,7 +1642,7 @@ def versions(rclone: str) -> str:
             return "?"
         return (out.splitlines() or ["?"])[0].strip()
 
-    return f"{first_line([rclone, 'version'])}; {first_line(['restic', 'version'])}"
+    return f"{first_line([rclone, 'version'])}; {first_line([restic, 'version'])}"
 
 
 def main() -> int:
@@ -1690,6 +1690,11 @@ def main() -> int:
                         help="bytes of the node's cluster backup sent at 1 MB/s (40 MiB)")
     parser.add_argument("--slow-upload-rate", type=float, default=1e6,
                         help="bytes/s the node sends it at (default 1e6)")
+    newest_restic = ROOT / ".venv" / "bin" / "restic-0.18"
+    parser.add_argument("--restic", default=str(newest_restic) if newest_restic.exists()
+                        else shutil.which("restic") or "restic",
+                        help="the restic client (default: 0.18, the one the cluster ships, "
+                             "where `make bootstrap` put it)")
     parser.add_argument("--seed", type=int, default=4694)
     parser.add_argument("--summary", type=Path, default=ROOT / "var" / "soak-summary.txt",
                         help="where to write the summary ('-': nowhere)")
@@ -1704,7 +1709,7 @@ def main() -> int:
             (parse_rate if option.startswith("upload") else parse_size)(getattr(args, option))
         except BadValue as exc:
             parser.error(f"--{option.replace('_', '-')}: {exc}")
-    for tool in ("restic", "redis-server"):
+    for tool in (args.restic, "redis-server"):
         if not shutil.which(tool):
             raise SystemExit(f"soak: {tool} is needed (run `make bootstrap`)")
     rclone = str(Path(sys.executable).parent / "rclone")
@@ -1814,7 +1819,7 @@ def main() -> int:
             soak, final_health=final_health, metrics=metrics, idle=cpu, idle_pids=idle_pids,
             gateway_idle=gateway_idle, vm_hwm_kb=vm_hwm, vm_rss_kb=vm_rss,
             children_after=children_after, stop_code=stop_code, left_behind=left,
-            log_text=log_text, versions=versions(rclone), usage=usage,
+            log_text=log_text, versions=versions(rclone, args.restic), usage=usage,
             settled_after=settled_after, final_status=final_status)
         print(text, flush=True)
         if str(args.summary) != "-":
