@@ -459,7 +459,8 @@ class Soak:
         (`self.refused` is then True)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("RESTIC_")}
         env["RESTIC_PASSWORD"] = RESTIC_PASSWORD
-        argv = [self.restic_exe, "-r", self.repo_url(module, who), "--no-cache", *args]
+        exe = self.args.overflow_restic if module.overflow else self.restic_exe
+        argv = [exe, "-r", self.repo_url(module, who), "--no-cache", *args]
         started = time.time()
         backup = op == "backup"
         with self.stats.lock:
@@ -1634,7 +1635,7 @@ def seed_cluster(cluster: Cluster, modules: list[Module], remote_dir: Path) -> N
                             rclone_conf=f"[{DEST_REMOTE}]\ntype = local\n")
 
 
-def versions(rclone: str, restic: str) -> str:
+def versions(rclone: str, restic: str, overflow_restic: str) -> str:
     def first_line(argv: list[str]) -> str:
         try:
             out = subprocess.run(argv, capture_output=True, text=True, timeout=10).stdout
@@ -1642,7 +1643,10 @@ def versions(rclone: str, restic: str) -> str:
             return "?"
         return (out.splitlines() or ["?"])[0].strip()
 
-    return f"{first_line([rclone, 'version'])}; {first_line([restic, 'version'])}"
+    text = f"{first_line([rclone, 'version'])}; {first_line([restic, 'version'])}"
+    if overflow_restic != restic:
+        text += f"; {OVERFLOW}: {first_line([overflow_restic, 'version'])}"
+    return text
 
 
 def main() -> int:
@@ -1695,6 +1699,9 @@ def main() -> int:
                         else shutil.which("restic") or "restic",
                         help="the restic client (default: 0.18, the one the cluster ships, "
                              "where `make bootstrap` put it)")
+    parser.add_argument("--overflow-restic", default=shutil.which("restic") or "restic",
+                        help="the overflowing module's restic (default: the system's 0.14; "
+                             "0.18.0 retries a 507 for 15 minutes, 0.18.1 gives up at once)")
     parser.add_argument("--seed", type=int, default=4694)
     parser.add_argument("--summary", type=Path, default=ROOT / "var" / "soak-summary.txt",
                         help="where to write the summary ('-': nowhere)")
@@ -1709,7 +1716,7 @@ def main() -> int:
             (parse_rate if option.startswith("upload") else parse_size)(getattr(args, option))
         except BadValue as exc:
             parser.error(f"--{option.replace('_', '-')}: {exc}")
-    for tool in (args.restic, "redis-server"):
+    for tool in (args.restic, args.overflow_restic, "redis-server"):
         if not shutil.which(tool):
             raise SystemExit(f"soak: {tool} is needed (run `make bootstrap`)")
     rclone = str(Path(sys.executable).parent / "rclone")
@@ -1819,7 +1826,8 @@ def main() -> int:
             soak, final_health=final_health, metrics=metrics, idle=cpu, idle_pids=idle_pids,
             gateway_idle=gateway_idle, vm_hwm_kb=vm_hwm, vm_rss_kb=vm_rss,
             children_after=children_after, stop_code=stop_code, left_behind=left,
-            log_text=log_text, versions=versions(rclone, args.restic), usage=usage,
+            log_text=log_text, usage=usage,
+            versions=versions(rclone, args.restic, args.overflow_restic),
             settled_after=settled_after, final_status=final_status)
         print(text, flush=True)
         if str(args.summary) != "-":
