@@ -3,7 +3,7 @@ PYTHON := $(VENV)/bin/python
 RUFF := $(VENV)/bin/ruff
 
 .DEFAULT_GOAL := test
-.PHONY: bootstrap run test lint bench soak clean
+.PHONY: bootstrap run test lint bench soak clean image image-test
 
 bootstrap:
 	bash scripts/bootstrap.sh
@@ -14,6 +14,21 @@ run: bootstrap
 test: bootstrap
 	$(RUFF) check .
 	$(PYTHON) -m pytest -q tests
+
+# The container image (containers/Containerfile) and the unit that runs it. PODMAN_CONF:
+# podman and buildah settings for machines like the CI's (containers/ci/); empty, the
+# machine's own.
+IMAGE ?= localhost/rclone-gateway:latest
+PODMAN_CONF ?= $(CURDIR)/containers/ci
+PODMAN_ENV = $(if $(PODMAN_CONF),CONTAINERS_CONF=$(PODMAN_CONF)/containers.conf \
+	CONTAINERS_STORAGE_CONF=$(PODMAN_CONF)/storage.conf)
+
+image: bootstrap
+	bash scripts/image-bootstrap.sh
+	$(PODMAN_ENV) bash scripts/image.sh $(IMAGE)
+
+image-test: image
+	$(PODMAN_ENV) IMAGE=$(IMAGE) $(PYTHON) -m pytest -q -p no:randomly -m image tests/test_image.py
 
 lint: bootstrap
 	$(RUFF) check .

@@ -28,8 +28,9 @@ from gateway.upstream import UpstreamPool
 log = logging.getLogger("rclone_gateway.backends")
 
 CONNECT_TIMEOUT = 5.0
-# How long a replaced child keeps serving the requests it had: the backend idle timeout
-# (30 s by default, `--backend-timeout`; after it they are answered 504) and a margin.
+# How long a replaced child keeps serving the requests it had, at most: 30 s (or the
+# `--backend-timeout` when shorter; after it they are answered 504) and a margin. It was
+# replaced because it stopped answering: what is still on it then is cut.
 CHILD_DRAIN_MARGIN = 5.0
 CHILD_DRAIN_GRACE = 30.0 + CHILD_DRAIN_MARGIN
 # Bytes of a response body read ahead from a backend, as for request bodies in the server.

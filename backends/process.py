@@ -19,10 +19,21 @@ _PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
+# The process that starts the children: the gateway. In a container it is pid 1 itself.
+_gateway_pid = os.getpid()
+
+
+def _parent_gone() -> bool:
+    """In a child between fork and exec: True when the gateway died before the death signal
+    was set (the child now belongs to an init or a subreaper). Not `getppid() == 1`: under
+    `podman run` the gateway is pid 1, and every child would take itself for an orphan."""
+    return os.getppid() != _gateway_pid
+
+
 def die_with_parent() -> None:
     """Runs in a child between fork and exec: the kernel kills it when the gateway dies."""
     _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() == 1:
+    if _parent_gone():
         os._exit(1)
 
 
@@ -36,7 +47,7 @@ def stop_with_parent() -> None:
     under its final name.
     """
     _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    if os.getppid() == 1:
+    if _parent_gone():
         os._exit(1)
 
 

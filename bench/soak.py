@@ -115,7 +115,9 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 IDLE_CPU_LIMIT = 0.05  # CPU seconds per second, each rclone child, once the load stopped
 WINDOW_MARGIN = 5.0  # seconds added to the end of the kill and stop windows
-BACKEND_TIMEOUT = 30.0  # the gateway's --backend-timeout (its default)
+# A replaced child keeps the requests it had this long at most, then they are cut (the
+# gateway's backends.manager.CHILD_DRAIN_GRACE; its --backend-timeout is 300 s).
+REPLACED_CHILD_GRACE = 35.0
 REPLACE_TIMEOUT = 90.0  # a stopped child not replaced within this is a failure
 RUNNING_TIMEOUT = 120.0  # a killed child not running again within this is a failure
 
@@ -181,8 +183,8 @@ class Window:
     def end(self) -> float:
         end = self.recovered if self.recovered is not None else self.deadline
         if self.what == "stop":
-            # requests already on the stopped child stay there until they time out (504)
-            end += BACKEND_TIMEOUT
+            # requests already on the stopped child stay there until they are cut
+            end += REPLACED_CHILD_GRACE
         return end + WINDOW_MARGIN
 
 

@@ -97,9 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds a probe may take before it counts as failed")
     serve.add_argument("--remote-check-timeout", type=float, default=15.0,
                        help="seconds a remote destination gets to answer its start check")
-    serve.add_argument("--backend-timeout", type=positive_seconds, default=30.0,
-                       help="seconds of backend silence before a request is answered 504 "
-                            "(default 30; peer gateways get 5 s more)")
+    serve.add_argument("--backend-timeout", type=positive_seconds, default=300.0,
+                       help="seconds an rclone child may take to answer once the whole "
+                            "request is sent, or to take more of a request body, before "
+                            "504 (default 300, as restic waits; peer gateways get 5 s more)")
     serve.add_argument("--liveness-interval", type=positive_seconds, default=2.0,
                        help="seconds between checks that each rclone child still answers")
     serve.add_argument("--liveness-timeout", type=positive_seconds, default=5.0,

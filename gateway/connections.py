@@ -50,6 +50,21 @@ HTTP2_PREFACE_REASON = "HTTP/2 is not served here: use HTTP/1.1"
 HTTP2_PREFACE_RESPONSE = _canned_response("400 Bad Request", HTTP2_PREFACE_REASON + "\n")
 # aiohttp bounds each line and the number of header fields; this bounds a whole request head.
 MAX_HEAD_BYTES = 32 * 1024
+# Bytes one read of a client socket takes at most: what uvloop reads into for a plain
+# protocol, while a request body flows unheld (`set_read_size`). Otherwise (request heads,
+# bodies not let in yet or held back by a limit) reads are smaller: a held upload's buffer
+# is then bounded by its reads, not by 256 KiB blocks. One buffer serves every connection:
+# each read is copied out before the next.
+FULL_READ = 256 * 1024
+SMALL_READ = 64 * 1024
+_read_buffer = memoryview(bytearray(FULL_READ))
+
+
+def set_read_size(transport: asyncio.BaseTransport | None, size: int) -> None:
+    """The most one read of this client connection's socket takes from now on."""
+    protocol = transport.get_protocol() if transport is not None else None
+    if isinstance(protocol, _GuardedConnection):
+        protocol.read_size = min(size, FULL_READ)
 
 
 class GuardedProtocolFactory:
@@ -144,9 +159,10 @@ class _RejectedConnection(asyncio.Protocol):
             self._timer = None
 
 
-class _GuardedConnection(asyncio.Protocol):
+class _GuardedConnection(asyncio.BufferedProtocol):
     """Sits between the transport and aiohttp's RequestHandler, forwarding everything but
-    a connection that opens with HTTP/2's preface (400).
+    a connection that opens with HTTP/2's preface (400). It reads the socket into a buffer
+    of its own choosing (`read_size`), and hands aiohttp bytes.
 
     The header timeout runs on a timer; no request is scanned (only a connection's first
     four bytes are looked at, for the preface). Each tick looks at
@@ -160,7 +176,7 @@ class _GuardedConnection(asyncio.Protocol):
     """
 
     __slots__ = ("_factory", "_handler", "_head_bytes", "_head_bytes_count", "_head_start",
-                 "_idle_count", "_payload", "_timer", "_transport")
+                 "_idle_count", "_payload", "_timer", "_transport", "read_size")
 
     def __init__(self, factory: GuardedProtocolFactory) -> None:
         self._factory = factory
@@ -177,6 +193,7 @@ class _GuardedConnection(asyncio.Protocol):
         self._head_start = b""
         # Body of the last request whose head completed (aiohttp's StreamReader).
         self._payload: StreamReader | None = None
+        self.read_size = SMALL_READ
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         factory = self._factory
@@ -194,6 +211,12 @@ class _GuardedConnection(asyncio.Protocol):
         self._idle_count = handler._request_count
         loop = asyncio.get_running_loop()
         self._timer = loop.call_at(loop.time() + factory._header_timeout, self._tick)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return _read_buffer[:self.read_size]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(bytes(_read_buffer[:nbytes]))
 
     def data_received(self, data: bytes) -> None:
         handler = self._handler

@@ -28,7 +28,7 @@ from gateway.cluster import LOCAL_ADDRESSES, ClusterState, Destination, source_i
 from gateway.paths import Target
 from gateway.policy import PROBE_SEGMENT, REST_MEDIA_TYPE
 from gateway.proxy import (
-    BACKEND_IDLE_TIMEOUT,
+    BACKEND_TIMEOUT,
     BodyFilter,
     BodyRefused,
     Transfer,
@@ -45,9 +45,8 @@ log = logging.getLogger("rclone_gateway.peers")
 
 PEER_PORT = 4694
 FORWARDED_HEADER = "X-Gateway-Forwarded"
-# A peer answers 504 itself after its own backend idle timeout: wait a little longer.
+# A peer answers 504 itself after its own backend timeout: wait a little longer.
 PEER_TIMEOUT_MARGIN = 5.0
-PEER_IDLE_TIMEOUT = BACKEND_IDLE_TIMEOUT + PEER_TIMEOUT_MARGIN
 # Shorter than the time a gateway lets a connection sit idle (5 s), so that a request
 # is not sent on a connection the peer is closing.
 PEER_KEEPALIVE = 3.0
@@ -278,11 +277,12 @@ class PeerGateways:
         *,
         probe_interval: float = 2.0,
         probe_timeout: float = 4.0,
-        backend_timeout: float = BACKEND_IDLE_TIMEOUT,
+        backend_timeout: float = BACKEND_TIMEOUT,
     ) -> None:
         self.own_node_id = own_node_id
-        # A peer with the same `--backend-timeout` answers 504 after it: wait a little longer.
-        self.idle_timeout = backend_timeout + PEER_TIMEOUT_MARGIN
+        # A peer with the same `--backend-timeout` answers 504 after it: wait a little
+        # longer. Like a backend's, the peer's wait starts once the whole request is sent.
+        self.timeout = backend_timeout + PEER_TIMEOUT_MARGIN
         self._state = state
         self.probe_interval = probe_interval
         self.probe_timeout = probe_timeout
@@ -373,7 +373,7 @@ class PeerGateways:
                 response = await forward(
                     request, target, self._pool(peer, own_address), _label_from(peer), transfer,
                     body_filter, headers=headers.copy(),
-                    idle_timeout=self.idle_timeout, refuse_statuses=PEER_CANNOT_SERVE,
+                    backend_timeout=self.timeout, refuse_statuses=PEER_CANNOT_SERVE,
                     references=references,
                 )
             except BodyFailed as exc:

@@ -229,6 +229,24 @@ MODULE_RULES: tuple[Rule, ...] = (
           "read repository metadata"),
 )
 
+# Spec section 4, "Sizes": restic writes these well under 4 KiB. A module's larger upload
+# of one is refused; a lock, which no quota refuses, would otherwise store anything.
+SMALL_OBJECT_MAX = 64 * 1024
+SMALL_OBJECT_TYPES = frozenset({"keys", "locks"})
+
+
+def size_limit(request: Request) -> int | None:
+    """The most bytes the body of `request` may hold: a module's upload of `config`, a key
+    or a lock; None: no limit (nodes, other objects, other requests)."""
+    if request.caller.is_node or request.protocol is not REST or request.method != "POST":
+        return None
+    shape = shape_of(request.target)
+    if shape is Shape.CONFIG or (shape in OBJECTS
+                                 and request.target.segments[3] in SMALL_OBJECT_TYPES):
+        return SMALL_OBJECT_MAX
+    return None
+
+
 WRITE_METHODS = frozenset({"POST", "PUT", "DELETE", "MKCOL", "COPY", "MOVE", "PROPPATCH", "LOCK",
                            "UNLOCK", "PATCH"})
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import dataclass
 
-from aiohttp import web
+from aiohttp import StreamReader, web
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from gateway.connections import FULL_READ, SMALL_READ, set_read_size
 from gateway.paths import Target
 from gateway.upstream import (
     ConnectFailed,
@@ -19,7 +21,31 @@ from gateway.upstream import (
 from gateway.webdav_headers import References, rewrite_references
 
 CHUNK = 256 * 1024
-BACKEND_IDLE_TIMEOUT = 30.0
+# Seconds the backend may take for its next move (to take more of the body, to answer once
+# the whole request is sent, to go on with its answer) before 504: restic's own patience
+# (a listing of a large repository on a slow remote can take minutes). A child that hangs
+# is the liveness check's to catch, not this timer's.
+BACKEND_TIMEOUT = 300.0
+# Seconds a request body may stay silent while the gateway waits for it: far above the gaps
+# of a slow but live link (TCP's retransmissions after a short outage reach a minute), and
+# below restic's own 5 minutes without progress. After it the request gets 408 and frees
+# its slot, its quota reservation and its partial object.
+CLIENT_BODY_TIMEOUT = 120.0
+# Bytes of a request body aiohttp reads ahead of the gateway once it flows unheld (up to
+# twice this, then the socket waits): enough for a PUT to keep flowing while this process
+# waits for the CPU, small enough for 2048 connections.
+READ_AHEAD = 512 * 1024
+# Until then (the server's `read_bufsize`), and while a limit holds it back, a body is read
+# ahead this much, and a held one read in pieces of this size, reading the socket in
+# pieces as small (`connections.SMALL_READ`): an upload that waits for its share holds a
+# few hundred KiB at most, not the megabytes the fast path reads ahead to batch its writes.
+HELD_PIECE = SMALL_READ
+# aiohttp's body reader pauses the socket past `_high_water` buffered bytes and resumes it
+# under `_low_water`; no public way lowers them once the request was parsed.
+_READ_AHEAD_FIELDS = ("_low_water", "_high_water")
+if not all(name in getattr(StreamReader, "__slots__", ()) for name in _READ_AHEAD_FIELDS):
+    raise RuntimeError("aiohttp's StreamReader has no _low_water or _high_water: "
+                       "gateway.proxy.read_ahead needs updating for this aiohttp version")
 
 HOP_BY_HOP = frozenset(
     {
@@ -39,7 +65,9 @@ HOP_BY_HOP = frozenset(
 REQUEST_DROP = HOP_BY_HOP | {
     "authorization", "host", "expect", "x-gateway-forwarded", "content-length",
 }
-RESPONSE_DROP = HOP_BY_HOP | {"x-gateway-backend", "server", "date"}
+# The backend's `Server` stays (spec section 7): restic from 0.16.3 reads `rclone/<version>`
+# there to tell a listing that failed inside rclone from a missing directory.
+RESPONSE_DROP = HOP_BY_HOP | {"x-gateway-backend", "date"}
 
 
 class _ProxyResponse(web.StreamResponse):
@@ -112,16 +140,45 @@ async def send_continue(request: web.BaseRequest) -> None:
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
 
-async def request_body(request: web.BaseRequest, transfer: Transfer) -> AsyncIterator[bytes]:
+BodyHeld = Callable[[], bool]
+
+
+def read_ahead(request: web.BaseRequest, size: int) -> None:
+    """aiohttp reads up to twice `size` bytes of the body ahead of the gateway (one read
+    of the socket more at most: up to `size` too), and goes on reading once less than
+    `size` is left."""
     content = request.content
-    while True:
-        # All that is buffered, joined: fewer, larger writes to the backend cost less CPU
-        # per byte than handing on each received piece (measured on 1 GiB PUTs).
-        chunk = await content.readany()
-        if not chunk:
-            return
-        transfer.bytes_in += len(chunk)
-        yield chunk
+    content._low_water, content._high_water = size, 2 * size
+    set_read_size(request.transport, FULL_READ if size > HELD_PIECE else SMALL_READ)
+
+
+async def request_body(request: web.BaseRequest, transfer: Transfer,
+                       held: BodyHeld | None = None) -> AsyncIterator[bytes]:
+    """The request body as it arrives. While `held()` says a limit holds it back, in small
+    pieces with a small read ahead; otherwise all that is buffered, joined: fewer, larger
+    writes to the backend cost less CPU per byte than handing on each received piece
+    (measured on 1 GiB PUTs)."""
+    content = request.content
+    small: bool | None = None
+    try:
+        while True:
+            if (now_held := held is not None and held()) is not small:
+                small = now_held
+                read_ahead(request, HELD_PIECE if small else READ_AHEAD)
+            try:
+                async with asyncio.timeout(CLIENT_BODY_TIMEOUT):
+                    chunk = await (content.read(HELD_PIECE) if small else content.readany())
+            except TimeoutError:
+                raise BodyRefused(
+                    408, "request body timeout",
+                    f"client body stalled for {CLIENT_BODY_TIMEOUT:.0f} s") from None
+            if not chunk:
+                return
+            transfer.bytes_in += len(chunk)
+            yield chunk
+    finally:
+        if not small:  # the next request's head and body start in small reads again
+            set_read_size(request.transport, SMALL_READ)
 
 
 async def forward(
@@ -133,11 +190,12 @@ async def forward(
     body_filter: BodyFilter | None = None,
     *,
     headers: CIMultiDict[str] | None = None,
-    idle_timeout: float = BACKEND_IDLE_TIMEOUT,
+    backend_timeout: float = BACKEND_TIMEOUT,
     refuse_statuses: Collection[int] = (),
     on_status: StatusHook | None = None,
     references: References | None = None,
     response_filter: BodyFilter | None = None,
+    body_held: BodyHeld | None = None,
 ) -> web.StreamResponse:
     """Streams `request` to the canonical target on `pool`'s backend and the answer back.
 
@@ -147,6 +205,8 @@ async def forward(
     BodyFailed, after the backend's connection was aborted. The other resources a WebDAV
     request names (`references`: its Destination, its If header's) are named at `pool`'s
     own authority. `response_filter` transforms the answer's body on its way back.
+    `body_held` says whether a limit holds the request body back now (read it in small
+    pieces).
     """
     if headers is None:
         headers = request_headers(request.headers)
@@ -154,13 +214,13 @@ async def forward(
         rewrite_references(headers, references, pool.host)
     data: AsyncIterator[bytes] | None = None
     if request.body_exists:
-        data = request_body(request, transfer)
+        data = request_body(request, transfer, body_held)
         if body_filter is not None:
             data = body_filter(data)
     try:
         upstream = await pool.request(
             request.method, target.path_and_query, headers, data,
-            content_length=request.content_length, timeout=idle_timeout,
+            content_length=request.content_length, timeout=backend_timeout,
         )
     except Timeout as exc:
         raise UpstreamError(504, "backend did not answer in time") from exc

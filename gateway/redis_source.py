@@ -7,11 +7,12 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from gateway.cluster import ClusterState, Destination, parse_network
 from gateway.credentials import parse_acls
@@ -57,29 +58,106 @@ async def _scan(client: aioredis.Redis, pattern: str) -> list[str]:
     return [key async for key in client.scan_iter(match=pattern, count=500)]
 
 
-async def read_state(client: aioredis.Redis) -> ClusterState:
+@dataclass(frozen=True, slots=True)
+class Read:
+    """One command of a full read: `HGET key field` when `field` is given."""
+
+    command: str  # smembers, hgetall, hget, get
+    key: str
+    field: str | None = None
+
+
+# What each command gives for an absent key, and the Redis type it needs.
+ABSENT: dict[str, object] = {"smembers": frozenset(), "hgetall": {}, "hget": None, "get": None}
+EXPECTED_TYPE = {"smembers": "set", "hgetall": "hash", "hget": "hash", "get": "string"}
+
+
+def is_wrong_type(result: object) -> bool:
+    return isinstance(result, ResponseError) and str(result).startswith("WRONGTYPE")
+
+
+class LastGood:
+    """What each key gave at its last good read, for a key then found of the wrong Redis type
+    (spec section 2): such a key reads as its last good value (as absent if it never had
+    one), with one warning until it changes; the other keys are read as usual. A cluster
+    key too: a bad `cluster/acls` must not take every user away."""
+
+    def __init__(self) -> None:
+        self.values: dict[Read, object] = {}
+        self.wrong: dict[str, str] = {}  # key -> the Redis type it was found holding
+
+    def settle(self, reads: list[Read], results: list[object],
+               found_types: Mapping[str, str]) -> list[object]:
+        """The values of `reads` from `results` (each a command's result or its error);
+        `found_types`: the type of each key that answered WRONGTYPE. Raises any other error."""
+        settled: list[object] = []
+        values: dict[Read, object] = {}
+        wrong: dict[str, str] = {}
+        for read, result in zip(reads, results, strict=True):
+            if isinstance(result, Exception) and not is_wrong_type(result):
+                raise result
+            if is_wrong_type(result):
+                found = wrong[read.key] = found_types.get(read.key, "value of another type")
+                if self.wrong.get(read.key) != found:
+                    log.warning("Redis key %s holds a %s, not a %s: ignored, %s", read.key,
+                                found, EXPECTED_TYPE[read.command],
+                                "its last good value stays" if read in self.values
+                                else "read as absent")
+                    self.wrong[read.key] = found  # a key read twice is told once
+                result = self.values.get(read, ABSENT[read.command])
+            elif read.key in self.wrong and read.key not in wrong:
+                log.info("Redis key %s is of the right type again", read.key)
+            values[read] = result
+            settled.append(result)
+        self.values, self.wrong = values, wrong
+        return settled
+
+
+async def read_state(client: aioredis.Redis, last_good: LastGood | None = None) -> ClusterState:
+    """A full read of the keys of spec section 2. `last_good`: what the earlier reads of the
+    same source found, the value of a key of the wrong type."""
     dest_keys = await _scan(client, DESTINATION_PREFIX + "*")
     vpn_keys = await _scan(client, "node/*/vpn")
     quota_keys = await _scan(client, QUOTA_PREFIX + "*")
+    reads = [
+        Read("smembers", "cluster/acls"),
+        Read("hgetall", "cluster/module_uuid"),
+        Read("hgetall", "private/nodes/restore_uuid"),
+        Read("hgetall", RCLONE_CONF_KEY),
+        Read("get", "cluster/network"),
+        Read("hgetall", "cluster/module_node"),
+        Read("hgetall", "cluster/environment"),
+        *(Read("hgetall", key) for key in dest_keys),
+        *(Read("hget", key, "ip_address") for key in vpn_keys),
+        Read("hgetall", BWLIMIT_KEY),
+        Read("hgetall", CONCURRENCY_KEY),
+        *(Read("hgetall", key) for key in quota_keys),
+    ]
     async with client.pipeline(transaction=False) as pipe:
-        pipe.smembers("cluster/acls")
-        pipe.hgetall("cluster/module_uuid")
-        pipe.hgetall("private/nodes/restore_uuid")
-        pipe.hgetall(RCLONE_CONF_KEY)
-        pipe.get("cluster/network")
-        pipe.hgetall("cluster/module_node")
-        pipe.hgetall("cluster/environment")
-        for key in dest_keys:
-            pipe.hgetall(key)
-        for key in vpn_keys:
-            pipe.hget(key, "ip_address")
-        pipe.hgetall(BWLIMIT_KEY)
-        pipe.hgetall(CONCURRENCY_KEY)
-        for key in quota_keys:
-            pipe.hgetall(key)
-        results = await pipe.execute()
-    acls, module_uuids, restore, confs, network, module_nodes, environment = results[:7]
-    rest = results[7:]
+        for read in reads:
+            if read.field is None:
+                getattr(pipe, read.command)(read.key)
+            else:
+                pipe.hget(read.key, read.field)
+        # one key of the wrong type must not fail the whole read
+        results = await pipe.execute(raise_on_error=False)
+    wrong_keys = sorted({read.key for read, result in zip(reads, results, strict=True)
+                         if is_wrong_type(result)})
+    found_types: dict[str, str] = {}
+    if wrong_keys:  # for the warning: what the key holds instead
+        async with client.pipeline(transaction=False) as pipe:
+            for key in wrong_keys:
+                pipe.type(key)
+            found_types = dict(zip(wrong_keys, await pipe.execute(), strict=True))
+    values = (last_good or LastGood()).settle(reads, results, found_types)
+    return build_state(values, dest_keys, vpn_keys, quota_keys)
+
+
+def build_state(values: list[Any], dest_keys: list[str], vpn_keys: list[str],
+                quota_keys: list[str]) -> ClusterState:
+    """The cluster state from the values of read_state's reads, in their order."""
+    acls, module_uuids, restore, confs, network, module_nodes, environment = values[:7]
+    rest = values[7:]
     dest_attrs, rest = rest[: len(dest_keys)], rest[len(dest_keys) :]
     vpn_ips, rest = rest[: len(vpn_keys)], rest[len(vpn_keys) :]
     bwlimit, concurrency, quotas = rest[0], rest[1], rest[2:]
@@ -158,6 +236,7 @@ class RedisSource:
         self.status = SourceStatus()
         self._listeners: list[StateListener] = []
         self._client = connect(url)
+        self._last_good = LastGood()
         self._events_client = connect(url, socket_timeout=None)
         self._wake = asyncio.Event()
         self._renew_subscription = asyncio.Event()
@@ -224,7 +303,8 @@ class RedisSource:
 
     async def _sync_once(self) -> None:
         try:
-            state = await asyncio.wait_for(read_state(self._client), self.read_timeout)
+            state = await asyncio.wait_for(read_state(self._client, self._last_good),
+                                           self.read_timeout)
         except REDIS_ERRORS as exc:
             self._mark_down(exc)
             raise

@@ -16,12 +16,13 @@ from pathlib import Path
 from aiohttp import ClientSession
 
 from backends.liveness import Watchdog
-from backends.manager import CHILD_DRAIN_MARGIN, BackendManager
+from backends.manager import CHILD_DRAIN_GRACE, CHILD_DRAIN_MARGIN, BackendManager
 from backends.process import http_ready
 from backends.rclone_conf import Placement, RenderedConfig
 from gateway import __version__
 from gateway.cluster import ClusterState
 from gateway.connections import guarded_protocol_factory
+from gateway.hangup import HangupWatch
 from gateway.http_errors import GatewayServer
 from gateway.insight.metrics import ReportCollector
 from gateway.insight.record import Recorder, RepositoryKey
@@ -35,6 +36,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.peers import PeerGateways, where_served
 from gateway.pipeline.handler import Pipeline
 from gateway.policy import Backend
+from gateway.proxy import HELD_PIECE
 from gateway.reachability import Reachability
 from gateway.redis_source import RedisSource
 from gateway.reloader import Reloader
@@ -47,9 +49,6 @@ log = logging.getLogger("rclone_gateway")
 
 # Seconds the WebDAV child has to answer OPTIONS when a remote probe through it timed out.
 LOCAL_ANSWER_TIMEOUT = 2.0
-# Bytes of a request body read ahead per connection: enough for a PUT to keep flowing
-# while this process waits for the CPU, small enough for 2048 connections.
-READ_BUFSIZE = 512 * 1024
 
 
 class Gateway:
@@ -58,8 +57,11 @@ class Gateway:
         self.source = RedisSource(settings.redis_url, resync_interval=settings.resync_interval)
         self.backends = BackendManager(
             settings.runtime_dir, settings.rclone, drain_grace=settings.drain_grace,
-            # a replaced child keeps its requests until they finish or time out (504)
-            child_drain_grace=settings.backend_timeout + CHILD_DRAIN_MARGIN,
+            # a replaced child keeps its requests until they finish or time out (504), but
+            # it was replaced because it stopped answering: not for the whole 5 minutes a
+            # healthy child gets to answer
+            child_drain_grace=min(settings.backend_timeout + CHILD_DRAIN_MARGIN,
+                                  CHILD_DRAIN_GRACE),
         )
         self.watchdog = Watchdog(self.backends, settings.liveness)
         self.placement = Placement()
@@ -69,6 +71,7 @@ class Gateway:
         self.label_suffix = f"@node{settings.node_id}"
         self.metrics = GatewayMetrics(self.node_status)
         self.access_log = AccessLog()
+        self.hangups = HangupWatch()
         self.systemd = Notifier()
         self.reachability = Reachability(probe_interval=settings.remote_probe_interval,
                                          probe_timeout=settings.probe_timeout)
@@ -228,7 +231,7 @@ class Gateway:
         loop.add_signal_handler(signal.SIGUSR1, self._on_sigusr1)
 
         server = GatewayServer(self.pipeline.handle, handler_cancellation=True, access_log=None,
-                               read_bufsize=READ_BUFSIZE)
+                               read_bufsize=HELD_PIECE)
         factory = guarded_protocol_factory(
             server, max_connections=self.settings.max_connections,
             header_timeout=self.settings.header_timeout,
@@ -266,6 +269,7 @@ class Gateway:
         await self.scanner.close()
         await self.limits.close()
         await self.backends.stop()
+        self.hangups.close()
         self.access_log.flush()
         log.info("stopped")
         return 0

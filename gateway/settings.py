@@ -7,7 +7,7 @@ from pathlib import Path
 
 from backends.liveness import LivenessSettings
 from gateway.insight.scan import SCAN_INTERVAL
-from gateway.proxy import BACKEND_IDLE_TIMEOUT
+from gateway.proxy import BACKEND_TIMEOUT
 
 
 @dataclass
@@ -28,6 +28,6 @@ class Settings:
     probe_timeout: float = 4.0
     remote_probe_interval: float = 10.0  # remote storage served here (costs a listing)
     remote_check_timeout: float = 15.0
-    backend_timeout: float = BACKEND_IDLE_TIMEOUT  # backend silence before 504
+    backend_timeout: float = BACKEND_TIMEOUT  # the backend's next move, at most, before 504
     liveness: LivenessSettings = field(default_factory=LivenessSettings)
     scan_interval: float = SCAN_INTERVAL  # seconds between full listings of the storage

@@ -43,7 +43,7 @@ from yarl import URL
 from backends.manager import Generation
 from gateway.paths import Target
 from gateway.policy import OBJECTS, REST_MEDIA_TYPE, Backend, Request, shape_of
-from gateway.proxy import BodyRefused, StatusHook, plain
+from gateway.proxy import BodyFilter, BodyRefused, StatusHook, plain
 
 # The name operators' log filters know this from.
 log = logging.getLogger("rclone_gateway.repair")
@@ -57,6 +57,7 @@ RESTIC_BACKENDS = frozenset({Backend.RESTIC, Backend.RESTIC_APPEND_ONLY})
 PARTIAL = "object left partial by an earlier upload"
 MISMATCH_TEXT = "body does not match the object name (sha256)"
 MISMATCH_REASON = "upload does not match its object name"
+TOO_LARGE_REASON = "object too large for its kind"
 
 # Lets the request body in and gives it to be read here, through the exchange's body
 # transforms (`Upload.verify` among them for a verified upload).
@@ -92,6 +93,32 @@ class DigestMismatch(BodyRefused):
 
     def __init__(self) -> None:
         super().__init__(400, MISMATCH_TEXT, MISMATCH_REASON)
+
+
+class TooLarge(BodyRefused):
+    """The body of an upload went past the most bytes its kind of object may hold."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, too_large_text(limit), TOO_LARGE_REASON)
+
+
+def too_large_text(limit: int) -> str:
+    return f"object too large: at most {limit} bytes for its kind"
+
+
+def at_most(limit: int) -> BodyFilter:
+    """A body transform that refuses the body once more than `limit` bytes came: a body of
+    unknown length (chunked) is cut there and never sent on whole."""
+
+    async def capped(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        seen = 0
+        async for chunk in chunks:
+            seen += len(chunk)
+            if seen > limit:
+                raise TooLarge(limit)
+            yield chunk
+
+    return capped
 
 
 class RepairOutcome(Enum):

@@ -5,7 +5,9 @@ gateway's own small requests (existence checks, probes). aiohttp's general clien
 about a third of the gateway's CPU per proxied request: this one does only what a proxy
 to a known backend needs. One request at a time per connection, idle connections reused
 last-in first-out, the request body sent while the answer is awaited (a backend may
-answer before reading it all), backpressure both ways, an idle timeout on every wait.
+answer before reading it all), backpressure both ways, and a timeout on every wait for
+the backend's next move: to take more of the body, or, once the whole request is sent,
+to answer (spec section 7: while the body still flows, the backend is not idle).
 """
 
 from __future__ import annotations
@@ -65,6 +67,10 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.eof = False
         self.idle_since = 0.0
+        # The request body is still being sent: the backend owes no answer yet, so reads
+        # wait without a timer (the sender's own waits for the backend to take data have
+        # one).
+        self.sending = False
         self._waiter: asyncio.Future[None] | None = None
         self._drain: asyncio.Future[None] | None = None
         self._reading_paused = False
@@ -109,7 +115,10 @@ class _Connection(asyncio.Protocol):
 
     # --- waiting ---------------------------------------------------------------------
 
-    async def _wait(self, future: asyncio.Future[None], timeout: float) -> None:
+    async def _wait(self, future: asyncio.Future[None], timeout: float | None) -> None:
+        if timeout is None:
+            await future
+            return
         loop = asyncio.get_running_loop()
         handle = loop.call_later(timeout, _expire, future)
         try:
@@ -122,9 +131,15 @@ class _Connection(asyncio.Protocol):
             raise Broken("backend closed the connection")
         self._waiter = asyncio.get_running_loop().create_future()
         try:
-            await self._wait(self._waiter, timeout)
+            await self._wait(self._waiter, None if self.sending else timeout)
         finally:
             self._waiter = None
+
+    def body_sent(self) -> None:
+        """The request is out (or its sending ended): from now on the backend owes the
+        answer, and a read waiting for it gets its timer."""
+        self.sending = False
+        self._wake()
 
     async def write(self, data: bytes, timeout: float) -> None:
         if self.closed or self.transport is None:
@@ -363,12 +378,14 @@ class UpstreamPool:
         body: AsyncIterator[bytes] | None = None,
         *,
         content_length: int | None = None,
-        timeout: float = 30.0,
+        timeout: float = 300.0,
     ) -> Response:
         """Sends the request (its body from `body`) and reads the answer's head.
 
         `headers` must hold no framing fields: `content_length` (or chunked coding when
-        it is None and there is a body) is added here.
+        it is None and there is a body) is added here. `timeout`: seconds the backend may
+        take for its next move: to take more of the body while it is sent, to begin its
+        answer once the whole request is out, to go on with its answer.
         """
         head = _request_head(method, target, self._host, headers, body, content_length)
         for attempt in (1, 2):
@@ -378,6 +395,7 @@ class UpstreamPool:
                 if body is None:
                     await connection.write(head, timeout)
                 else:
+                    connection.sending = True
                     sender = asyncio.create_task(
                         _send_body(connection, head, body, content_length, timeout))
                 return await self._read_head(connection, method, timeout, sender)
@@ -387,9 +405,11 @@ class UpstreamPool:
                     sender.cancel()
                     with contextlib.suppress(BaseException):
                         await sender
-                    # The body's failure is what broke the exchange: say that, not the
-                    # broken connection.
-                    if not sender.cancelled() and isinstance(sender.exception(), BodyFailed):
+                    # The body's failure is what broke the exchange (the client's, or a
+                    # backend that took none of it in time): say that, not the broken
+                    # connection.
+                    if not sender.cancelled() and isinstance(
+                            sender.exception(), (BodyFailed, UpstreamFailure)):
                         raise sender.exception() from None  # type: ignore[misc]
                 # A kept-alive connection the backend closed meanwhile: an idempotent
                 # request without a body goes once more, on a fresh connection.
@@ -442,6 +462,14 @@ class UpstreamPool:
 
 async def _send_body(connection: _Connection, head: bytes, body: AsyncIterator[bytes],
                      content_length: int | None, timeout: float) -> None:
+    try:
+        await _send_request(connection, head, body, content_length, timeout)
+    finally:
+        connection.body_sent()  # in this task, before any other request may use it
+
+
+async def _send_request(connection: _Connection, head: bytes, body: AsyncIterator[bytes],
+                        content_length: int | None, timeout: float) -> None:
     chunked = content_length is None
     sent = 0
     head_sent = False
@@ -460,7 +488,7 @@ async def _send_body(connection: _Connection, head: bytes, body: AsyncIterator[b
         await connection.write(chunk, timeout)
 
     chunks = aiter(body)
-    first = asyncio.ensure_future(anext(chunks, b""))
+    first: asyncio.Future[bytes] | None = asyncio.ensure_future(anext(chunks, b""))
     try:
         # The head waits for the body's first piece, to go out with it in one segment; not
         # for long: rclone drops a connection that sends no head within 10 s, and a slow
@@ -468,11 +496,14 @@ async def _send_body(connection: _Connection, head: bytes, body: AsyncIterator[b
         if not (await asyncio.wait({first}, timeout=HEAD_ALONE_AFTER))[0]:
             head_sent = True
             await connection.write(head, timeout)
-        if chunk := await first:
+        chunk = await first
+        first = None  # the task keeps its result: not for the whole body
+        if chunk:
             await send(chunk)
         async for chunk in chunks:
             if chunk:
                 await send(chunk)
+            del chunk  # sent: not kept while the next piece is awaited (a held one, slowly)
     except UpstreamFailure:
         connection.abort()
         raise
@@ -482,7 +513,8 @@ async def _send_body(connection: _Connection, head: bytes, body: AsyncIterator[b
             raise
         raise BodyFailed(exc) from exc
     finally:
-        first.cancel()  # done already, unless this sender was cancelled waiting for it
+        if first is not None:  # cancelled while waiting for the first piece
+            first.cancel()
     if content_length is not None and sent != content_length:
         connection.abort()
         raise BodyFailed(ValueError("request body shorter or longer than its Content-Length"))

@@ -42,6 +42,21 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter,
         terminalreporter.line(f"{nodeid}: {reason}")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "image: runs the built container image; only with "
+                            "`-m image` (`make image-test`)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # The image tests need `make image` first: left out unless -m asks for them.
+    if config.option.markexpr:
+        return
+    image = [item for item in items if item.get_closest_marker("image")]
+    if image:
+        config.hook.pytest_deselected(items=image)
+        items[:] = [item for item in items if not item.get_closest_marker("image")]
+
+
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
     server = RedisServer()

@@ -395,3 +395,116 @@ def test_bad_values_are_ignored_logged_once_and_the_last_good_ones_stay(
     reread()
     assert env.concurrency()["module_cap"] == 8
     assert len(env.warnings(CONCURRENCY, "module")) == 3
+
+
+# --------------------------------------------------------------------------- wrong Redis types
+
+WRONG_TYPES: dict[str, Callable[[object, str], object]] = {  # Redis type -> how to write one
+    "string": lambda r, key: r.set(key, "10M"),  # type: ignore[attr-defined]
+    "list": lambda r, key: r.rpush(key, "module", "1"),  # type: ignore[attr-defined]
+    "set": lambda r, key: r.sadd(key, "module"),  # type: ignore[attr-defined]
+    "zset": lambda r, key: r.zadd(key, {"module": 1}),  # type: ignore[attr-defined]
+    "stream": lambda r, key: r.xadd(key, {"module": "1"}),  # type: ignore[attr-defined]
+}
+GOOD_LIMITS = {CONCURRENCY: {"node": "5"}, BWLIMIT: {"upload": "32M"}, QUOTA: {"*": "1G"}}
+
+
+def health(env: Env) -> tuple[int, dict]:
+    conn = http.client.HTTPConnection("127.0.0.1", env.gateway.port, timeout=DEADLINE)
+    try:
+        conn.request("GET", "/health")
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        conn.close()
+
+
+def test_a_limits_key_of_the_wrong_redis_type_stops_nothing_else(
+        start: Callable[..., Env], tmp_path: Path) -> None:
+    """Issue "Real links and real storage", 7: each Limits key replaced by a string, a list,
+    a set, a sorted set, a stream. New ACL users, new destinations still apply at once;
+    /health stays ok; the last good limits stay; one warning per key and change."""
+    env = start(concurrency=GOOD_LIMITS[CONCURRENCY], bwlimit=GOOD_LIMITS[BWLIMIT],
+                quota=GOOD_LIMITS[QUOTA])
+    redis_client = env.cluster.r
+    applied: dict[str, float] = {}
+
+    def read_after(published_at: float) -> float:
+        """Seconds until the gateway applied a full read of Redis made after
+        `published_at` (wall clock): /health's last_sync, no credentials tried."""
+        def synced() -> bool:
+            doc = health(env)[1]
+            return (doc["redis"]["last_sync"] or 0) >= published_at and doc["redis"]["connected"]
+        wait_for(synced, lambda: f"a read of Redis after the publish: {health(env)[1]['redis']}",
+                 pause=0.01)
+        return time.time() - published_at
+
+    def warnings_about(key: str) -> list[str]:
+        return [line for line in env.gateway.log_text().splitlines()
+                if "WARNING" in line and key in line]
+
+    for round_, (kind, write) in enumerate(WRONG_TYPES.items(), start=1):
+        pipe = redis_client.pipeline(transaction=True)
+        pipe.delete(*GOOD_LIMITS)
+        for key in GOOD_LIMITS:
+            write(pipe, key)
+        pipe.execute()
+        published = time.time()
+        env.publish()
+        # that read applied: none begun before the new user is written can end after it
+        read_after(published)
+
+        # a new user: logs in as soon as its acl-changed is read, never counted as failing
+        user = (f"node/{20 + round_}", f"secret-{round_}")
+        env.cluster.add_user(*user)
+        published = time.time()
+        env.cluster.publish("acl-changed")
+        applied[kind] = read_after(published)
+        assert env.get_config(user)[0] == 200, f"{kind}: the new user is refused"
+
+        # a new destination: served here once its event is read
+        dest = f"13d0{round_:04d}-8f8b-4c43-a1d3-7f3f5f7c1a0f"
+        directory = tmp_path / f"storage-{round_}"
+        directory.mkdir()
+        env.cluster.add_destination(dest, provider="rclone", url="rclone:local", name=kind,
+                                    basepath=str(directory),
+                                    rclone_conf=f"[{dest}]\ntype = local\n")
+        env.cluster.publish("backup-destination-changed")
+        wait_for(lambda dest=dest: env.request("GET", f"/{dest}/_probe_rest_404")[0] == 404,
+                 lambda dest=dest, kind=kind: f"{kind}: destination {dest} served: "
+                 f"{env.request('GET', f'/{dest}/_probe_rest_404')[:1]}")
+        status, doc = health(env)
+        assert (status, doc["status"], doc["redis"]["connected"]) == (200, "ok", True), doc
+
+        # the last good limits stay in force
+        limits = env.limits()
+        assert limits["concurrency"]["node_cap"] == 5, limits
+        assert limits["bandwidth"]["upload"]["schedule"] == "32M", limits
+        assert [q["quota_bytes"] for q in limits["quotas"] if q["module"] == MODULE_ID] == [
+            1 << 30], limits
+
+        # re-read while unchanged: no more warnings
+        for _ in range(3):
+            published = time.time()
+            env.publish()
+            read_after(published)
+        for key in GOOD_LIMITS:
+            lines = warnings_about(key)
+            assert len(lines) == round_, (kind, key, lines)
+            assert kind in lines[-1], (kind, lines[-1])
+
+        # good again, for the next round
+        pipe = redis_client.pipeline(transaction=True)
+        pipe.delete(*GOOD_LIMITS)
+        for key, mapping in GOOD_LIMITS.items():
+            pipe.hset(key, mapping=mapping)
+        pipe.execute()
+        published = time.time()
+        env.publish()
+        read_after(published)
+
+    log = env.gateway.log_text()
+    assert "Traceback" not in log and "unavailable" not in log, log[-4000:]
+    print("a new ACL user applied after its acl-changed publish: " + ", ".join(
+        f"{kind} {seconds * 1000:.0f} ms" for kind, seconds in applied.items()))
+    assert max(applied.values()) < 1.0, applied

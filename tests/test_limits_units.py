@@ -850,3 +850,57 @@ def test_locks_never_deleted_here_do_not_stop_the_book_learning_new_ones() -> No
     assert book.lock_size(KEY, f"{newest:064x}") == 100 + newest
     assert book.lock_size(KEY, f"{0:064x}") is None  # the oldest made room
     assert len(book.repositories[KEY].lock_sizes) == MAX_LOCKS - 1
+
+
+def listed_book(sizes: dict[RepositoryKey, int]) -> UsageBook:
+    book = UsageBook()
+    for key, size in sizes.items():
+        book.listing_started(key)
+        book.listed(key, size)
+    return book
+
+
+def test_a_directory_removed_whole_takes_the_count_of_every_repository_in_it() -> None:
+    """Issue "Real links and real storage", 8: a node's WebDAV DELETE of a repository, of
+    its app directory or of its destination."""
+    loki = RepositoryKey(DEST, "loki", UUID)
+    elsewhere = RepositoryKey("elsewhere", KEY.app, KEY.uuid)
+    book = listed_book({KEY: 1000, OTHER_KEY: 2000, loki: 3000, elsewhere: 4000})
+    book.lock_added(KEY, "l" * 64, 100)
+    assert book.gone((KEY.destination, KEY.app, KEY.uuid)) == [KEY]
+    assert book.used(KEY) == 0 and book.lock_size(KEY, "l" * 64) is None
+    assert book.check(KEY, 900, quota=1000) is None  # fits again at once
+    assert book.gone((DEST, KEY.app, KEY.uuid, "data")) == []  # inside: the listing says
+    assert book.gone((DEST, "loki")) == [loki]
+    assert sorted(book.gone((DEST,))) == sorted([KEY, OTHER_KEY, loki])
+    assert [book.used(k) for k in (OTHER_KEY, loki, elsewhere)] == [0, 0, 4000]
+
+
+def test_a_listing_under_way_when_its_repository_went_says_nothing() -> None:
+    book = listed_book({KEY: 1000})
+    book.listing_started(KEY)
+    book.gone((KEY.destination, KEY.app, KEY.uuid))
+    book.added(KEY, 50)  # the new repository's first upload
+    assert book.listed(KEY, 1000) is True  # the old content: list again once quiet
+    assert book.used(KEY) == 50
+    book.listing_started(KEY)
+    assert book.listed(KEY, 50) is False and book.used(KEY) == 50
+
+
+def test_a_repository_copied_or_moved_is_counted_where_it_landed() -> None:
+    moved = RepositoryKey(DEST, KEY.app, KEY.uuid + "-kept")
+    book = listed_book({KEY: 1000, OTHER_KEY: 2000})
+    source = (KEY.destination, KEY.app, KEY.uuid)
+    assert book.copied(source, (*source[:2], moved.uuid)) == [moved]
+    assert (book.used(moved), book.used(KEY)) == (1000, 1000)
+    # back over the repository, replacing it
+    book.added(KEY, 10)
+    assert book.copied((DEST, KEY.app, moved.uuid), source) == [KEY]
+    assert book.used(KEY) == 1000
+    # an app directory, to another app: each repository in it
+    assert book.copied((DEST, KEY.app), (DEST, "copied")) == sorted(
+        RepositoryKey(DEST, "copied", k.uuid) for k in (KEY, OTHER_KEY, moved))
+    assert book.used(RepositoryKey(DEST, "copied", OTHER_KEY.uuid)) == 2000
+    # into another repository: added to its count
+    assert book.copied(source, (DEST, OTHER_KEY.app, OTHER_KEY.uuid, "x")) == [OTHER_KEY]
+    assert book.used(OTHER_KEY) == 3000

@@ -619,3 +619,15 @@ def test_no_secret_reaches_health_or_logs(mesh: Mesh) -> None:
         for secret in secrets:
             assert secret not in health, f"node{node} /health"
             assert secret not in log, f"node{node} log"
+
+
+def test_a_forwarded_answer_keeps_rclones_server_header(mesh: Mesh) -> None:
+    """Spec section 7: restic reads `Server: rclone/<version>` to tell a listing that
+    failed inside rclone from a missing directory; through a peer it is still there."""
+    base = f"/{HOSTED_BY_2}/traefik/{TRAEFIK_UUID}"
+    for path in (f"{base}/config", f"{base}/snapshots/"):
+        status, headers, _ = mesh.request(1, "GET", path, TRAEFIK, rest=True)
+        print(f"{path} through node1: {status}, Server: {headers.get('server')!r}, "
+              f"X-Gateway-Backend: {headers.get('x-gateway-backend')!r}")
+        assert headers.get("x-gateway-backend", "").endswith("@node2"), (status, headers)
+        assert headers.get("server", "").startswith("rclone/"), (status, headers)

@@ -539,34 +539,13 @@ def test_container_install_steps_give_a_working_command(tmp_path: Path) -> None:
     settings = dict(steps)
     assert json.loads(settings["ENTRYPOINT"]) == ["rclone-gateway", "serve"]
     assert settings["USER"] not in ("root", "0")
-    podman, buildah = shutil.which("podman"), shutil.which("buildah")
-    if podman or buildah:
-        tag = f"localhost/rclone-gateway-test:{os.getpid()}"
-        builder = podman or buildah
-        container = ""
-        subprocess.run([builder, "build", "-f", str(containerfile), "-t", tag, str(REPO_ROOT)],
-                       check=True, timeout=900)
-        try:
-            if podman:
-                run = [podman, "run", "--rm", "--entrypoint", "rclone-gateway", tag, "--help"]
-            else:
-                container = subprocess.run([buildah, "from", tag], capture_output=True,
-                                           text=True, check=True).stdout.strip()
-                run = [buildah, "run", container, "--", "rclone-gateway", "--help"]
-            result = subprocess.run(run, capture_output=True, text=True, timeout=120)
-        finally:
-            if container:
-                subprocess.run([buildah, "rm", container], check=False, timeout=120)
-            subprocess.run([builder, "rmi", "-f", tag], check=False, timeout=120)
-        assert result.returncode == 0 and "serve" in result.stdout
-        return
-
-    # No image builder here: run the Containerfile's install steps on this machine, with its
-    # paths mapped into a temporary directory, and start the command they installed.
+    # The Containerfile's install steps, run on this machine with its paths mapped into a
+    # temporary directory, and the command they installed started: quick, and without
+    # podman. `make image-test` (tests/test_image.py) builds and runs the image itself.
     mapping: dict[str, Path] = {}
     for instruction, args in steps:
-        if instruction != "COPY":
-            continue
+        if instruction != "COPY" or args.startswith("--from="):
+            continue  # COPY --from: the final stage takes what the build stage installed
         *sources, destination = shlex.split(args)
         dest = tmp_path / "root" / destination.lstrip("/")
         for source in sources:
@@ -627,3 +606,11 @@ def test_systemd_unit_runs_the_gateway_as_the_old_unit_did() -> None:
     assert str(args.local_repo) == "/srv/repo"
     tmpfs = [a for a in start if a.startswith("--mount=type=tmpfs")]
     assert any(f"destination={args.runtime_dir}," in a for a in tmpfs)
+    # The old unit's volume and name, kept (a node's repository is in that volume).
+    assert "BACKUP_VOLUME=rclone-webdav" in settings["Environment"]
+    assert settings["Alias"] == ["rclone-webdav.service"]
+    # Stopping: the gateway's grace for requests in flight fits in podman's, and podman's
+    # in systemd's.
+    stop = shlex.split(settings["ExecStop"][0])
+    podman_grace = int(next(a for a in stop if a.startswith("--time=")).split("=")[1])
+    assert args.shutdown_grace < podman_grace < int(settings["TimeoutStopSec"][0])

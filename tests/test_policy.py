@@ -13,6 +13,7 @@ from gateway.policy import (
     detect_protocol,
     module_caller,
     node_caller,
+    size_limit,
 )
 
 DEST = "0d2b7ab6-8f8b-4c43-a1d3-7f3f5f7c1a01"
@@ -180,3 +181,24 @@ def test_restore_grant_follows_own_uuid() -> None:
     assert caller.restore_uuid == GRANTED
     assert caller.app == "dokuwiki"
     assert module_caller("module/x1", {"x1": OTHER}, {OWN: GRANTED}).restore_uuid is None
+
+
+SIZES = [  # (caller, protocol, method, path) -> the most bytes its body may hold
+    (MODULE, REST, "POST", f"{REPO}/config", 64 * 1024),
+    (MODULE, REST, "POST", f"{REPO}/keys/{ID}", 64 * 1024),
+    (MODULE, REST, "POST", f"{REPO}/locks/{ID}", 64 * 1024),
+    (MODULE, REST, "POST", f"{RESTORE}/locks/{ID}", 64 * 1024),  # a restore's lock too
+    *[(MODULE, REST, "POST", f"{REPO}/{t}/{ID}", None) for t in ("data", "index", "snapshots")],
+    (MODULE, REST, "POST", f"{REPO}/?create=true", None),
+    (MODULE, REST, "GET", f"{REPO}/config", None),
+    (MODULE, DAV, "POST", f"{REPO}/config", None),  # denied anyway
+    (NODE, REST, "POST", f"{REPO}/locks/{ID}", None),  # nodes are not limited
+    (NODE, REST, "POST", f"{REPO}/config", None),
+]
+
+
+@pytest.mark.parametrize("row", SIZES, ids=lambda r: f"{r[0].user}-{r[2]}-{r[3]}")
+def test_a_modules_config_keys_and_locks_are_limited_in_size(row: tuple) -> None:
+    """Spec section 4, "Sizes" (issue "Real links and real storage", 9)."""
+    caller, protocol, method, target, limit = row
+    assert size_limit(Request(caller, protocol, method, canonicalise(target))) == limit

@@ -412,7 +412,7 @@ def test_expect_100_continue_is_answered_only_after_the_policy_allows(shared: Sh
 
 
 def test_silent_backend_gets_504_after_the_backend_timeout(tmp_path: Path) -> None:
-    """docs/operations.md: a backend silent for `--backend-timeout` seconds (30 by
+    """docs/operations.md: a backend silent for `--backend-timeout` seconds (300 by
     default) gets the request answered 504. Set to 2 s here; the liveness watchdog is
     slowed down so that it does not replace the stopped child during the test."""
     with own_redis() as (server, client):
@@ -431,7 +431,7 @@ def test_silent_backend_gets_504_after_the_backend_timeout(tmp_path: Path) -> No
                 os.kill(pid, signal.SIGCONT)
             assert status == 504, (status, headers, reply)
             assert "x-gateway-backend" not in headers  # the gateway's own answer
-            # 2 s and scheduling slack; the default (30 s) would be far above this
+            # 2 s and scheduling slack; the default (300 s) would be far above this
             assert 1.5 <= took < 15, took
             # the child stayed: the same one serves once it runs again
             assert child_pid(gateway, "restic") == pid

@@ -499,3 +499,148 @@ def test_a_listing_asked_for_during_a_scan_runs_next(tmp_path: Path) -> None:
 
     asked_at, listed_at = asyncio.run(scenario())
     assert listed_at is not None and listed_at >= asked_at
+
+
+# --------------------------------------------------------------------------- small objects
+
+SMALL_MAX = 64 * 1024  # spec section 4, "Sizes": config, keys and locks
+
+
+def test_a_modules_config_keys_and_locks_over_64_kib_are_refused_before_their_body(
+        env: Env, tmp_path: Path) -> None:
+    """Issue "Real links and real storage", 9: a lock, which no quota refuses, could store
+    anything. 64 KiB passes; one byte more is 413 before the body (never a 100), and
+    nothing is stored; a chunked body is cut past the limit and leaves nothing. Nodes
+    are not limited."""
+    module = "dokuwiki1"
+    who = module_user(module)
+    base = env.base(module)
+    assert env.request("POST", f"{base}/?create=true", who, rest=True)[0] == 200
+    lines_before = len(env.access_lines())
+
+    def config_stored() -> bool:
+        return (env.repo_dir(module) / "config").exists()
+
+    # config: named `config`, not by its hash
+    statuses, body = expect_continue_upload(env, who, f"{base}/config", SMALL_MAX + 1)
+    assert statuses == [413], (statuses, body)
+    status, _, body = env.request("POST", f"{base}/config", who, body=os.urandom(SMALL_MAX + 1),
+                                  rest=True)
+    assert status == 413, body
+    assert not config_stored()
+    conn = http.client.HTTPConnection("127.0.0.1", env.gateway.port, timeout=30)
+    try:  # chunked: no Content-Length to refuse it by, cut once past the limit
+        status, _, body = send_request(
+            conn, "POST", f"{base}/config", who, rest=True,
+            body=iter([os.urandom(16 * 1024) for _ in range(5)]))
+    finally:
+        conn.close()
+    assert status == 413, body
+    wait_for(lambda: env.request("HEAD", f"{base}/config", NODE, rest=True)[0] == 404
+             and not config_stored(), SETTLE_TIMEOUT, lambda: "no config left behind")
+    config = os.urandom(SMALL_MAX)
+    status, _, body = env.request("POST", f"{base}/config", who, body=config, rest=True)
+    assert status == 200, body
+
+    # keys and locks: named by their SHA-256
+    for kind in ("keys", "locks"):
+        exact = os.urandom(SMALL_MAX)
+        assert env.post(who, module, kind, exact)[0] == 200, kind
+        assert env.stored(module, kind, hashlib.sha256(exact).hexdigest())
+        for size in (SMALL_MAX + 1, 4 << 20):
+            content = os.urandom(size)
+            object_id = hashlib.sha256(content).hexdigest()
+            statuses, body = expect_continue_upload(env, who, f"{base}/{kind}/{object_id}",
+                                                    size)
+            assert statuses == [413], (kind, size, statuses, body)
+            status, refused_id = env.post(who, module, kind, content)
+            assert status == 413, (kind, size, status)
+            assert not env.stored(module, kind, refused_id)
+    def refused_lines() -> list[dict]:
+        return [e for e in env.access_lines()[lines_before:] if e["status"] == 413]
+    # config 3 (Expect, Content-Length, chunked), keys and locks 4 each; a line is written
+    # as its request ends, which may come a moment after its answer
+    wait_for(lambda: len(refused_lines()) >= 11, SETTLE_TIMEOUT,
+             lambda: f"11 refusals in the access log: {refused_lines()}")
+    refused = refused_lines()
+    assert len(refused) == 11, refused
+    assert {e["reason"] for e in refused} == {"object too large for its kind"}, refused
+    assert {e["bytes_in"] for e in refused if e["path"].rsplit("/", 1)[-1] != "config"} == {0}
+
+    # the node is not limited: a big lock of its own, in the module's repository
+    status, node_lock = env.post(NODE, module, "locks", os.urandom(4 << 20))
+    assert status == 200
+    assert env.stored(module, "locks", node_lock)
+
+
+def test_restic_init_backup_and_unlock_pass_the_size_limit(env: Env, tmp_path: Path) -> None:
+    module = "traefik1"
+    url = env.url(module)
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "file.bin").write_bytes(os.urandom(200_000))
+    restic(url, "init")
+    restic(url, "backup", str(source))
+    restic(url, "unlock")
+    restic(url, "check")
+    assert not [e for e in env.access_lines() if e["status"] == 413]
+
+
+# --------------------------------------------------------------------------- whole repositories
+
+
+def test_a_repository_the_node_deletes_or_moves_whole_holds_nothing_after(
+        env: Env, tmp_path: Path) -> None:
+    """Issue "Real links and real storage", 8: after a node's WebDAV DELETE of a repository
+    directory (or of its app directory), or a MOVE of it away, the module re-inits and backs
+    up under its quota; a MOVE back brings its bytes back, counted at once."""
+    source = tmp_path / "big"
+    source.mkdir()
+    (source / "big.bin").write_bytes(os.urandom(1_500_000))
+    small = tmp_path / "small"
+    small.mkdir()
+    (small / "small.bin").write_bytes(os.urandom(100_000))
+
+    for module in MODULES:
+        restic(env.url(module), "init")
+        restic(env.url(module), "backup", str(source))
+        env.wait_listed_after(module, time.time())
+        assert env.wait_usage_is_disk(module, "after the first backup") > 1_500_000
+    env.set_quota({"*": "1M"})
+    env.wait_quota(dict.fromkeys(MODULES, 1 << 20))
+
+    def node_webdav(method: str, path: str, headers: dict[str, str] | None = None) -> int:
+        status, _, body = env.request(method, path, NODE, headers=headers)
+        assert 200 <= status < 300, (method, path, status, body)
+        return status
+
+    def backs_up_again(module: str, when: str) -> None:
+        assert not env.repo_dir(module).exists(), when
+        # at once: the count of the repository gone is dropped with it
+        assert env.quota_entry(module)["used_bytes"] == 0, (  # type: ignore[index]
+            when, env.quota_entry(module))
+        restic(env.url(module), "init")
+        backup = restic(env.url(module), "backup", str(small), check=False)
+        assert backup.returncode == 0, (when, backup.stderr[-2000:])
+        env.wait_listed_after(module, time.time())
+        assert env.wait_usage_is_disk(module, when) < 1 << 20
+
+    # the repository directory itself
+    node_webdav("DELETE", env.base("traefik1") + "/")
+    backs_up_again("traefik1", "after a DELETE of the repository")
+    # its app directory
+    node_webdav("DELETE", f"/{DEST}/{app_of('dokuwiki1')}")
+    backs_up_again("dokuwiki1", "after a DELETE of the app directory")
+    # moved away, then back over the new one
+    module = "mail1"
+    kept = f"/{DEST}/{app_of(module)}/{MODULES[module]}-kept"
+    address = f"http://127.0.0.1:{env.gateway.port}"
+    node_webdav("MOVE", env.base(module), {"Destination": address + kept})
+    backs_up_again(module, "after a MOVE of the repository away")
+    node_webdav("MOVE", kept, {"Destination": address + env.base(module), "Overwrite": "T"})
+    big = env.on_disk(module)
+    assert big > 1_500_000
+    # the bytes moved back are counted at once, and again by a listing
+    assert env.quota_entry(module)["used_bytes"] >= big  # type: ignore[index]
+    assert env.wait_usage_is_disk(module, "after a MOVE back") == big
+    assert env.post(module_user(module), module, "data", os.urandom(1000))[0] == 507

@@ -318,3 +318,53 @@ def test_closing_the_pool_cuts_an_upload_in_flight(tmp_path: Path) -> None:
 
     backend = run(script, client, tmp_path)
     assert 0 < len(backend.bodies[0]) < 1000
+
+
+async def slowly(pieces: int, every: float) -> AsyncIterator[bytes]:
+    for _ in range(pieces):
+        await asyncio.sleep(every)
+        yield b"x" * 1000
+
+
+def test_the_answer_wait_starts_once_the_body_is_sent(tmp_path: Path) -> None:
+    """Spec section 7: while the body still flows, the backend owes no answer; once the
+    whole request is sent, it has `timeout` seconds to answer; a backend that stops
+    taking the body has as long to take more."""
+    async def script(reader, writer, backend):  # type: ignore[no-untyped-def]
+        head = await backend.head(reader)
+        if b"/stalls" in head:
+            await asyncio.sleep(5)  # reads nothing: the client's writes wait to drain
+            return
+        backend.bodies.append(await reader.readexactly(10_000))
+        if b"/answers" in head:
+            await asyncio.sleep(0.1)
+            writer.write(ok(b"stored"))
+            await writer.drain()
+        await asyncio.sleep(5)
+
+    async def endless() -> AsyncIterator[bytes]:
+        while True:
+            await asyncio.sleep(0)
+            yield b"x" * 65536
+
+    async def client(pool: UpstreamPool, backend: Backend) -> None:
+        loop = asyncio.get_running_loop()
+        # the body takes 1 s, five times the timeout: not a timeout, the answer comes
+        async with await pool.request("PUT", "/answers", CIMultiDict(), slowly(10, 0.1),
+                                      content_length=10_000, timeout=0.2) as response:
+            assert response.status == 200
+        # the whole body sent, then silence: a timeout, counted from the body's end
+        began = loop.time()
+        with pytest.raises(Timeout):
+            await pool.request("PUT", "/silent", CIMultiDict(), slowly(10, 0.1),
+                               content_length=10_000, timeout=0.2)
+        assert 1.15 <= loop.time() - began < 3, loop.time() - began
+        # a backend that takes none of the body: a timeout too
+        began = loop.time()
+        with pytest.raises(Timeout):
+            await pool.request("PUT", "/stalls", CIMultiDict(), endless(),
+                               content_length=1 << 40, timeout=0.2)
+        assert loop.time() - began < 3, loop.time() - began
+
+    backend = run(script, client, tmp_path)
+    assert backend.bodies[0] == b"x" * 10_000

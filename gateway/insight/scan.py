@@ -156,6 +156,12 @@ class Scanner:
         self._due[key] = time.monotonic() + self.debounce
         self._wake.set()
 
+    def forget(self, keys: Iterable[RepositoryKey]) -> None:
+        """The repositories were removed whole: their figures are gone with them (a listing
+        of a repository that is no longer there finds nothing to say)."""
+        for key in keys:
+            self.stored.pop(key, None)
+
     async def _loop(self) -> None:
         next_full = time.monotonic()
         while True:

@@ -8,6 +8,8 @@ import aiohttp
 from yarl import URL
 
 from backends.manager import Generation
+from gateway.insight.scan import Scanner
+from gateway.limits.limiter import Limiter
 from gateway.paths import Target
 from gateway.policy import REST_MEDIA_TYPE, Backend
 
@@ -27,6 +29,22 @@ def when_stored(action: Callable[[], object]) -> Callable[[int], None]:
             action()
 
     return ended
+
+
+def recount_after_webdav(limits: Limiter, scanner: Scanner, method: str, target: Target,
+                         destination: Target | None) -> Callable[[], None]:
+    """What a node's successful WebDAV write does to the count: repositories removed whole
+    hold nothing at once, those copied or moved are counted where they landed, and the
+    storage is listed again where it was written."""
+
+    def recount() -> None:
+        gone, written = limits.webdav_written(
+            method, target.segments, None if destination is None else destination.segments)
+        scanner.forget(gone)
+        for key in written:
+            scanner.scan_soon(key)
+
+    return recount
 
 
 async def object_size(generation: Generation | None, backend: Backend,

@@ -15,7 +15,7 @@ from gateway.cluster import ClusterState
 from gateway.insight.record import RepositoryKey
 from gateway.limits.concurrency import InFlight
 from gateway.limits.config import Limits, LimitsKeeper
-from gateway.limits.quota import UsageBook
+from gateway.limits.quota import Segments, UsageBook
 from gateway.limits.shaping import Shaper
 from gateway.policy import app_type
 
@@ -114,6 +114,24 @@ class Limiter:
     def deleted(self, key: RepositoryKey, size: int) -> None:
         self.book.removed(key, size)
         self._note_level(key)
+
+    def webdav_written(self, method: str, target: Segments,
+                       destination: Segments | None) -> tuple[list[RepositoryKey],
+                                                              list[RepositoryKey]]:
+        """A node's WebDAV write was answered 2xx: a DELETE, or a MOVE of its source, took
+        the repositories at or below the target with it; a COPY or MOVE counted them again
+        where they landed. Returns (the repositories gone, those to list again)."""
+        written: set[RepositoryKey] = set()
+        if method in ("COPY", "MOVE") and destination is not None:
+            written.update(self.book.copied(target, destination))
+        gone = self.book.gone(target) if method in ("DELETE", "MOVE") else []
+        written.update(gone)
+        for segments in (target, destination or ()):
+            if len(segments) >= 3:  # into or inside a repository
+                written.add(RepositoryKey(*segments[:3]))
+        for key in written:
+            self._note_level(key)
+        return gone, sorted(written)
 
     # --- what the operator sees ------------------------------------------------------------
 

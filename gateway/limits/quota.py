@@ -15,6 +15,7 @@ Pure bookkeeping, no I/O; the request path and the scanner feed it.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from gateway.insight.record import RepositoryKey
@@ -38,6 +39,24 @@ class RepositoryUsage:
     # sizes of the locks uploaded through the gateway and not removed yet: a lock's DELETE
     # is counted without asking the storage (restic takes and drops one per command)
     lock_sizes: dict[str, int] = field(default_factory=dict)
+    # the repository was removed or replaced whole while a listing ran: what it finds is
+    # the old content, not to be taken
+    replaced_while_listing: bool = False
+
+
+Segments = tuple[str, ...]  # a canonical path's segments: `(destination, app, uuid, ...)`
+
+
+def segments_of(key: RepositoryKey) -> Segments:
+    return key.destination, key.app, key.uuid
+
+
+def at_or_below(keys: Iterable[RepositoryKey], directory: Segments) -> list[RepositoryKey]:
+    """The repositories in `keys` that a removal of `directory` takes with it: itself when it
+    is a repository, those under it when it is a destination or an app directory."""
+    if not 1 <= len(directory) <= 3:
+        return []
+    return sorted(key for key in keys if segments_of(key)[: len(directory)] == directory)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +90,10 @@ class UsageBook:
         """A listing ended; True when the gateway passed writes into the repository while
         it ran (it is worth listing again once things are quiet)."""
         entry = self._entry(key)
+        if entry.replaced_while_listing:
+            entry.replaced_while_listing = False
+            entry.at_listing_start, entry.removed_while_listing = None, 0
+            return True
         entry.listed = stored_bytes
         started = entry.at_listing_start
         passed = entry.since_listing - (started if started is not None else 0)
@@ -89,6 +112,39 @@ class UsageBook:
                     and entry.at_listing_start is None):
                 entry.listed, entry.since_listing = 0, max(entry.since_listing, 0)
         self.listed_destinations |= listed
+
+    # --- whole repositories ---------------------------------------------------------------
+
+    def gone(self, directory: Segments) -> list[RepositoryKey]:
+        """A node removed `directory` (a WebDAV DELETE, or the source of a MOVE): the
+        repositories at or below it hold nothing now. Returns them."""
+        keys = at_or_below(self.repositories, directory)
+        for key in keys:
+            self._emptied(key)
+        return keys
+
+    def copied(self, source: Segments, target: Segments) -> list[RepositoryKey]:
+        """A node copied (or moved) `source` to `target`, which it replaced: each repository
+        at or below `source` is counted again where it landed, what `target` held before is
+        gone. Returns the repositories written to (their storage says the rest)."""
+        carried = {key: self.used(key) for key in at_or_below(self.repositories, source)}
+        written = self.gone(target)
+        for key, used in carried.items():
+            landed = target + segments_of(key)[len(source):]
+            if len(landed) < 3:  # a repository that became an app directory: none to count
+                continue
+            into = RepositoryKey(*landed[:3])
+            if len(landed) == 3:  # a repository of its own now, holding what it carried
+                self._emptied(into)
+            written.append(into)
+            if used is not None:  # unknown: its listing says it
+                self.added(into, used)
+        return sorted(set(written))
+
+    def _emptied(self, key: RepositoryKey) -> None:
+        entry = self._entry(key)
+        entry.listed, entry.since_listing, entry.lock_sizes = 0, 0, {}
+        entry.replaced_while_listing = entry.at_listing_start is not None
 
     # --- the request path -----------------------------------------------------------------
 

@@ -82,6 +82,11 @@ class TokenBucket:
                 self._advance(time.monotonic())
                 if self.rate is None or self._allowed >= ticket:
                     break
+        except asyncio.CancelledError:
+            # The stream is gone (its client left): its piece never passes, and the
+            # streams behind it need not wait for it.
+            self._allowed += size
+            raise
         finally:
             self._waiting -= 1
         self.waited += time.monotonic() - now
@@ -146,6 +151,10 @@ class Shaper:
             if name is not None and name in self.schedules:
                 found.append(self.buckets[name])
         return found
+
+    def holds(self, direction: str, module: str | None) -> bool:
+        """Whether a limit holds a transfer in `direction` by `module` back now."""
+        return any(bucket.rate is not None for bucket in self.buckets_for(direction, module))
 
     def transform(self, direction: str, module: str | None) -> BodyFilter:
         """A body transform holding a stream to the limits in force as each piece passes:

@@ -78,9 +78,10 @@ async def to_backend(x: Exchange, uuid: str | None) -> web.StreamResponse:
             try:
                 response = await forward(
                     x.request, x.target, generation.pool(backend), label, x.outcome.transfer,
-                    body_filter=body_filter, idle_timeout=x.services.settings.backend_timeout,
+                    body_filter=body_filter, backend_timeout=x.services.settings.backend_timeout,
                     on_status=upload.refused_status_hook(x.outcome) if upload else None,
                     references=x.references, response_filter=x.response_transform,
+                    body_held=x.body_held,
                 )
             except BodyFailed as exc:
                 return await _body_failed(x, exc, upload)

@@ -10,6 +10,7 @@ from aiohttp import web
 
 from backends.manager import BackendManager
 from gateway.cluster import ClusterState
+from gateway.hangup import HangupWatch
 from gateway.insight.record import Recorder
 from gateway.insight.report import Report
 from gateway.insight.scan import Scanner
@@ -19,7 +20,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.paths import Target
 from gateway.peers import PeerGateways
 from gateway.policy import Backend, Caller, Decision, Request
-from gateway.proxy import BodyFilter, Transfer, plain, request_body, send_continue
+from gateway.proxy import BodyFilter, BodyHeld, Transfer, plain, request_body, send_continue
 from gateway.redis_source import RedisSource
 from gateway.settings import Settings
 from gateway.throttle import LoginThrottle
@@ -39,6 +40,7 @@ class Services(Protocol):
     throttle: LoginThrottle
     metrics: GatewayMetrics
     access_log: AccessLog
+    hangups: HangupWatch
     recorder: Recorder
     scanner: Scanner
     limits: Limiter
@@ -89,11 +91,14 @@ class Exchange:
         self.upload: Upload | None = None  # a POST of a restic object
         # Applied in order to the request body, wherever it goes (see `admit_body`).
         self.body_transforms: list[BodyFilter] = []
+        # Whether a limit holds the request body back now: it is then read in small pieces.
+        self.body_held: BodyHeld | None = None
         # Applied to the answer's body when it comes from a backend of this node.
         self.response_transform: BodyFilter | None = None
         # Called with the status once the request is answered (or 499), whatever the stage.
         self.at_end: list[Callable[[int], None]] = []
         self._goes_to_peer: bool | None = None
+        self._body_admitted = False
         self._caller: Caller | None = None
         self._described: Request | None = None
         self._decision: Decision | None = None
@@ -168,12 +173,18 @@ class Exchange:
         """Lets the client send its body (`Expect: 100-continue`), for whichever dispatch
         sends it on: what it must pass through on the way."""
         await send_continue(self.request)
+        if not self._body_admitted and self.request.body_exists:
+            # The body may wait unread (a bandwidth limit, a backend that does not take
+            # data): a client that leaves meanwhile must still be noticed at once.
+            unwatch = self.services.hangups.watch(self.request.transport)
+            self.at_end.append(lambda _status: unwatch())
+        self._body_admitted = True
         return _chained(self.body_transforms)
 
     async def read_body(self) -> AsyncIterator[bytes]:
         """Lets the body in to be read here rather than sent on: through the same transforms."""
         transform = await self.admit_body()
-        body = request_body(self.request, self.outcome.transfer)
+        body = request_body(self.request, self.outcome.transfer, self.body_held)
         return body if transform is None else transform(body)
 
 

@@ -18,7 +18,12 @@ from gateway.credentials import parse_basic, password_digest, verify_digest
 from gateway.http_errors import head_too_large
 from gateway.insight.page import html_page
 from gateway.insight.record import repository_path
-from gateway.limits.accounting import object_size, when_stored, written_by_webdav
+from gateway.limits.accounting import (
+    object_size,
+    recount_after_webdav,
+    when_stored,
+    written_by_webdav,
+)
 from gateway.limits.concurrency import RETRY_AFTER
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway.paths import PathError, canonicalise
@@ -32,10 +37,11 @@ from gateway.policy import (
     is_probe,
     module_caller,
     node_caller,
+    size_limit,
 )
 from gateway.proxy import plain
 from gateway.throttle import credential_key
-from gateway.upload import Upload
+from gateway.upload import TOO_LARGE_REASON, Upload, at_most, too_large_text
 from gateway.webdav_headers import RULE as REFERENCES_RULE
 from gateway.webdav_headers import HeaderRefused, references_of
 
@@ -165,6 +171,17 @@ async def webdav_references(x: Exchange) -> Answer:
     return None
 
 
+async def small_objects(x: Exchange) -> Answer:
+    """A module's config, key or lock larger than restic ever writes: 413 before its body
+    is let in (spec section 4, "Sizes"); a body of unknown length is cut past the limit."""
+    if (limit := size_limit(x.described)) is None:
+        return None
+    if (x.request.content_length or 0) > limit:
+        return x.refuse(413, TOO_LARGE_REASON, too_large_text(limit))
+    x.body_transforms.append(at_most(limit))
+    return None
+
+
 async def upload_precheck(x: Exchange) -> Answer:
     """A POST of a restic object: a module's is checked before its body is let in, and its
     body must then hash to the object's name, wherever it is sent."""
@@ -193,14 +210,18 @@ async def storage_quota(x: Exchange) -> Answer:
     """A module's upload that would take its repository over its quota: 507, before the
     body is let in. Where the repository is stored: a peer's destination is its matter.
     Also keeps the count of stored bytes up to date with every upload and delete."""
-    if x.goes_to_peer or (where := repository_path(x.target)) is None:
+    if x.goes_to_peer:
         return None
-    limits, scanner, method, key = (x.services.limits, x.services.scanner, x.request.method,
-                                    where.key)
+    limits, scanner, method = x.services.limits, x.services.scanner, x.request.method
     if x.described.protocol is not Protocol.REST:
-        if written_by_webdav(method):  # a node's WebDAV write: the storage says what it did
-            x.at_end.append(when_stored(lambda: scanner.scan_soon(key)))
+        if written_by_webdav(method):  # a node's: a repository may go or come whole
+            moved_to = x.references.destination if x.references is not None else None
+            x.at_end.append(when_stored(
+                recount_after_webdav(limits, scanner, method, x.target, moved_to)))
         return None
+    if (where := repository_path(x.target)) is None:
+        return None
+    key = where.key
     if method == "POST" and where.kind is not None and (where.object_id or where.kind == "config"):
         size = x.request.content_length or 0
         module = x.caller.module_id
@@ -233,6 +254,7 @@ async def bandwidth(x: Exchange) -> Answer:
     module = x.caller.module_id
     if x.request.body_exists:
         x.body_transforms.append(shaper.transform("upload", module))
+        x.body_held = lambda: shaper.holds("upload", module)
     x.response_transform = shaper.transform("download", module)
     return None
 
@@ -252,6 +274,7 @@ STAGES: tuple[Stage, ...] = (
     policy,             # 403
     webdav_references,  # 400, 403
     concurrency_cap,    # 503
+    small_objects,      # 413
     upload_precheck,    # 411, 400
     storage_quota,      # 507
     bandwidth,          # shapes both bodies
