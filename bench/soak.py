@@ -16,6 +16,18 @@ directory under var/, and for the whole run, concurrently:
   stopped (SIGSTOP, left stopped: the liveness watchdog must replace it);
 - a neighbour sends a few requests a second as `node/1` with a wrong password.
 
+Over real links and real storage (issue 18; `--no-slow-links` leaves them out):
+
+- two more module repositories live on network storage served on this machine, an S3
+  destination (`rclone serve s3`) and an SFTP one (`rclone serve sftp`), each reached
+  through the suite's fault-injecting proxy with a little latency added; the requests
+  each remote sees are counted;
+- the first module reaches the gateway over a slow link: its restic talks to a shaping
+  proxy (a bandwidth cap and latency) in front of the gateway;
+- the node uploads a cluster backup over WebDAV at 1 MB/s, paced by the client, large
+  enough to last longer than 30 s, alternately to this node's disk and to the S3
+  destination; each is read back and compared, the older ones deleted.
+
 With the limits of issue 13 on (the default; `--no-limits` runs without them), as a
 cluster sets them in Redis before the gateway starts:
 
@@ -73,19 +85,25 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
+from faultproxy import FaultProxy  # noqa: E402
 from harness import (  # noqa: E402
     Cluster,
     GatewayProcess,
     RedisServer,
+    basic,
+    free_port,
     send_request,
     stop_process,
 )
+from remotes import S3Storage, SftpStorage, Storage  # noqa: E402
 
 from gateway.limits.values import BadValue, format_size, parse_rate, parse_size  # noqa: E402
 
 DEST_LOCAL = "50a50a50-8f8b-4c43-a1d3-7f3f5f7c1a01"  # provider cluster, this node's disk
 DEST_REMOTE = "50a50a50-1b2a-4d6e-9f70-aa11bb22cc33"  # provider rclone, type local
 DEST_EXTRA = "50a50a50-3c4d-4e5f-8a9b-0c1d2e3f4a5b"  # comes and goes during the run
+DEST_S3 = "50a50a50-5e6f-4a7b-8c9d-0e1f2a3b4c5d"  # rclone serve s3, through a fault proxy
+DEST_SFTP = "50a50a50-7a8b-4c9d-8e0f-1a2b3c4d5e6f"  # rclone serve sftp, through one too
 NODE_VPN_IP = "10.5.4.1"
 NODE = ("node/1", "soak-node-secret")
 WRONG = ("node/1", "not-the-node-password")
@@ -134,6 +152,7 @@ class Module:
     password: str
     dest: str
     overflow: bool = False  # fills its small quota: its backups end refused (507)
+    slow_link: bool = False  # its restic reaches the gateway through the shaping proxy
 
     @property
     def user(self) -> str:
@@ -245,10 +264,49 @@ class Stats:
     max_in_flight: Counter = field(default_factory=Counter)  # user -> most seen in /status
     overflow_disk_max: tuple[int, float] = (0, 0.0)  # its bytes on disk, sampled: most, when
     status_samples: int = 0
+    # the node's cluster backups at 1 MB/s: (start, end, destination, status, equal read)
+    slow_uploads: list[tuple[float, float, str, int, bool]] = field(default_factory=list)
 
     def call(self, c: Call) -> None:
         with self.lock:
             self.calls.append(c)
+
+
+@dataclass
+class SlowLinks:
+    """The run's network storage and slow link: an S3 and an SFTP server on this machine,
+    each behind a fault proxy that the gateway's rclone children go through, and a shaping
+    proxy in front of the gateway for the slow-link module's restic."""
+
+    storages: list[Storage]
+    remote_links: dict[str, FaultProxy]  # destination -> the proxy its child reaches it by
+    trees: dict[str, Path]  # destination -> the directory its tree is stored in
+    client_link: FaultProxy
+
+    @classmethod
+    def start(cls, args: argparse.Namespace, workdir: Path, cluster: Cluster,
+              gateway_port: int) -> SlowLinks:
+        s3 = S3Storage(workdir / "s3-storage", workdir / "s3")
+        sftp = SftpStorage(workdir / "sftp-storage", workdir / "sftp")
+        links = cls([s3, sftp], {}, {}, FaultProxy(("127.0.0.1", gateway_port)))
+        try:
+            for storage, dest in ((s3, DEST_S3), (sftp, DEST_SFTP)):
+                storage.start()
+                proxy = storage.proxy()
+                proxy.latency = args.remote_latency
+                links.remote_links[dest] = proxy
+                links.trees[dest] = storage.destination(cluster, dest, proxy)
+            links.client_link.bandwidth = args.slow_link_rate
+            links.client_link.latency = args.slow_link_latency
+        except BaseException:
+            links.stop()
+            raise
+        return links
+
+    def stop(self) -> None:
+        self.client_link.close()
+        for storage in self.storages:
+            storage.stop()
 
 
 # --------------------------------------------------------------------------- /proc
@@ -316,7 +374,7 @@ def disk_files(directory: Path) -> dict[Path, int]:
 class Soak:
     def __init__(self, args: argparse.Namespace, workdir: Path, gateway: GatewayProcess,
                  cluster: Cluster, modules: list[Module], remote_dir: Path,
-                 extra_dir: Path) -> None:
+                 extra_dir: Path, links: SlowLinks | None = None) -> None:
         self.args = args
         self.workdir = workdir
         self.gateway = gateway
@@ -324,6 +382,7 @@ class Soak:
         self.modules = modules
         self.remote_dir = remote_dir
         self.extra_dir = extra_dir
+        self.links = links
         self.stats = Stats()
         self.stop = threading.Event()
         self.aborted = False
@@ -335,7 +394,7 @@ class Soak:
         self.windows: list[Window] = []
         self.procs: set[subprocess.Popen] = set()
         self.procs_lock = threading.Lock()
-        self.restic_exe = shutil.which("restic") or "restic"
+        self.restic_exe = args.restic
         self.ready_at = time.time()  # the gateway answered /health with 200
         self.t0 = 0.0
         self.t_end = 0.0
@@ -380,12 +439,20 @@ class Soak:
 
     def repo_dir(self, module: Module) -> Path:
         """Where the module's repository is on disk."""
-        base = self.remote_dir if module.dest == DEST_REMOTE else self.gateway.local_repo
+        if module.dest == DEST_REMOTE:
+            base = self.remote_dir
+        elif self.links is not None and module.dest in self.links.trees:
+            base = self.links.trees[module.dest]
+        else:
+            base = self.gateway.local_repo
         return base / module.app / module.uuid
 
     def repo_url(self, module: Module, who: tuple[str, str]) -> str:
         user = who[0].replace("/", "%2F")
-        return f"rest:http://{user}:{who[1]}@127.0.0.1:{self.gateway.port}{module.path}/"
+        port = self.gateway.port
+        if module.slow_link and who[0] == module.user and self.links is not None:
+            port = self.links.client_link.port
+        return f"rest:http://{user}:{who[1]}@127.0.0.1:{port}{module.path}/"
 
     def restic(self, op: str, module: Module, who: tuple[str, str], *args: str,
                timeout: float = 900, refusal_expected: bool = False) -> bool:
@@ -394,7 +461,8 @@ class Soak:
         (`self.refused` is then True)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("RESTIC_")}
         env["RESTIC_PASSWORD"] = RESTIC_PASSWORD
-        argv = [self.restic_exe, "-r", self.repo_url(module, who), "--no-cache", *args]
+        exe = self.args.overflow_restic if module.overflow else self.restic_exe
+        argv = [exe, "-r", self.repo_url(module, who), "--no-cache", *args]
         started = time.time()
         backup = op == "backup"
         with self.stats.lock:
@@ -597,6 +665,91 @@ class Soak:
                                {200, 204}, "DELETE cluster-backup")
             n += 1
             if not self.sleep(self.rng.uniform(0.5, 1.5)):
+                break
+
+    def paced_put(self, path: str, size: int, rate: float) -> tuple[int, str]:
+        """A WebDAV PUT of `size` random bytes as the node, sent at `rate` bytes/s by the
+        client itself; the answer's status and the SHA-256 of what was sent."""
+        digest = hashlib.sha256()
+        piece = 64 * 1024
+
+        def body() -> Iterator[bytes]:
+            started = time.monotonic()
+            sent = 0
+            while sent < size:
+                chunk = os.urandom(min(piece, size - sent))
+                digest.update(chunk)
+                yield chunk
+                sent += len(chunk)
+                ahead = sent / rate - (time.monotonic() - started)
+                if ahead > 0:
+                    time.sleep(ahead)
+
+        conn = http.client.HTTPConnection("127.0.0.1", self.gateway.port, timeout=600)
+        try:
+            conn.request("PUT", path, body=body(),
+                         headers={"Authorization": basic(*NODE), "Content-Length": str(size)})
+            response = conn.getresponse()
+            response.read()
+            return response.status, digest.hexdigest()
+        except (OSError, http.client.HTTPException):
+            return 0, digest.hexdigest()
+        finally:
+            conn.close()
+
+    def read_digest(self, path: str) -> str | None:
+        """The SHA-256 of a node's GET of `path`, streamed; None unless 200."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.gateway.port, timeout=120)
+        try:
+            conn.request("GET", path, headers={"Authorization": basic(*NODE)})
+            response = conn.getresponse()
+            digest = hashlib.sha256()
+            while chunk := response.read(256 * 1024):
+                digest.update(chunk)
+            return digest.hexdigest() if response.status == 200 else None
+        except (OSError, http.client.HTTPException):
+            return None
+        finally:
+            conn.close()
+
+    def clear_of_faults(self, seconds: float) -> bool:
+        """No fault window open now, and none due to open within `seconds`."""
+        now = time.time()
+        due = (self.t0 + self.args.duration / 3, self.t0 + 2 * self.args.duration / 3)
+        if any(now - WINDOW_MARGIN <= t <= now + seconds for t in due):
+            return False
+        return not any(w.start <= now and (w.recovered is None or now <= w.end)
+                       for w in self.windows)
+
+    def node_slow_upload_loop(self) -> None:
+        """The node's cluster backup at 1 MB/s, to this node's disk and to S3 in turn; each
+        starts only where it ends before the next fault window (a child killed or stopped
+        under it would break it, which says nothing of slow links)."""
+        assert self.links is not None
+        lasts = self.args.slow_upload_size / self.args.slow_upload_rate + 10
+        n = 0
+        while not self.stop.is_set():
+            if time.time() + lasts > self.t_end or not self.clear_of_faults(lasts):
+                if not self.sleep(1.0):
+                    break
+                continue
+            dest = (DEST_LOCAL, DEST_S3)[n % 2]
+            path = f"/{dest}/slow-cluster-backup-{n}.json.gz.gpg"
+            started = time.time()
+            status, sent = self.paced_put(path, self.args.slow_upload_size,
+                                          self.args.slow_upload_rate)
+            ended = time.time()
+            equal = status in (201, 204) and self.read_digest(path) == sent
+            with self.stats.lock:
+                self.stats.slow_uploads.append((started, ended, dest, status, equal))
+            say(f"slow link: the node's {self.args.slow_upload_size / MiB:.0f} MiB at "
+                f"{self.args.slow_upload_rate / 1e6:g} MB/s to {dest[:13]}: {status} after "
+                f"{ended - started:.0f} s" + ("" if equal else ", NOT read back equal"))
+            if n >= 2:
+                old = f"/{(DEST_LOCAL, DEST_S3)[n % 2]}/slow-cluster-backup-{n - 2}.json.gz.gpg"
+                self.request("DELETE", old, NODE)
+            n += 1
+            if not self.sleep(1.0):
                 break
 
     def node_restic_loop(self) -> None:
@@ -919,6 +1072,8 @@ class Soak:
         ]
         if self.args.limits:
             threads.append(self.worker("limits", self.limits_loop))
+        if self.links is not None:
+            threads.append(self.worker("node-slow-upload", self.node_slow_upload_loop))
         faults = self.worker("faults", self.faults_loop)
         last = 0.0
         while time.time() < self.t_end:
@@ -1124,6 +1279,8 @@ def summary(soak: Soak, *, final_health: dict, metrics: str, idle: dict[str, flo
         f"({', '.join(f'{k}: {n}' for k, n in sorted(s.neighbour.items()))}); other than "
         f"401/429: {sum(odd.values())}   must be 0: {v.must('neighbour refused', not odd)}")
 
+    if soak.links is not None:
+        slow_links_summary(soak, v, add)
     if soak.args.limits:
         limits_summary(soak, v, add, entries, metrics, final_status)
     else:
@@ -1189,6 +1346,32 @@ def summary(soak: Soak, *, final_health: dict, metrics: str, idle: dict[str, flo
     failed = [what for what, ok in v.musts if not ok]
     add("result: PASS" if v.passed else f"result: FAIL ({'; '.join(failed)})")
     return "\n".join(out), v.passed
+
+
+def slow_links_summary(soak: Soak, v: Verdict, add: Callable[[str], None]) -> None:
+    links = soak.links
+    assert links is not None
+    s = soak.stats
+    minutes = max(soak.t_end - soak.t0, 1.0) / 60
+    s3 = links.remote_links[DEST_S3]
+    sftp = links.remote_links[DEST_SFTP]
+    add(f"remote storage (latency {soak.args.remote_latency * 1000:.0f} ms added): the S3 "
+        f"server saw {s3.request_count()} requests ({s3.request_count() / minutes:.0f} a "
+        f"minute under load), the SFTP server {sftp.connections} connections")
+    slow = [m for m in soak.modules if m.slow_link]
+    add(f"slow link: {', '.join(m.name for m in slow) or 'no module'} through a proxy of "
+        f"{soak.args.slow_link_rate / 1e6:g} MB/s and {soak.args.slow_link_latency * 1000:.0f}"
+        f" ms; its requests: {links.client_link.request_count()}")
+    uploads = s.slow_uploads  # each between the fault windows: see node_slow_upload_loop
+    bad = [u for u in uploads if not (u[3] in (201, 204) and u[4])]
+    took = [u[1] - u[0] for u in uploads if u[3] in (201, 204)]
+    took_text = f", {min(took):.0f}-{max(took):.0f} s each" if took else ""
+    add(f"node's cluster backups of {soak.args.slow_upload_size / MiB:.0f} MiB at "
+        f"{soak.args.slow_upload_rate / 1e6:g} MB/s, between the fault windows: "
+        f"{len(uploads)}{took_text}; not stored and read back equal: {len(bad)}   must be 0: "
+        f"{v.must('slow cluster backups stored', bool(uploads) and not bad)}")
+    for start, end, dest, status, _ in bad[:4]:
+        add(f"  at {clock(start)}-{clock(end)} PUT to {dest}: {status}")
 
 
 def metric_value(metrics: str, name: str, **labels: str) -> float:
@@ -1428,7 +1611,7 @@ def seed_limits(cluster: Cluster, args: argparse.Namespace, modules: list[Module
     overflowing module's own small one, and the gateway's `upload` limit. No concurrency
     key: the default cap of 8 per module is what is measured."""
     pipe = cluster.r.pipeline(transaction=True)
-    for dest in (DEST_LOCAL, DEST_REMOTE):
+    for dest in sorted({m.dest for m in modules}):
         fields = {"*": args.quota}
         fields.update({m.name: args.overflow_quota for m in modules
                        if m.overflow and m.dest == dest})
@@ -1454,7 +1637,7 @@ def seed_cluster(cluster: Cluster, modules: list[Module], remote_dir: Path) -> N
                             rclone_conf=f"[{DEST_REMOTE}]\ntype = local\n")
 
 
-def versions(rclone: str) -> str:
+def versions(rclone: str, restic: str, overflow_restic: str) -> str:
     def first_line(argv: list[str]) -> str:
         try:
             out = subprocess.run(argv, capture_output=True, text=True, timeout=10).stdout
@@ -1462,7 +1645,10 @@ def versions(rclone: str) -> str:
             return "?"
         return (out.splitlines() or ["?"])[0].strip()
 
-    return f"{first_line([rclone, 'version'])}; {first_line(['restic', 'version'])}"
+    text = f"{first_line([rclone, 'version'])}; {first_line([restic, 'version'])}"
+    if overflow_restic != restic:
+        text += f"; {OVERFLOW}: {first_line([overflow_restic, 'version'])}"
+    return text
 
 
 def main() -> int:
@@ -1498,6 +1684,26 @@ def main() -> int:
                              "past 80 %%, the fifth is refused)")
     parser.add_argument("--overflow-file", type=int, default=MiB,
                         help="bytes of new random data it backs up each round (default 1 MiB)")
+    parser.add_argument("--no-slow-links", dest="slow_links", action="store_false",
+                        help="no S3 and SFTP destinations, no slow link, no 1 MB/s upload")
+    parser.add_argument("--remote-latency", type=float, default=0.02,
+                        help="seconds added to each piece of data to the remote storage")
+    parser.add_argument("--slow-link-rate", type=float, default=2e6,
+                        help="bytes/s of the slow-link module's link (default 2e6)")
+    parser.add_argument("--slow-link-latency", type=float, default=0.05,
+                        help="seconds of latency on that link (default 0.05)")
+    parser.add_argument("--slow-upload-size", type=int, default=40 * MiB,
+                        help="bytes of the node's cluster backup sent at 1 MB/s (40 MiB)")
+    parser.add_argument("--slow-upload-rate", type=float, default=1e6,
+                        help="bytes/s the node sends it at (default 1e6)")
+    newest_restic = ROOT / ".venv" / "bin" / "restic-0.18"
+    parser.add_argument("--restic", default=str(newest_restic) if newest_restic.exists()
+                        else shutil.which("restic") or "restic",
+                        help="the restic client (default: 0.18, the one the cluster ships, "
+                             "where `make bootstrap` put it)")
+    parser.add_argument("--overflow-restic", default=shutil.which("restic") or "restic",
+                        help="the overflowing module's restic (default: the system's 0.14; "
+                             "0.18.0 retries a 507 for 15 minutes, 0.18.1 gives up at once)")
     parser.add_argument("--seed", type=int, default=4694)
     parser.add_argument("--summary", type=Path, default=ROOT / "var" / "soak-summary.txt",
                         help="where to write the summary ('-': nowhere)")
@@ -1505,14 +1711,14 @@ def main() -> int:
     args = parser.parse_args()
     if args.duration < 30:
         parser.error("--duration: at least 30 seconds")
-    if args.modules < 2:
-        parser.error("--modules: at least 2")
+    if args.modules < (4 if args.slow_links else 2):
+        parser.error("--modules: at least 2, 4 with the slow links")
     for option in ("upload_limit", "upload_limit_high", "quota", "overflow_quota"):
         try:
             (parse_rate if option.startswith("upload") else parse_size)(getattr(args, option))
         except BadValue as exc:
             parser.error(f"--{option.replace('_', '-')}: {exc}")
-    for tool in ("restic", "redis-server"):
+    for tool in (args.restic, args.overflow_restic, "redis-server"):
         if not shutil.which(tool):
             raise SystemExit(f"soak: {tool} is needed (run `make bootstrap`)")
     rclone = str(Path(sys.executable).parent / "rclone")
@@ -1536,8 +1742,17 @@ def main() -> int:
         h = f"{rng.getrandbits(128):032x}"
         return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-8{h[17:20]}-{h[20:]}"
 
+    def destination_of(i: int) -> str:
+        if i == args.modules:
+            return DEST_REMOTE
+        if args.slow_links and i == args.modules - 1:
+            return DEST_SFTP
+        if args.slow_links and i == args.modules - 2:
+            return DEST_S3
+        return DEST_LOCAL
+
     modules = [Module(f"soak{i}", uuid4(), f"soak{i}-secret-{rng.getrandbits(32):08x}",
-                      DEST_REMOTE if i == args.modules else DEST_LOCAL)
+                      destination_of(i), slow_link=args.slow_links and i == 1)
                for i in range(1, args.modules + 1)]
     if args.limits:
         modules.append(Module(OVERFLOW, uuid4(), f"{OVERFLOW}-secret-{rng.getrandbits(32):08x}",
@@ -1545,19 +1760,23 @@ def main() -> int:
     redis_server: RedisServer | None = None
     gateway: GatewayProcess | None = None
     soak: Soak | None = None
+    links: SlowLinks | None = None
     threads: list[threading.Thread] = []
     code = 1
     try:
         redis_server = RedisServer(workdir / "redis")
         cluster = Cluster(redis_server.client())
         seed_cluster(cluster, modules, remote_dir)
+        gateway_port = free_port()
+        if args.slow_links:
+            links = SlowLinks.start(args, workdir, cluster, gateway_port)
         if args.limits:
             seed_limits(cluster, args, modules)
         gateway = GatewayProcess.start(redis_server.url, "1", workdir / "gateway",
-                                       extra_args=LIVENESS)
+                                       port=gateway_port, extra_args=LIVENESS)
         say(f"soak: gateway pid {gateway.pid} on {gateway.url}, redis on port "
             f"{redis_server.port}, work dir {workdir}")
-        soak = Soak(args, workdir, gateway, cluster, modules, remote_dir, extra_dir)
+        soak = Soak(args, workdir, gateway, cluster, modules, remote_dir, extra_dir, links)
         soak.init_repositories()
         if args.limits:
             soak.wait_limits_in_force()
@@ -1609,7 +1828,8 @@ def main() -> int:
             soak, final_health=final_health, metrics=metrics, idle=cpu, idle_pids=idle_pids,
             gateway_idle=gateway_idle, vm_hwm_kb=vm_hwm, vm_rss_kb=vm_rss,
             children_after=children_after, stop_code=stop_code, left_behind=left,
-            log_text=log_text, versions=versions(rclone), usage=usage,
+            log_text=log_text, usage=usage,
+            versions=versions(rclone, args.restic, args.overflow_restic),
             settled_after=settled_after, final_status=final_status)
         print(text, flush=True)
         if str(args.summary) != "-":
@@ -1634,6 +1854,8 @@ def main() -> int:
             if code not in (0, 1):
                 with contextlib.suppress(OSError):
                     (ROOT / "var" / "soak-gateway.log").write_text(gateway.log_text())
+        if links is not None:
+            links.stop()
         if redis_server is not None:
             redis_server.stop()
         if args.keep:
