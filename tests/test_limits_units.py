@@ -19,6 +19,7 @@ import pytest
 
 from gateway.limits.concurrency import InFlight
 from gateway.limits.config import DEFAULT_MODULE_CAP, Limits, LimitsKeeper, RawLimits
+from gateway.limits.limiter import Limiter
 from gateway.limits.quota import MAX_LOCKS, UsageBook
 from gateway.limits.shaping import BURST_SECONDS, MIN_BURST, SLICE, Shaper, TokenBucket
 from gateway.limits.values import (
@@ -904,3 +905,14 @@ def test_a_repository_copied_or_moved_is_counted_where_it_landed() -> None:
     # into another repository: added to its count
     assert book.copied(source, (DEST, OTHER_KEY.app, OTHER_KEY.uuid, "x")) == [OTHER_KEY]
     assert book.used(OTHER_KEY) == 3000
+
+
+def test_a_nodes_metadata_file_beside_a_repository_is_no_repository() -> None:
+    # A node's PUT of <uuid>.json was taken for a write into a repository named so, which
+    # the storage scan then listed and /status showed as a stale repository.
+    limiter = Limiter(lambda: None)
+    dest, app, uuid = "d" * 8, "traefik", "1a5e1111-2f87-4e7b-9a34-0a1d9f9e4b01"
+    gone, written = limiter.webdav_written("PUT", (dest, app, f"{uuid}.json"), None)
+    assert (gone, written) == ([], [])
+    _, written = limiter.webdav_written("PUT", (dest, app, uuid, "data", "ab", "x"), None)
+    assert written == [RepositoryKey(dest, app, uuid)]

@@ -17,7 +17,7 @@ from gateway.limits.quota import Segments, UsageBook
 from gateway.limits.shaping import Shaper
 from gateway.limits.views import QuotaView
 from gateway.policy import app_type
-from gateway.repository import RepositoryKey
+from gateway.repository import RepositoryKey, address_of
 
 
 class Limiter:
@@ -106,8 +106,9 @@ class Limiter:
         gone = self.book.gone(target) if method in ("DELETE", "MOVE") else []
         written.update(gone)
         for segments in (target, destination or ()):
-            if len(segments) >= 3:  # into or inside a repository
-                written.add(RepositoryKey(*segments[:3]))
+            address = address_of(segments, trailing_slash=False)
+            if address is not None and not address.metadata:  # into or inside a repository
+                written.add(address.key)
         for key in written:
             self._note_level(key)
         return gone, sorted(written)
