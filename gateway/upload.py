@@ -220,7 +220,13 @@ class Upload:
         # restic retries an upload whose answer it lost (a backend or peer died after storing
         # it). Stored bytes and sent bytes both hash to the object's name: they are the same
         # bytes, so the retry succeeds and nothing is written.
-        if repair.outcome is RepairOutcome.COMPLETE and await self._reads_whole(await read_body()):
+        try:
+            same = (repair.outcome is RepairOutcome.COMPLETE
+                    and await self._reads_whole(await read_body()))
+        except BodyRefused as refusal:  # not a mismatch: the body stalled, or grew too large
+            notes.reason = refusal.reason
+            return refusal.answer()
+        if same:
             notes.reason = "object stored already with the same content"
             return plain(200, "object stored already")
         notes.reason = "object exists already"
@@ -283,7 +289,7 @@ class Upload:
         try:
             async for _ in body:
                 pass
-        except BodyRefused:
+        except DigestMismatch:
             return False
         return self.body_matched
 

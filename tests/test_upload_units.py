@@ -1,0 +1,72 @@
+"""`Upload` alone: what a module's upload over an object already stored is answered when
+its body does not come whole. The storage side (whether the object exists, whether it is
+whole) is given; the body is a generator."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator
+from types import SimpleNamespace
+
+import pytest
+
+from gateway.paths import canonicalise
+from gateway.policy import Backend
+from gateway.proxy import BodyRefused
+from gateway.upload import Repair, RepairOutcome, Upload
+
+CONTENT = b"restic pack" * 100
+OBJECT_ID = hashlib.sha256(CONTENT).hexdigest()
+TARGET = f"/dest/traefik/1a5e1111-2f87-4e7b-9a34-0a1d9f9e4b01/data/{OBJECT_ID}"
+
+
+def stored_whole_upload() -> Upload:
+    upload = Upload(canonicalise(TARGET), OBJECT_ID, Backend.RESTIC_APPEND_ONLY, verified=True)
+
+    async def exists() -> bool:
+        return True
+
+    async def repair() -> Repair:
+        return Repair(RepairOutcome.COMPLETE)
+
+    upload._exists = exists  # type: ignore[method-assign]
+    upload.repair = repair  # type: ignore[method-assign]
+    return upload
+
+
+def answer_to(upload: Upload, body: AsyncIterator[bytes]) -> tuple[int, str]:
+    notes = SimpleNamespace(reason="")
+
+    async def read_body() -> AsyncIterator[bytes]:
+        return upload.verify(body)
+
+    response = asyncio.run(upload.over_existing_object(read_body, notes))
+    assert response is not None
+    return response.status, notes.reason
+
+
+async def pieces(*chunks: bytes, then: BaseException | None = None) -> AsyncIterator[bytes]:
+    for chunk in chunks:
+        yield chunk
+    if then is not None:
+        raise then
+
+
+def test_a_retry_with_the_same_bytes_is_answered_200_without_a_write() -> None:
+    assert answer_to(stored_whole_upload(), pieces(CONTENT[:500], CONTENT[500:]))[0] == 200
+
+
+def test_other_bytes_over_a_stored_object_are_refused_403() -> None:
+    status, reason = answer_to(stored_whole_upload(), pieces(b"x" * len(CONTENT)))
+    assert (status, reason) == (403, "object exists already")
+
+
+@pytest.mark.parametrize("refusal", [BodyRefused(408, "request body timeout\n",
+                                                 "request body timeout")],
+                         ids=["stalled body"])
+def test_a_body_refused_for_another_reason_gets_its_own_answer(refusal: BodyRefused) -> None:
+    # A retry whose client stalled mid-body was answered 403 "the object exists already",
+    # as if it had other bytes: its 408 was lost.
+    status, reason = answer_to(stored_whole_upload(), pieces(CONTENT[:500], then=refusal))
+    assert (status, reason) == (refusal.status, refusal.reason)
