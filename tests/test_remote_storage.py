@@ -8,6 +8,8 @@ storage sees and can slow, reset or blackhole the link (spec sections 6 and 7).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import http.client
 import json
 import os
@@ -21,7 +23,9 @@ from pathlib import Path
 import pytest
 from faultproxy import FaultProxy
 from harness import RESTIC_BINARIES, Cluster, GatewayProcess, restic, send_request
-from remotes import S3Storage, SftpStorage
+from remotes import RCLONE, S3Storage, SftpStorage
+
+from backends.remote_check import check_remote
 
 NODE = ("node/1", "node-secret-1")
 TRAEFIK = ("module/traefik1", "traefik-secret")
@@ -328,3 +332,50 @@ def test_restic_backs_up_and_restores_through_an_sftp_remote(
     assert same_tree(tmp_path / "out" / data.relative_to("/"), data)
     assert (stored / "traefik" / module_uuid / "config").is_file()
     assert proxy.connections >= 1
+
+
+# --------------------------------------------------------------------------- the probe itself
+
+
+def rclone_processes_under(directory: Path) -> list[int]:
+    """Pids of the `rclone lsjson` processes naming `directory`, and of this process's
+    children left unreaped (zombies, whose command line is gone)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            fields = dict(line.split(":\t", 1) for line in
+                          (entry / "status").read_text().splitlines() if ":\t" in line)
+        except OSError:
+            continue
+        if (str(directory).encode() in cmdline and b"lsjson" in cmdline) or (
+                fields.get("State", "").startswith("Z") and fields.get("PPid") == str(os.getpid())):
+            found.append(int(entry.name))
+    return found
+
+
+def test_a_cancelled_probe_leaves_no_listing_running(s3: S3Storage, tmp_path: Path) -> None:
+    """A probe cancelled while its listing hangs on a dark remote (the gateway stops, a
+    reload forgets the destination) ends and reaps its `rclone lsjson`."""
+    proxy = s3.proxy()
+    section = s3.section("probe", f"http://{proxy.host}:{proxy.port}").splitlines()[1:]
+    workdir = tmp_path / "probes"
+
+    async def run() -> None:
+        probe = asyncio.ensure_future(check_remote(
+            RCLONE, "probe", section, s3.bucket, workdir=workdir,
+            env={"PATH": os.environ["PATH"], "HOME": str(tmp_path)}, timeout=20))
+        await asyncio.sleep(1.5)
+        assert not probe.done()
+        assert rclone_processes_under(workdir)  # the listing hangs in the blackhole
+        probe.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await probe
+
+    with proxy.blackholed():
+        asyncio.run(run())
+        left = rclone_processes_under(workdir)
+    print(f"\nprocesses left by the cancelled probe: {left}")
+    assert left == []
