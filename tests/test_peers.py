@@ -251,3 +251,46 @@ def test_a_confirmation_waits_for_a_probe_started_after_it() -> None:
             await reach.close()
 
     asyncio.run(run())
+
+
+def test_a_destination_served_again_is_not_down_from_before() -> None:
+    """Found down, dropped from the served set by a reload, served again: its requests are
+    not given up at once on the old verdict."""
+    async def run() -> None:
+        reach = Reachability(interval=60, fast_interval=3)
+        now = time.monotonic()
+        reach.schedule(["remote"], now)
+        reach.mark("remote", "remote did not answer within 4 s")
+        reach.schedule([], now)
+        reach.schedule(["remote"], now)
+        assert reach.reachable("remote")
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(reach.went_down("remote"), 0.2)
+
+    asyncio.run(run())
+
+
+def test_a_probe_brought_forward_does_not_wait_for_another_destinations() -> None:
+    """One dark destination, probed every few seconds with each probe taking its whole
+    timeout, does not hold up the probe another destination's failed request asks for."""
+    async def check(uuid: str) -> str | None:
+        if uuid == "dark":
+            await asyncio.sleep(2)
+            return "remote did not answer within 2 s"
+        return "connection refused" if uuid == "lost" else None
+
+    async def run() -> None:
+        reach = Reachability(interval=60, fast_interval=0.5)
+        reach.start(lambda: ["dark", "lost"], check)
+        try:
+            await asyncio.sleep(0.05)
+            reach.probe_soon("dark")
+            await asyncio.sleep(0.2)  # the dark one's probe is under way
+            asked = time.monotonic()
+            assert not await reach.confirm("lost", timeout=1.0)
+            assert time.monotonic() - asked < 0.5
+        finally:
+            await reach.close()
+
+    asyncio.run(run())
+
