@@ -80,7 +80,6 @@ async def to_backend(x: Exchange, uuid: str | None) -> web.StreamResponse:
     x.outcome.served_here = True
     upload = x.upload
     remote = uuid is not None and x.services.is_remote(uuid)
-    body_filter: BodyFilter | None = None
     # Counted before the first await: a reload now retires this generation only after us.
     with generation.use():
         try:
@@ -135,7 +134,7 @@ async def to_backend(x: Exchange, uuid: str | None) -> web.StreamResponse:
     if x.outcome.transfer.bytes_in:
         x.outcome.reason = "storage unreachable from this node"
         return plain(503, "storage unreachable from this node", {"Retry-After": "2"})
-    return await to_peer(x, uuid, body_filter, admitted=True)
+    return await to_peer(x, uuid, x.body_filter_for_peer(), admitted=True)
 
 
 async def _storage_lost(x: Exchange, uuid: str | None) -> bool:
