@@ -13,9 +13,9 @@ Remote storage is often billed per request, so the cadence is the old gateway's
 (spec section 7): while a destination is healthy, one probe every `interval`
 (60 s); while it fails, one every `fast_interval` (3 s), so that its return is
 found within seconds. A failure seen on a real request (a 5xx answer, a
-timeout, or a request still unanswered after a few seconds) marks nothing by
-itself: rclone answers 500 to some requests that have nothing to do with the
-storage (a REST `HEAD` of a directory). It brings that destination's next probe
+timeout, or a request without a body still unanswered after a few seconds)
+marks nothing by itself: rclone answers 500 to some requests that have nothing
+to do with the storage (a REST `HEAD` of a directory). It brings that destination's next probe
 forward, at most one a second, and the probe decides. While a destination is
 unreachable, requests for it go to a peer (gateway.peers).
 """

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import http.client
 import json
 import os
@@ -19,9 +20,10 @@ import uuid as uuidlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import parse_qs
 
 import pytest
-from faultproxy import FaultProxy
+from faultproxy import FaultProxy, SeenRequest
 from harness import RESTIC_BINARIES, Cluster, GatewayProcess, restic, send_request
 from remotes import RCLONE, S3Storage, SftpStorage
 
@@ -218,6 +220,110 @@ def test_a_remote_that_goes_down_is_found_within_seconds_and_found_back(
           f"failed there, found back {found_back - back:.1f} s after its return "
           f"(that request answered {failing.status})")
     assert node.request("GET", config, rest=True)[0] == 200
+
+
+# Long transfers through a link capped at TRANSFER_RATE: each lasts about 10 s.
+TRANSFER_RATE = 100_000  # bytes per second
+TRANSFER_SIZE = 1_000_000
+
+
+def probes_among(requests: list[SeenRequest], bucket: str) -> list[SeenRequest]:
+    """The reachability probes: `rclone lsjson --max-depth 1` of the destination's root, a
+    listing of the bucket with an empty prefix (restic lists under its repository's)."""
+    def is_probe(request: SeenRequest) -> bool:
+        path, _, query = request.target.partition("?")
+        return (request.method == "GET" and path == f"/{bucket}"
+                and parse_qs(query, keep_blank_values=True).get("prefix", [""]) == [""])
+    return [r for r in requests if is_probe(r)]
+
+
+def test_long_transfers_bring_no_probe_forward(
+        s3: S3Storage, cluster: Cluster, start_node: Callable[..., Node]) -> None:
+    """An upload whose body flows for seconds and a download that streams for seconds are
+    no failures: while the remote is healthy it is probed once a minute, not once a long
+    request (spec 7: the answer's wait starts once the body is sent, and ends at its
+    head)."""
+    proxy = s3.proxy()
+    s3.destination(cluster, S3_DEST, proxy)
+    node = start_node()
+    repo_path = f"/{S3_DEST}/traefik/{uuidlib.uuid4()}"
+    restic(node.repo(NODE, S3_DEST, repo_path.rsplit("/", 1)[1]), "init", binary=RESTIC_NEW)
+    poll(node.scanned, time.monotonic() + 60, lambda: "the start's storage scan to end")
+    quiet(proxy)
+    data = os.urandom(TRANSFER_SIZE)
+    name = hashlib.sha256(data).hexdigest()
+    path = f"{repo_path}/data/{name[:2]}/{name}"
+    proxy.bandwidth = TRANSFER_RATE
+    started = time.monotonic()
+    conn = http.client.HTTPConnection("127.0.0.1", node.gateway.port, timeout=120)
+    try:
+        uploaded = send_request(conn, "POST", path, NODE, body=data, rest=True)[0]
+        upload_took = time.monotonic() - started
+        between = time.monotonic()
+        downloaded, _, body = send_request(conn, "GET", path, NODE, rest=True)
+        download_took = time.monotonic() - between
+    finally:
+        conn.close()
+        proxy.bandwidth = None
+    seen = [r for r in proxy.requests if r.at >= started]
+    probes = probes_among(seen, s3.bucket)
+    print(f"\nupload {uploaded} in {upload_took:.1f} s, download {downloaded} in "
+          f"{download_took:.1f} s at {TRANSFER_RATE // 1000} kB/s; requests to the storage "
+          f"meanwhile: {[(round(r.at - started, 1), r.method, r.target) for r in seen]}")
+    assert uploaded == 200
+    assert downloaded == 200 and body == data
+    assert probes == [], probes
+
+
+def test_an_upload_under_way_is_not_given_up_when_a_probe_fails(
+        s3: S3Storage, cluster: Cluster, start_node: Callable[..., Node]) -> None:
+    """Its body is gone: it cannot be sent again, so a probe that finds the storage
+    unreachable meanwhile (here: new connections refused, the upload's own goes on) does
+    not cut it short; requests that sent no body may go to a peer, it may not."""
+    proxy = s3.proxy()
+    s3.destination(cluster, S3_DEST, proxy)
+    node = start_node()
+    repo_path = f"/{S3_DEST}/traefik/{uuidlib.uuid4()}"
+    restic(node.repo(NODE, S3_DEST, repo_path.rsplit("/", 1)[1]), "init", binary=RESTIC_NEW)
+    poll(node.scanned, time.monotonic() + 60, lambda: "the start's storage scan to end")
+    quiet(proxy)
+    data = os.urandom(2 * TRANSFER_SIZE)
+    name = hashlib.sha256(data).hexdigest()
+    path = f"{repo_path}/data/{name[:2]}/{name}"
+    uploaded: list[int] = []
+
+    def upload() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", node.gateway.port, timeout=120)
+        try:
+            uploaded.append(send_request(conn, "POST", path, NODE, body=data, rest=True)[0])
+        except (OSError, http.client.HTTPException):
+            uploaded.append(0)
+        finally:
+            conn.close()
+
+    proxy.bandwidth = TRANSFER_RATE
+    try:
+        uploading = threading.Thread(target=upload, daemon=True)
+        started = time.monotonic()
+        uploading.start()
+        time.sleep(2)
+        proxy.refuse = True
+        try:
+            # rclone answers 500 to a REST HEAD of a directory: the probe is brought forward
+            node.request("HEAD", f"/{S3_DEST}/", rest=True)
+            found_down = poll(lambda: node.served(S3_DEST) != "here", time.monotonic() + 10,
+                              lambda: f"the remote found down: {node.health()['destinations']}")
+        finally:
+            proxy.refuse = False
+        under_way = uploading.is_alive()
+        uploading.join(120)
+    finally:
+        proxy.bandwidth = None
+    print(f"\nupload under way: storage found down after {found_down - started:.1f} s, "
+          f"the upload answered {uploaded} after {time.monotonic() - started:.1f} s")
+    assert uploaded == [200]
+    assert under_way, "the upload ended before the probe found the remote down"
+    assert (s3.bucket_dir / path.split("/", 2)[2]).read_bytes() == data
 
 
 # --------------------------------------------------------------------------- slow remote
