@@ -117,10 +117,14 @@ async def check_remote(
         try:
             _, stderr = await asyncio.wait_for(proc.communicate(), timeout)
         except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
             return f"remote did not answer within {timeout:g} s"
+        finally:
+            # Timed out, or the probe cancelled (a reload, the gateway stopping): the
+            # listing is ended and reaped here, never left running.
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await asyncio.shield(proc.wait())
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(conf)

@@ -13,9 +13,9 @@ Remote storage is often billed per request, so the cadence is the old gateway's
 (spec section 7): while a destination is healthy, one probe every `interval`
 (60 s); while it fails, one every `fast_interval` (3 s), so that its return is
 found within seconds. A failure seen on a real request (a 5xx answer, a
-timeout, or a request still unanswered after a few seconds) marks nothing by
-itself: rclone answers 500 to some requests that have nothing to do with the
-storage (a REST `HEAD` of a directory). It brings that destination's next probe
+timeout, or a request without a body still unanswered after a few seconds)
+marks nothing by itself: rclone answers 500 to some requests that have nothing
+to do with the storage (a REST `HEAD` of a directory). It brings that destination's next probe
 forward, at most one a second, and the probe decides. While a destination is
 unreachable, requests for it go to a peer (gateway.peers).
 """
@@ -58,6 +58,9 @@ class Reachability:
         self._last_start: dict[str, float] = {}  # uuid -> when its last probe started
         self._down: dict[str, asyncio.Event] = {}  # set while the destination is unreachable
         self._waiters: dict[str, list[tuple[float, asyncio.Future[None]]]] = {}
+        # Each destination's probe runs on its own, at most one at a time: one dark
+        # destination, each probe of it taking its whole timeout, holds up no other's.
+        self._probing: dict[str, asyncio.Task[None]] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -95,11 +98,21 @@ class Reachability:
 
     async def went_down(self, uuid: str) -> None:
         """Returns once a probe has found `uuid` unreachable."""
-        await self._down.setdefault(uuid, asyncio.Event()).wait()
+        down = self._down.setdefault(uuid, asyncio.Event())
+        while uuid not in self.unreachable:
+            await down.wait()
+            if uuid not in self.unreachable:
+                down.clear()  # set by a verdict since forgotten
+
+    def confirm_timeout(self) -> float:
+        """Seconds a confirmation may take at most: a probe of the destination under way
+        (it may have just started), then the one brought forward, and a margin."""
+        return 2 * self.probe_timeout + MIN_PROBE_SPACING
 
     async def confirm(self, uuid: str, timeout: float) -> bool:
         """Whether `uuid` is reachable, by a probe started from now on (brought forward);
-        what is known already if no such probe ends within `timeout`."""
+        what is known already if no such probe ends within `timeout`. A probe under way
+        that finds it unreachable answers too: the storage was lost before the call."""
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(uuid, []).append((time.monotonic(), waiter))
         self.probe_soon(uuid)
@@ -117,17 +130,22 @@ class Reachability:
             self._task = asyncio.create_task(self._loop(remotes, check), name="reachability")
 
     async def close(self) -> None:
-        await cancel_and_wait(self._task)
+        await cancel_and_wait(self._task, *self._probing.values())
         self._task = None
+        self._probing.clear()
 
     def schedule(self, uuids: Collection[str], now: float) -> list[str]:
         """Keeps the schedule to `uuids`; returns those due now. A destination new here
         was just listed by its start check (`backends.remote_check`): probed an interval
-        later."""
+        later. One no longer served is forgotten, its probe under way cancelled."""
         for gone in set(self._due) - set(uuids):
             del self._due[gone]
             self._last_start.pop(gone, None)
             self.unreachable.pop(gone, None)
+            if (down := self._down.get(gone)) is not None:
+                down.clear()
+            if (probing := self._probing.pop(gone, None)) is not None:
+                probing.cancel()
         for uuid in uuids:
             self._due.setdefault(uuid, now + self.interval)
         return sorted(uuid for uuid in uuids if self._due[uuid] <= now)
@@ -139,13 +157,15 @@ class Reachability:
         while True:
             self._wake.clear()
             try:
-                due = self.schedule(remotes(), time.monotonic())
-                if due:
-                    await self.probe_all(due, check)
+                for uuid in self.schedule(remotes(), time.monotonic()):
+                    if uuid not in self._probing:
+                        self._probing[uuid] = asyncio.create_task(
+                            self._probe_one(uuid, check), name=f"probe {uuid}")
             except Exception:
                 log.exception("probing remote destinations failed")
             # Woken early by a failure, and once a second anyway: destinations come and go.
-            wake_at = self.next_due()
+            wake_at = min((due for uuid, due in self._due.items()
+                           if uuid not in self._probing), default=None)
             wait = SCHEDULE_TICK if wake_at is None else min(
                 SCHEDULE_TICK, max(0.0, wake_at - time.monotonic()))
             if wait > 0:
@@ -155,27 +175,32 @@ class Reachability:
     async def probe_all(self, uuids: Collection[str], check: Check) -> None:
         """Probes `uuids` at once and marks each by its answer; the next probe of each is
         set by the verdict."""
-        started = time.monotonic()
-        ordered = sorted(uuids)
-        for uuid in ordered:
-            self._last_start[uuid] = started
-            self._due[uuid] = started + self.interval  # for now; set again by the verdict
-        self.probes += len(ordered)
-        failures = await asyncio.gather(*(self._probe(check, uuid) for uuid in ordered))
-        for uuid, failure in zip(ordered, failures, strict=True):
-            self.mark(uuid, failure)
-            healthy = failure is None
-            if uuid in self._due:
-                later = self._due[uuid]  # a failure meanwhile may have brought it forward
-                self._due[uuid] = min(later, started + (
-                    self.interval if healthy else self.fast_interval))
-            self._answer_waiters(uuid, started)
+        await asyncio.gather(*(self._probe_one(uuid, check) for uuid in sorted(uuids)))
 
-    def _answer_waiters(self, uuid: str, probe_started: float) -> None:
+    async def _probe_one(self, uuid: str, check: Check) -> None:
+        started = time.monotonic()
+        self._last_start[uuid] = started
+        self._due[uuid] = started + self.interval  # for now; set again by the verdict
+        self.probes += 1
+        try:
+            failure = await self._probe(check, uuid)
+        finally:
+            if self._probing.get(uuid) is asyncio.current_task():
+                del self._probing[uuid]
+                self._wake.set()  # its next probe may be due already
+        if uuid not in self._due:
+            return  # forgotten meanwhile
+        self.mark(uuid, failure)
+        later = self._due[uuid]  # a failure meanwhile may have brought it forward
+        self._due[uuid] = min(later, started + (
+            self.interval if failure is None else self.fast_interval))
+        self._answer_waiters(uuid, started, found_down=failure is not None)
+
+    def _answer_waiters(self, uuid: str, probe_started: float, *, found_down: bool) -> None:
         waiting = self._waiters.get(uuid, [])
         keep = []
         for since, waiter in waiting:
-            if since <= probe_started:
+            if since <= probe_started or found_down:
                 if not waiter.done():
                     waiter.set_result(None)
             elif not waiter.done():

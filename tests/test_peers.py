@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
+from types import SimpleNamespace
 
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -23,6 +25,8 @@ from gateway.peers import (
     route,
     where_served,
 )
+from gateway.pipeline.exchange import Exchange
+from gateway.pipeline.stages import bandwidth
 from gateway.reachability import Reachability
 
 HOSTED = Destination("hosted", "cluster", "webdav:http://10.5.4.2:4694")
@@ -251,3 +255,86 @@ def test_a_confirmation_waits_for_a_probe_started_after_it() -> None:
             await reach.close()
 
     asyncio.run(run())
+
+
+def test_a_destination_served_again_is_not_down_from_before() -> None:
+    """Found down, dropped from the served set by a reload, served again: its requests are
+    not given up at once on the old verdict."""
+    async def run() -> None:
+        reach = Reachability(interval=60, fast_interval=3)
+        now = time.monotonic()
+        reach.schedule(["remote"], now)
+        reach.mark("remote", "remote did not answer within 4 s")
+        reach.schedule([], now)
+        reach.schedule(["remote"], now)
+        assert reach.reachable("remote")
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(reach.went_down("remote"), 0.2)
+
+    asyncio.run(run())
+
+
+def test_a_probe_brought_forward_does_not_wait_for_another_destinations() -> None:
+    """One dark destination, probed every few seconds with each probe taking its whole
+    timeout, does not hold up the probe another destination's failed request asks for."""
+    async def check(uuid: str) -> str | None:
+        if uuid == "dark":
+            await asyncio.sleep(2)
+            return "remote did not answer within 2 s"
+        return "connection refused" if uuid == "lost" else None
+
+    async def run() -> None:
+        reach = Reachability(interval=60, fast_interval=0.5)
+        reach.start(lambda: ["dark", "lost"], check)
+        try:
+            await asyncio.sleep(0.05)
+            reach.probe_soon("dark")
+            await asyncio.sleep(0.2)  # the dark one's probe is under way
+            asked = time.monotonic()
+            assert not await reach.confirm("lost", timeout=1.0)
+            assert time.monotonic() - asked < 0.5
+        finally:
+            await reach.close()
+
+    asyncio.run(run())
+
+
+def test_a_request_moved_to_a_peer_is_not_shaped_here() -> None:
+    """A request this node let in, then moved to a peer (its storage lost here): its body
+    keeps its other transforms, but is held to the bandwidth limits on the peer only."""
+    shaped: list[bytes] = []
+
+    def shaping(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        async def held() -> AsyncIterator[bytes]:
+            async for chunk in chunks:
+                shaped.append(chunk)
+                yield chunk
+        return held()
+
+    def upper(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        async def transformed() -> AsyncIterator[bytes]:
+            async for chunk in chunks:
+                yield chunk.upper()
+        return transformed()
+
+    services = SimpleNamespace(source=SimpleNamespace(state=None), limits=SimpleNamespace(
+        shaper=SimpleNamespace(transform=lambda direction, module: shaping,
+                               holds=lambda direction, module: True)))
+    x = Exchange(SimpleNamespace(body_exists=True), services)  # type: ignore[arg-type]
+    x._goes_to_peer = False
+    x._caller = SimpleNamespace(module_id="m")  # type: ignore[assignment]
+    x.body_transforms.append(upper)
+
+    async def run() -> list[bytes]:
+        assert await bandwidth(x) is None
+        assert x.body_transforms[-1] is shaping  # here, the body is shaped
+        to_peer = x.body_filter_for_peer()
+        assert to_peer is not None
+
+        async def body() -> AsyncIterator[bytes]:
+            yield b"abc"
+
+        return [chunk async for chunk in to_peer(body())]
+
+    assert asyncio.run(run()) == [b"ABC"]
+    assert shaped == []

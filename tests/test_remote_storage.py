@@ -8,6 +8,9 @@ storage sees and can slow, reset or blackhole the link (spec sections 6 and 7).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import hashlib
 import http.client
 import json
 import os
@@ -17,11 +20,14 @@ import uuid as uuidlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import parse_qs
 
 import pytest
-from faultproxy import FaultProxy
+from faultproxy import FaultProxy, SeenRequest
 from harness import RESTIC_BINARIES, Cluster, GatewayProcess, restic, send_request
-from remotes import S3Storage, SftpStorage
+from remotes import RCLONE, S3Storage, SftpStorage
+
+from backends.remote_check import check_remote
 
 NODE = ("node/1", "node-secret-1")
 TRAEFIK = ("module/traefik1", "traefik-secret")
@@ -31,6 +37,10 @@ SFTP_DEST = "5f000001-4c1a-4e2b-9d3c-0a0b0c0d0e02"
 RESTIC_NEW = RESTIC_BINARIES["restic-0.18"]
 # The issue's bounds (spec section 7): a remote that goes down is found within seconds of
 # the first request that fails there, and found back within about 10 s of its return.
+# The gateway's own path, with its default settings: down, at most the 2 s a request waits
+# for its answer before it brings the probe forward, and that probe's 4 s timeout; back,
+# at most a probe stuck on the dark link until its 4 s timeout, then one more listing
+# (about 0.3 s of rclone). Measured 6.1 s and 0.1-3.0 s.
 FOUND_DOWN_WITHIN = 10.0
 FOUND_BACK_WITHIN = 10.0
 
@@ -179,11 +189,15 @@ def test_an_idle_healthy_remote_is_probed_at_most_once_a_minute(
     assert len(seen) <= 3, seen
 
 
-@pytest.mark.parametrize("fault", ["blackhole", "reset"])
+@pytest.mark.parametrize(("fault", "dark_after_found"),
+                         [("blackhole", 0.0), ("blackhole", 2.5), ("reset", 0.0)])
 def test_a_remote_that_goes_down_is_found_within_seconds_and_found_back(
-        s3: S3Storage, cluster: Cluster, start_node: Callable[..., Node], fault: str) -> None:
+        s3: S3Storage, cluster: Cluster, start_node: Callable[..., Node], fault: str,
+        dark_after_found: float) -> None:
     """Default cadence (one probe a minute while healthy): the first request that fails
-    there brings a probe forward; while down it is probed every few seconds."""
+    there brings a probe forward; while down it is probed every few seconds. The link
+    comes back at once once found down (the probe under way then gets through), or
+    `dark_after_found` seconds later (that probe has given up on the dark link)."""
     proxy = s3.proxy()
     s3.destination(cluster, S3_DEST, proxy)
     node = start_node()
@@ -203,6 +217,7 @@ def test_a_remote_that_goes_down_is_found_within_seconds_and_found_back(
         failing.start()
         found_down = poll(lambda: node.served(S3_DEST) != "here", sent + FOUND_DOWN_WITHIN,
                           lambda: f"the remote found down: {node.health()['destinations']}")
+        time.sleep(dark_after_found)
     finally:
         proxy.blackhole = False
         proxy.refuse = False
@@ -210,10 +225,114 @@ def test_a_remote_that_goes_down_is_found_within_seconds_and_found_back(
     found_back = poll(lambda: node.served(S3_DEST) == "here", back + FOUND_BACK_WITHIN,
                       lambda: f"the remote found back: {node.health()['destinations']}")
     failing.join(120)
-    print(f"\n{fault}: found down {found_down - sent:.1f} s after the first request that "
-          f"failed there, found back {found_back - back:.1f} s after its return "
-          f"(that request answered {failing.status})")
+    print(f"\n{fault} ({dark_after_found:g} s more): found down {found_down - sent:.1f} s "
+          f"after the first request that failed there, found back {found_back - back:.1f} s "
+          f"after its return (that request answered {failing.status})")
     assert node.request("GET", config, rest=True)[0] == 200
+
+
+# Long transfers through a link capped at TRANSFER_RATE: each lasts about 10 s.
+TRANSFER_RATE = 100_000  # bytes per second
+TRANSFER_SIZE = 1_000_000
+
+
+def probes_among(requests: list[SeenRequest], bucket: str) -> list[SeenRequest]:
+    """The reachability probes: `rclone lsjson --max-depth 1` of the destination's root, a
+    listing of the bucket with an empty prefix (restic lists under its repository's)."""
+    def is_probe(request: SeenRequest) -> bool:
+        path, _, query = request.target.partition("?")
+        return (request.method == "GET" and path == f"/{bucket}"
+                and parse_qs(query, keep_blank_values=True).get("prefix", [""]) == [""])
+    return [r for r in requests if is_probe(r)]
+
+
+def test_long_transfers_bring_no_probe_forward(
+        s3: S3Storage, cluster: Cluster, start_node: Callable[..., Node]) -> None:
+    """An upload whose body flows for seconds and a download that streams for seconds are
+    no failures: while the remote is healthy it is probed once a minute, not once a long
+    request (spec 7: the answer's wait starts once the body is sent, and ends at its
+    head)."""
+    proxy = s3.proxy()
+    s3.destination(cluster, S3_DEST, proxy)
+    node = start_node()
+    repo_path = f"/{S3_DEST}/traefik/{uuidlib.uuid4()}"
+    restic(node.repo(NODE, S3_DEST, repo_path.rsplit("/", 1)[1]), "init", binary=RESTIC_NEW)
+    poll(node.scanned, time.monotonic() + 60, lambda: "the start's storage scan to end")
+    quiet(proxy)
+    data = os.urandom(TRANSFER_SIZE)
+    name = hashlib.sha256(data).hexdigest()
+    path = f"{repo_path}/data/{name[:2]}/{name}"
+    proxy.bandwidth = TRANSFER_RATE
+    started = time.monotonic()
+    conn = http.client.HTTPConnection("127.0.0.1", node.gateway.port, timeout=120)
+    try:
+        uploaded = send_request(conn, "POST", path, NODE, body=data, rest=True)[0]
+        upload_took = time.monotonic() - started
+        between = time.monotonic()
+        downloaded, _, body = send_request(conn, "GET", path, NODE, rest=True)
+        download_took = time.monotonic() - between
+    finally:
+        conn.close()
+        proxy.bandwidth = None
+    seen = [r for r in proxy.requests if r.at >= started]
+    probes = probes_among(seen, s3.bucket)
+    print(f"\nupload {uploaded} in {upload_took:.1f} s, download {downloaded} in "
+          f"{download_took:.1f} s at {TRANSFER_RATE // 1000} kB/s; requests to the storage "
+          f"meanwhile: {[(round(r.at - started, 1), r.method, r.target) for r in seen]}")
+    assert uploaded == 200
+    assert downloaded == 200 and body == data
+    assert probes == [], probes
+
+
+def test_an_upload_under_way_is_not_given_up_when_a_probe_fails(
+        s3: S3Storage, cluster: Cluster, start_node: Callable[..., Node]) -> None:
+    """Its body is gone: it cannot be sent again, so a probe that finds the storage
+    unreachable meanwhile (here: new connections refused, the upload's own goes on) does
+    not cut it short; requests that sent no body may go to a peer, it may not."""
+    proxy = s3.proxy()
+    s3.destination(cluster, S3_DEST, proxy)
+    node = start_node()
+    repo_path = f"/{S3_DEST}/traefik/{uuidlib.uuid4()}"
+    restic(node.repo(NODE, S3_DEST, repo_path.rsplit("/", 1)[1]), "init", binary=RESTIC_NEW)
+    poll(node.scanned, time.monotonic() + 60, lambda: "the start's storage scan to end")
+    quiet(proxy)
+    data = os.urandom(2 * TRANSFER_SIZE)
+    name = hashlib.sha256(data).hexdigest()
+    path = f"{repo_path}/data/{name[:2]}/{name}"
+    uploaded: list[int] = []
+
+    def upload() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", node.gateway.port, timeout=120)
+        try:
+            uploaded.append(send_request(conn, "POST", path, NODE, body=data, rest=True)[0])
+        except (OSError, http.client.HTTPException):
+            uploaded.append(0)
+        finally:
+            conn.close()
+
+    proxy.bandwidth = TRANSFER_RATE
+    try:
+        uploading = threading.Thread(target=upload, daemon=True)
+        started = time.monotonic()
+        uploading.start()
+        time.sleep(2)
+        proxy.refuse = True
+        try:
+            # rclone answers 500 to a REST HEAD of a directory: the probe is brought forward
+            node.request("HEAD", f"/{S3_DEST}/", rest=True)
+            found_down = poll(lambda: node.served(S3_DEST) != "here", time.monotonic() + 10,
+                              lambda: f"the remote found down: {node.health()['destinations']}")
+        finally:
+            proxy.refuse = False
+        under_way = uploading.is_alive()
+        uploading.join(120)
+    finally:
+        proxy.bandwidth = None
+    print(f"\nupload under way: storage found down after {found_down - started:.1f} s, "
+          f"the upload answered {uploaded} after {time.monotonic() - started:.1f} s")
+    assert uploaded == [200]
+    assert under_way, "the upload ended before the probe found the remote down"
+    assert (s3.bucket_dir / path.split("/", 2)[2]).read_bytes() == data
 
 
 # --------------------------------------------------------------------------- slow remote
@@ -328,3 +447,50 @@ def test_restic_backs_up_and_restores_through_an_sftp_remote(
     assert same_tree(tmp_path / "out" / data.relative_to("/"), data)
     assert (stored / "traefik" / module_uuid / "config").is_file()
     assert proxy.connections >= 1
+
+
+# --------------------------------------------------------------------------- the probe itself
+
+
+def rclone_processes_under(directory: Path) -> list[int]:
+    """Pids of the `rclone lsjson` processes naming `directory`, and of this process's
+    children left unreaped (zombies, whose command line is gone)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            fields = dict(line.split(":\t", 1) for line in
+                          (entry / "status").read_text().splitlines() if ":\t" in line)
+        except OSError:
+            continue
+        if (str(directory).encode() in cmdline and b"lsjson" in cmdline) or (
+                fields.get("State", "").startswith("Z") and fields.get("PPid") == str(os.getpid())):
+            found.append(int(entry.name))
+    return found
+
+
+def test_a_cancelled_probe_leaves_no_listing_running(s3: S3Storage, tmp_path: Path) -> None:
+    """A probe cancelled while its listing hangs on a dark remote (the gateway stops, a
+    reload forgets the destination) ends and reaps its `rclone lsjson`."""
+    proxy = s3.proxy()
+    section = s3.section("probe", f"http://{proxy.host}:{proxy.port}").splitlines()[1:]
+    workdir = tmp_path / "probes"
+
+    async def run() -> None:
+        probe = asyncio.ensure_future(check_remote(
+            RCLONE, "probe", section, s3.bucket, workdir=workdir,
+            env={"PATH": os.environ["PATH"], "HOME": str(tmp_path)}, timeout=20))
+        await asyncio.sleep(1.5)
+        assert not probe.done()
+        assert rclone_processes_under(workdir)  # the listing hangs in the blackhole
+        probe.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await probe
+
+    with proxy.blackholed():
+        asyncio.run(run())
+        left = rclone_processes_under(workdir)
+    print(f"\nprocesses left by the cancelled probe: {left}")
+    assert left == []

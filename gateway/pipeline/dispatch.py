@@ -25,8 +25,9 @@ from gateway.upstream import RETRYABLE_METHODS, BodyFailed, Broken, ConnectFaile
 CHILD_RESTART_WAIT = 5.0
 # Seconds the supervisor takes, at most, to see that a child it thought running has exited.
 CHILD_EXIT_NOTICE = 0.2
-# Seconds a request for remote storage may wait for its answer before it brings that
-# destination's probe forward: a lost route makes requests hang, not fail.
+# Seconds a request for remote storage that sends no body may wait for its answer's head
+# before it brings that destination's probe forward: a lost route makes requests hang, not
+# fail.
 SLOW_ANSWER = 2.0
 
 
@@ -80,7 +81,6 @@ async def to_backend(x: Exchange, uuid: str | None) -> web.StreamResponse:
     x.outcome.served_here = True
     upload = x.upload
     remote = uuid is not None and x.services.is_remote(uuid)
-    body_filter: BodyFilter | None = None
     # Counted before the first await: a reload now retires this generation only after us.
     with generation.use():
         try:
@@ -135,7 +135,7 @@ async def to_backend(x: Exchange, uuid: str | None) -> web.StreamResponse:
     if x.outcome.transfer.bytes_in:
         x.outcome.reason = "storage unreachable from this node"
         return plain(503, "storage unreachable from this node", {"Retry-After": "2"})
-    return await to_peer(x, uuid, body_filter, admitted=True)
+    return await to_peer(x, uuid, x.body_filter_for_peer(), admitted=True)
 
 
 async def _storage_lost(x: Exchange, uuid: str | None) -> bool:
@@ -144,10 +144,7 @@ async def _storage_lost(x: Exchange, uuid: str | None) -> bool:
     if uuid is None or x.outcome.transfer.bytes_in:
         return False
     reachability = x.services.reachability
-    return not await reachability.confirm(uuid, reachability.probe_timeout + MARGIN)
-
-
-MARGIN = 1.0  # seconds beyond the probe's own timeout to wait for its verdict
+    return not await reachability.confirm(uuid, reachability.confirm_timeout())
 
 
 async def _forward_to_remote(x: Exchange, uuid: str, generation: Generation, label: str,
@@ -155,19 +152,34 @@ async def _forward_to_remote(x: Exchange, uuid: str, generation: Generation, lab
                              on_status: StatusHook | None) -> web.StreamResponse:
     """`forward` for a destination on remote storage, watching the storage meanwhile.
 
-    A request not answered within SLOW_ANSWER brings the destination's probe forward;
-    when the probe finds the storage unreachable before the answer's head came, the
-    request is given up here (StorageUnreachable). So is a 5xx answer, when the request
-    sent no body and a probe brought forward agrees.
+    A request without a body whose answer's head has not come within SLOW_ANSWER brings
+    the destination's probe forward; the time its answer's body takes counts for nothing.
+    When the probe finds the storage unreachable before the answer's head came, a request
+    that has sent no body is given up here (StorageUnreachable); one that has sent some
+    cannot be sent again, and goes on. So is a 5xx answer, when the request sent no body
+    and a probe brought forward agrees.
+
+    An upload has no such timer: its answer comes once the storage has taken the body's
+    last bytes, seconds after the gateway sent them on a slow link (they wait in the
+    buffers on the way), and each would bring a billed probe forward. It cannot be moved
+    to a peer either; its failure (5xx, timeout) brings the probe forward.
     """
     head_seen = False
+    answer_started = asyncio.Event()
 
     async def watch_status(status: int) -> web.StreamResponse | None:
         nonlocal head_seen
+        answer_started.set()
         if status >= 500 and await _storage_lost(x, uuid):
             raise StorageUnreachable
         head_seen = True
         return await on_status(status) if on_status is not None else None
+
+    async def watch_answer() -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(answer_started.wait(), SLOW_ANSWER)
+            return
+        reachability.probe_soon(uuid)
 
     reachability = x.services.reachability
     backend = x.backend
@@ -177,19 +189,17 @@ async def _forward_to_remote(x: Exchange, uuid: str, generation: Generation, lab
         on_status=watch_status, references=x.references,
         response_filter=x.response_transform, body_held=x.body_held,
     ))
+    slow_answer = None if x.request.body_exists else asyncio.ensure_future(watch_answer())
     went_down = asyncio.ensure_future(reachability.went_down(uuid))
     try:
-        done, _ = await asyncio.wait({forwarding, went_down}, timeout=SLOW_ANSWER,
-                                     return_when=asyncio.FIRST_COMPLETED)
-        if not done:
-            reachability.probe_soon(uuid)
-            done, _ = await asyncio.wait({forwarding, went_down},
-                                         return_when=asyncio.FIRST_COMPLETED)
-        if forwarding in done or head_seen:
+        await asyncio.wait({forwarding, went_down}, return_when=asyncio.FIRST_COMPLETED)
+        if forwarding.done() or head_seen or x.outcome.transfer.bytes_in:
             return await forwarding
         raise StorageUnreachable
     finally:
         went_down.cancel()
+        if slow_answer is not None:
+            slow_answer.cancel()
         if not forwarding.done():
             forwarding.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -94,6 +94,8 @@ class Exchange:
         self.upload: Upload | None = None  # a POST of a restic object
         # Applied in order to the request body, wherever it goes (see `admit_body`).
         self.body_transforms: list[BodyFilter] = []
+        # The one of them that holds the body to this node's bandwidth limits.
+        self.upload_shaping: BodyFilter | None = None
         # Whether a limit holds the request body back now: it is then read in small pieces.
         self.body_held: BodyHeld | None = None
         # Applied to the answer's body when it comes from a backend of this node.
@@ -183,6 +185,11 @@ class Exchange:
             self.at_end.append(lambda _status: unwatch())
         self._body_admitted = True
         return _chained(self.body_transforms)
+
+    def body_filter_for_peer(self) -> BodyFilter | None:
+        """The body's transforms for a request moved to a peer once let in here: without
+        this node's bandwidth shaping, as the peer limits what it serves."""
+        return _chained([t for t in self.body_transforms if t is not self.upload_shaping])
 
     async def read_body(self) -> AsyncIterator[bytes]:
         """Lets the body in to be read here rather than sent on: through the same transforms."""

@@ -252,7 +252,8 @@ async def bandwidth(x: Exchange) -> Answer:
     shaper = x.services.limits.shaper
     module = x.caller.module_id
     if x.request.body_exists:
-        x.body_transforms.append(shaper.transform("upload", module))
+        x.upload_shaping = shaper.transform("upload", module)
+        x.body_transforms.append(x.upload_shaping)
         x.body_held = lambda: shaper.holds("upload", module)
     x.response_transform = shaper.transform("download", module)
     return None
