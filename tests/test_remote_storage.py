@@ -494,3 +494,29 @@ def test_a_cancelled_probe_leaves_no_listing_running(s3: S3Storage, tmp_path: Pa
         left = rclone_processes_under(workdir)
     print(f"\nprocesses left by the cancelled probe: {left}")
     assert left == []
+
+
+def test_a_new_destination_whose_base_directory_is_not_there_yet_lists_as_empty(
+        cluster: Cluster, gateway_factory: Callable[..., GatewayProcess],
+        tmp_path: Path) -> None:
+    """A destination on storage where nothing was written yet (an SFTP server's base
+    directory that no backup created so far) holds no repository: its listing is not a
+    failure that leaves its quotas unknown until the hourly scan."""
+    storage = SftpStorage(tmp_path / "sftp-storage", tmp_path / "sftp")
+    storage.start()
+    try:
+        dest = "5f7e0000-8f8b-4c43-a1d3-7f3f5f7c1a0e"
+        base = storage.destination(cluster, dest, storage.proxy(), basepath="not-yet")
+        assert not base.exists()
+        cluster.add_user("node/1", "node-secret")
+        gateway = gateway_factory()
+        deadline = time.monotonic() + 60
+        while "storage scan: " not in gateway.log_text():
+            assert time.monotonic() < deadline, gateway.log_text()[-3000:]
+            time.sleep(0.2)
+        log = gateway.log_text()
+        print([line for line in log.splitlines() if "storage scan" in line])
+        assert "storage scan: 0 repositories in 1 of 1 destinations" in log, log[-3000:]
+        assert f"listing destination {dest} failed" not in log
+    finally:
+        storage.stop()

@@ -32,6 +32,7 @@ SCAN_INTERVAL = 3600.0
 PAUSE = 0.2  # seconds between two listings: a bounded rate
 DEBOUNCE = 5.0  # seconds after a snapshot upload before its repository is listed
 RCLONE_TIMEOUT = 600.0
+RCLONE_DIRECTORY_NOT_FOUND = 3  # rclone's exit status for a directory that is not there
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,9 +212,10 @@ class Scanner:
                                             layout=layout)
             if isinstance(about, dict):
                 self.spaces[destination] = space(about, time.time())
+            # A base directory no backup created yet (SFTP, SMB, a local disk) holds nothing.
             listing = await self._rclone_json(
                 "lsjson", "-R", "--max-depth", "3", f"{layout.tree_root}{destination}",
-                layout=layout)
+                layout=layout, missing=[])
             if not isinstance(listing, list):
                 log.warning("storage scan: listing destination %s failed; keeping what was "
                             "known of it", destination)
@@ -252,7 +254,8 @@ class Scanner:
         if self.on_scanned is not None:
             self.on_scanned(key, result)
 
-    async def _rclone_json(self, *args: str, layout: Layout) -> object:
+    async def _rclone_json(self, *args: str, layout: Layout, missing: object = None) -> object:
+        """What rclone printed, parsed; `missing` when it found no such directory."""
         await asyncio.sleep(self.pause)
         argv = [self.rclone, *args, "--config", str(layout.conf), "--ask-password=false",
                 "--log-level", "ERROR"]
@@ -266,6 +269,8 @@ class Scanner:
                 proc.kill()
             await proc.wait()
             raise
+        if proc.returncode == RCLONE_DIRECTORY_NOT_FOUND:
+            return missing
         if proc.returncode != 0:
             return None  # unsupported (`about` on many remotes) or unreachable: unknown
         try:
