@@ -25,6 +25,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import redis
 from netns import inside, netns_exec
@@ -418,6 +419,51 @@ class BlobUpload(threading.Thread):
         """The upload in the foreground: start() and finish()."""
         self.start()
         return self.finish()
+
+
+@dataclass
+class ModuleRepositories:
+    """A gateway serving module repositories on one `cluster` destination, seen as its node
+    sees them. A test module subclasses it with its own destination, node and modules."""
+
+    gateway: GatewayProcess
+    cluster: Cluster
+
+    DEST: ClassVar[str]
+    NODE: ClassVar[tuple[str, str]]
+    PASSWORD: ClassVar[str]  # every module's
+    MODULES: ClassVar[Mapping[str, tuple[str, str]]]  # module id -> (app, uuid)
+
+    def who(self, module: str) -> tuple[str, str]:
+        return f"module/{module}", self.PASSWORD
+
+    def status(self) -> dict:
+        conn = http.client.HTTPConnection(self.gateway.host, self.gateway.port, timeout=30)
+        try:
+            code, _, body = send_request(conn, "GET", "/status", self.NODE,
+                                         headers={"Accept": "application/json"})
+        finally:
+            conn.close()
+        assert code == 200, body
+        return json.loads(body)
+
+    def base(self, module: str) -> str:
+        app, module_uuid = self.MODULES[module]
+        return f"/{self.DEST}/{app}/{module_uuid}"
+
+    def stored(self, module: str, object_id: str) -> Path:
+        app, module_uuid = self.MODULES[module]
+        return (self.gateway.local_repo / app / module_uuid / "data" / object_id[:2]
+                / object_id)
+
+    def create_repository(self, module: str) -> None:
+        conn = http.client.HTTPConnection(self.gateway.host, self.gateway.port, timeout=30)
+        try:
+            status, _, body = send_request(conn, "POST", f"{self.base(module)}/?create=true",
+                                           self.who(module), rest=True)
+        finally:
+            conn.close()
+        assert status == 200, (status, body)
 
 
 # --------------------------------------------------------------------------- gateway

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import http.client
-import json
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from harness import (
     BlobUpload,
     Cluster,
     GatewayProcess,
+    ModuleRepositories,
     RedisServer,
     basic,
     send_request,
@@ -54,20 +54,8 @@ SLOW_ENOUGH = 0.85  # a transfer takes at least this share of the time its limit
 # --------------------------------------------------------------------------- fixture
 
 
-@dataclass
-class Env:
-    gateway: GatewayProcess
-    cluster: Cluster
-
-    def status(self) -> dict:
-        conn = http.client.HTTPConnection(self.gateway.host, self.gateway.port, timeout=30)
-        try:
-            code, _, body = send_request(conn, "GET", "/status", NODE,
-                                         headers={"Accept": "application/json"})
-        finally:
-            conn.close()
-        assert code == 200, body
-        return json.loads(body)
+class Env(ModuleRepositories):
+    DEST, NODE, PASSWORD, MODULES = DEST, NODE, PASSWORD, MODULES
 
     def bandwidth_reported(self) -> dict | None:
         """The bandwidth limits /status says are in force; None when it says nothing of
@@ -94,20 +82,6 @@ class Env:
                 return True
             time.sleep(0.1)
         return False
-
-    def base(self, module: str) -> str:
-        app, module_uuid = MODULES[module]
-        return f"/{DEST}/{app}/{module_uuid}"
-
-    def stored(self, module: str, object_id: str) -> Path:
-        app, module_uuid = MODULES[module]
-        return (self.gateway.local_repo / app / module_uuid / "data" / object_id[:2]
-                / object_id)
-
-    def create_repository(self, module: str) -> None:
-        status, body = request(self.gateway, "POST", f"{self.base(module)}/?create=true",
-                               module)
-        assert status == 200, (status, body)
 
 
 @pytest.fixture(scope="module")

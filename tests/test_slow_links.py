@@ -25,7 +25,6 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -36,6 +35,7 @@ from harness import (
     Blob,
     Cluster,
     GatewayProcess,
+    ModuleRepositories,
     RedisServer,
     basic,
     read_response,
@@ -67,20 +67,8 @@ CLIENT_TIMEOUT = 300.0  # a client's socket timeout: far beyond any transfer her
 # --------------------------------------------------------------------------- fixture
 
 
-@dataclass
-class Env:
-    gateway: GatewayProcess
-    cluster: Cluster
-
-    def status(self) -> dict:
-        conn = http.client.HTTPConnection(self.gateway.host, self.gateway.port, timeout=30)
-        try:
-            code, _, body = send_request(conn, "GET", "/status", NODE,
-                                         headers={"Accept": "application/json"})
-        finally:
-            conn.close()
-        assert code == 200, body
-        return json.loads(body)
+class Env(ModuleRepositories):
+    DEST, NODE, PASSWORD, MODULES = DEST, NODE, PASSWORD, MODULES
 
     def limits(self) -> dict:
         return self.status()["limits"]
@@ -95,23 +83,6 @@ class Env:
             assert time.monotonic() < deadline, f"{key} {fields} not in force: {self.limits()}"
             time.sleep(0.1)
 
-    def base(self, module: str) -> str:
-        app, module_uuid = MODULES[module]
-        return f"/{DEST}/{app}/{module_uuid}"
-
-    def stored(self, module: str, object_id: str) -> Path:
-        app, module_uuid = MODULES[module]
-        return (self.gateway.local_repo / app / module_uuid / "data" / object_id[:2]
-                / object_id)
-
-    def create_repository(self, module: str) -> None:
-        conn = http.client.HTTPConnection(self.gateway.host, self.gateway.port, timeout=30)
-        try:
-            status, _, body = send_request(conn, "POST", f"{self.base(module)}/?create=true",
-                                           who(module), rest=True)
-        finally:
-            conn.close()
-        assert status == 200, (status, body)
 
 
 def seed(redis_server: RedisServer) -> Cluster:
