@@ -104,6 +104,29 @@ def _tail(path: Path, limit: int = 4000) -> str:
     return data[-limit:].decode("utf-8", "replace")
 
 
+def wait_listening(host: str, port: int, proc: subprocess.Popen, *, netns: str | None = None,
+                   log: Path | None = None, timeout: float = 20.0) -> None:
+    """Waits until `proc` accepts connections on host:port (seen from `netns`)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[:3]} exited with {proc.returncode}:\n"
+                               f"{_tail(log) if log else ''}")
+        with inside(netns):
+            sock = socket.socket()
+        try:
+            sock.settimeout(1)
+            sock.connect((host, port))
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{proc.args[:3]} not listening on {host}:{port}:\n"
+                                   f"{_tail(log) if log else ''}") from None
+            time.sleep(0.05)
+        finally:
+            sock.close()
+
+
 def _stop_popen(proc: subprocess.Popen, sig: int, timeout: float) -> int:
     if proc.poll() is None:
         try:

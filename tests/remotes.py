@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import secrets
 import signal
-import socket
 import subprocess
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from faultproxy import FaultProxy
-from harness import REPO_ROOT, Cluster, _register, _stop_popen, _tail, free_port
-from netns import inside, netns_exec
+from harness import REPO_ROOT, Cluster, _register, _stop_popen, free_port, wait_listening
+from netns import netns_exec
 
 RCLONE = str(REPO_ROOT / ".venv" / "bin" / "rclone")
 START_TIMEOUT = 20.0
@@ -31,26 +29,6 @@ def obscure(password: str) -> str:
     """The password as an rclone.conf holds it (`rclone obscure`)."""
     return subprocess.run([RCLONE, "obscure", password], capture_output=True, text=True,
                           check=True, timeout=30).stdout.strip()
-
-
-def _wait_listening(host: str, port: int, proc: subprocess.Popen, log: Path,
-                    netns: str | None) -> None:
-    deadline = time.monotonic() + START_TIMEOUT
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[:3]} exited with {proc.returncode}:\n{_tail(log)}")
-        with inside(netns):
-            sock = socket.socket()
-        try:
-            sock.settimeout(1)
-            sock.connect((host, port))
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{proc.args[:3]} not listening:\n{_tail(log)}") from None
-            time.sleep(0.05)
-        finally:
-            sock.close()
 
 
 @dataclass
@@ -82,7 +60,8 @@ class Storage:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
                                          stderr=subprocess.STDOUT, process_group=0)
         _register(self.proc)
-        _wait_listening(self.host, self.port, self.proc, self.log_path, self.netns)
+        wait_listening(self.host, self.port, self.proc, netns=self.netns, log=self.log_path,
+                       timeout=START_TIMEOUT)
 
     def proxy(self, *, listen_host: str = "127.0.0.1", port: int = 0,
               netns: str | None = None) -> FaultProxy:

@@ -40,6 +40,7 @@ from harness import (
     restic,
     restic_process,
     send_request,
+    wait_listening,
 )
 from netns import Topology, inside, netns_exec, unavailable_reason
 
@@ -157,25 +158,6 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: Callable[[], s
         time.sleep(0.1)
 
 
-def wait_listening(namespace: str, host: str, port: int, proc: subprocess.Popen,
-                   timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        assert proc.poll() is None, f"{proc.args} exited with {proc.returncode}"
-        with inside(namespace):
-            sock = socket.socket()
-        try:
-            sock.settimeout(1)
-            sock.connect((host, port))
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-        finally:
-            sock.close()
-
-
 def start_in(namespace: str, argv: list[str], log: Path) -> subprocess.Popen:
     with open(log, "ab") as out:
         proc = subprocess.Popen([*netns_exec(namespace), *argv], stdin=subprocess.DEVNULL,
@@ -212,13 +194,13 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
             "--unixsocket", str(socket_path), "--unixsocketperm", "700",
             "--protected-mode", "no",  # reachable only inside the test namespaces
             "--save", "", "--appendonly", "no", "--dir", str(redis_dir)], redis_dir / "log"))
-        wait_listening(svc, topology.address(REDIS_HOST), 6379, services[-1])
+        wait_listening(topology.address(REDIS_HOST), 6379, services[-1], netns=svc)
 
         (mesh.storage / "backups").mkdir(parents=True)
         services.append(start_in(svc, [
             RCLONE, "serve", "s3", str(mesh.storage), "--auth-key", f"{S3_KEY},{S3_SECRET}",
             "--addr", f"{topology.address(STORAGE_HOST)}:8080"], workdir / "storage.log"))
-        wait_listening(svc, topology.address(STORAGE_HOST), 8080, services[-1])
+        wait_listening(topology.address(STORAGE_HOST), 8080, services[-1], netns=svc)
         for node in NODES:
             mesh.links[node] = FaultProxy((topology.address(STORAGE_HOST), 8080),
                                           port=LINK_PORT, netns=mesh.ns(node))
