@@ -17,10 +17,10 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
+from backends.kinds import Backend
 from backends.manager import BackendManager, Generation
 from backends.process import RcloneChild, http_ready
-from gateway.policy import Backend
-from gateway.tasks import cancel_and_wait
+from backends.tasks import cancel_and_wait
 
 log = logging.getLogger("rclone_gateway.backends")
 

@@ -11,7 +11,7 @@ import signal
 import time
 from pathlib import Path
 
-from gateway.tasks import cancel_and_wait
+from backends.tasks import cancel_and_wait
 
 log = logging.getLogger("rclone_gateway.backends")
 

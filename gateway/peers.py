@@ -24,6 +24,7 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from backends.rclone_conf import Placement
+from backends.tasks import cancel_and_wait
 from gateway.cluster import LOCAL_ADDRESSES, ClusterState, Destination, source_ip
 from gateway.paths import Target
 from gateway.policy import PROBE_SEGMENT, REST_MEDIA_TYPE
@@ -37,7 +38,6 @@ from gateway.proxy import (
     forward,
     request_headers,
 )
-from gateway.tasks import cancel_and_wait
 from gateway.upstream import BodyFailed, ConnectFailed, UpstreamPool
 from gateway.webdav_headers import References
 

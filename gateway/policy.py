@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 from enum import StrEnum
 
+from backends.kinds import Backend
 from gateway.paths import Target
 from gateway.repository import RepositoryAddress, Resource
 
@@ -22,12 +23,6 @@ _TRAILING_DIGITS = re.compile(r"\d+\Z")
 
 class Protocol(StrEnum):
     REST = "rest"
-    WEBDAV = "webdav"
-
-
-class Backend(StrEnum):
-    RESTIC = "restic"
-    RESTIC_APPEND_ONLY = "restic-append-only"
     WEBDAV = "webdav"
 
 

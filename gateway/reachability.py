@@ -29,7 +29,7 @@ import time
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 
-from gateway.tasks import cancel_and_wait
+from backends.tasks import cancel_and_wait
 
 log = logging.getLogger("rclone_gateway.reachability")
 

@@ -14,10 +14,10 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
+from backends.tasks import cancel_and_wait
 from gateway.cluster import ClusterState, Destination, parse_network
 from gateway.credentials import parse_acls
 from gateway.limits.config import BWLIMIT_KEY, CONCURRENCY_KEY, QUOTA_PREFIX, RawLimits
-from gateway.tasks import cancel_and_wait
 
 log = logging.getLogger("rclone_gateway.redis")
 

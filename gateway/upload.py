@@ -40,9 +40,10 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
+from backends.kinds import Backend
 from backends.manager import Generation
 from gateway.paths import Target
-from gateway.policy import REST_MEDIA_TYPE, Backend, Request
+from gateway.policy import REST_MEDIA_TYPE, Request
 from gateway.proxy import BodyFilter, BodyRefused, StatusHook, plain
 from gateway.repository import Resource
 

@@ -11,8 +11,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from backends.kinds import Backend
 from gateway.paths import canonicalise
-from gateway.policy import Backend
 from gateway.proxy import BodyRefused
 from gateway.upload import Repair, RepairOutcome, Upload
 

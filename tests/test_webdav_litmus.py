@@ -24,8 +24,8 @@ import pytest
 import redis
 from harness import Cluster, GatewayProcess, RedisServer, free_port, send_request
 
+from backends.kinds import Backend
 from backends.manager import rclone_argv
-from gateway.policy import Backend
 
 DEST = "5e0c3b7a-9d21-4f6e-8a3b-2c4d6e8f0a11"
 OTHER_DEST = "6f1d4c8b-0e32-4a7f-9b4c-3d5e7f9a1b22"

@@ -23,8 +23,8 @@ from datetime import datetime
 from pathlib import Path
 
 from backends.process import die_with_parent
+from backends.tasks import cancel_and_wait
 from gateway.repository import CONFIG, OBJECT_TYPES, RepositoryKey
-from gateway.tasks import cancel_and_wait
 
 log = logging.getLogger("rclone_gateway.insight")
 

@@ -8,10 +8,11 @@ from typing import Protocol
 import aiohttp
 from yarl import URL
 
+from backends.kinds import Backend
 from backends.manager import Generation
 from gateway.limits.limiter import Limiter
 from gateway.paths import Target
-from gateway.policy import REST_MEDIA_TYPE, Backend
+from gateway.policy import REST_MEDIA_TYPE
 from gateway.repository import RepositoryKey
 
 WEBDAV_WRITES = frozenset({"PUT", "DELETE", "MOVE", "COPY", "MKCOL"})

@@ -19,8 +19,8 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import datetime
 
+from backends.tasks import cancel_and_wait
 from gateway.limits.values import Schedule
-from gateway.tasks import cancel_and_wait
 
 SLICE = 64 * 1024
 BURST_SECONDS = 0.1  # credit an idle bucket gathers, in seconds of its rate

@@ -12,11 +12,11 @@ import contextlib
 
 from aiohttp import web
 
+from backends.kinds import Backend
 from backends.manager import Generation
 from backends.process import RcloneChild
 from gateway.peers import unavailable
 from gateway.pipeline.exchange import Exchange
-from gateway.policy import Backend
 from gateway.proxy import BodyFilter, BodyRefused, StatusHook, UpstreamError, forward, plain
 from gateway.upload import Upload
 from gateway.upstream import RETRYABLE_METHODS, BodyFailed, Broken, ConnectFailed

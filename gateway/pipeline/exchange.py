@@ -8,6 +8,7 @@ from typing import Protocol, TypeVar
 
 from aiohttp import web
 
+from backends.kinds import Backend
 from backends.manager import BackendManager
 from gateway.cluster import ClusterState
 from gateway.hangup import HangupWatch
@@ -19,7 +20,7 @@ from gateway.logs import AccessLog
 from gateway.metrics import GatewayMetrics
 from gateway.paths import Target
 from gateway.peers import PeerGateways
-from gateway.policy import Backend, Caller, Decision, Request
+from gateway.policy import Caller, Decision, Request
 from gateway.proxy import BodyFilter, BodyHeld, Transfer, plain, request_body, send_continue
 from gateway.reachability import Reachability
 from gateway.redis_source import RedisSource
