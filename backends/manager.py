@@ -19,11 +19,11 @@ from pathlib import Path
 
 import aiohttp
 
+from backends.client import UpstreamPool
 from backends.kinds import Backend
 from backends.process import RcloneChild, wait_connections_closed
 from backends.rclone_conf import RenderedConfig
 from backends.tasks import cancel_and_wait
-from gateway.upstream import UpstreamPool
 
 log = logging.getLogger("rclone_gateway.backends")
 

@@ -1,7 +1,7 @@
 """A reference for `make bench`: the gateway's proxy hop with none of its checks.
 
 The same event loop (uvloop), HTTP server (aiohttp's), canonical path and
-streaming code (`gateway.proxy.forward` over `gateway.upstream`) as the gateway,
+streaming code (`gateway.proxy.forward` over `backends.client`) as the gateway,
 in front of the gateway's own `rclone serve restic` unix socket, and nothing
 else: no source filter, no credentials, no policy, no access log, no metrics.
 What it reaches is the most a Python proxy hop built this way can reach; the
@@ -19,9 +19,9 @@ import sys
 import uvloop
 from aiohttp import web
 
+from backends.client import UpstreamPool
 from gateway.paths import PathError, canonicalise
 from gateway.proxy import Transfer, UpstreamError, forward, plain
-from gateway.upstream import UpstreamPool
 
 
 async def serve(port: int, socket_path: str) -> None:

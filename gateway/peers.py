@@ -23,6 +23,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from backends.client import BodyFailed, ConnectFailed, UpstreamPool
 from backends.rclone_conf import Placement
 from backends.tasks import cancel_and_wait
 from gateway.cluster import LOCAL_ADDRESSES, ClusterState, Destination, source_ip
@@ -38,7 +39,6 @@ from gateway.proxy import (
     forward,
     request_headers,
 )
-from gateway.upstream import BodyFailed, ConnectFailed, UpstreamPool
 from gateway.webdav_headers import References
 
 log = logging.getLogger("rclone_gateway.peers")

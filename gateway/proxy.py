@@ -9,15 +9,15 @@ from dataclasses import dataclass
 from aiohttp import StreamReader, web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway.connections import FULL_READ, SMALL_READ, set_read_size
-from gateway.paths import Target
-from gateway.upstream import (
+from backends.client import (
     ConnectFailed,
     Timeout,
     UpstreamFailure,
     UpstreamPool,
     header_tokens,
 )
+from gateway.connections import FULL_READ, SMALL_READ, set_read_size
+from gateway.paths import Target
 from gateway.webdav_headers import References, rewrite_references
 
 CHUNK = 256 * 1024

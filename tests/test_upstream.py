@@ -16,7 +16,7 @@ import pytest
 import uvloop
 from multidict import CIMultiDict
 
-from gateway.upstream import BodyFailed, Broken, ConnectFailed, Timeout, UpstreamPool
+from backends.client import BodyFailed, Broken, ConnectFailed, Timeout, UpstreamPool
 
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter, "Backend"], Awaitable[None]]
 

@@ -7,9 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 
+from backends.client import UpstreamPool
 from gateway.paths import Target, canonicalise
 from gateway.policy import Caller, Protocol, Request, decide, module_caller, node_caller
-from gateway.upstream import UpstreamPool
 from gateway.webdav_headers import (
     SAME_DESTINATION,
     HeaderRefused,

@@ -12,6 +12,7 @@ import contextlib
 
 from aiohttp import web
 
+from backends.client import RETRYABLE_METHODS, BodyFailed, Broken, ConnectFailed
 from backends.kinds import Backend
 from backends.manager import Generation
 from backends.process import RcloneChild
@@ -19,7 +20,6 @@ from gateway.peers import unavailable
 from gateway.pipeline.exchange import Exchange
 from gateway.proxy import BodyFilter, BodyRefused, StatusHook, UpstreamError, forward, plain
 from gateway.upload import Upload
-from gateway.upstream import RETRYABLE_METHODS, BodyFailed, Broken, ConnectFailed
 
 # Seconds a request waits for its backend child to come back from a restart before 503.
 CHILD_RESTART_WAIT = 5.0
