@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from gateway.cluster import ClusterState, Destination
+from backends.destinations import Destination
 
 TREE_REMOTE = "gateway-tree"
 _HEADER = re.compile(r"^\s*\[[^\]]*\]\s*$")
@@ -59,20 +60,21 @@ def _quote_upstream(spec: str) -> str:
 
 
 def place(
-    state: ClusterState,
-    node_id: str,
+    destinations: Mapping[str, Destination],
+    own_address: str | None,
     local_repo: str,
     skip: frozenset[str] = frozenset(),
 ) -> Placement:
-    own_ip = state.node_vpn.get(node_id)
+    """`own_address`: this node's VPN address; a cluster destination hosted there is served
+    from `local_repo`."""
     placement = Placement()
-    for uuid in sorted(state.destinations):
-        dest: Destination = state.destinations[uuid]
+    for uuid in sorted(destinations):
+        dest = destinations[uuid]
         if not _UUID_LIKE.match(uuid):
             placement.invalid[uuid] = "destination id is not a plain name"
         elif dest.provider == "cluster":
             host = dest.cluster_host
-            if host and own_ip and host == own_ip:
+            if host and own_address and host == own_address:
                 placement.local[uuid] = local_repo
             elif host:
                 placement.peer[uuid] = host
@@ -88,19 +90,19 @@ def place(
 
 
 def render(
-    state: ClusterState,
-    node_id: str,
+    destinations: Mapping[str, Destination],
+    own_address: str | None,
     local_repo: str,
     empty_root: str,
     skip: frozenset[str] = frozenset(),
 ) -> RenderedConfig:
     """`skip` names destinations left out of the tree (their remote failed to start)."""
-    placement = place(state, node_id, local_repo, skip)
+    placement = place(destinations, own_address, local_repo, skip)
     out: list[str] = []
     for uuid, upstream in placement.local.items():
         if upstream == local_repo:
             continue
-        section = state.destinations[uuid].rclone_section or ""
+        section = destinations[uuid].rclone_section or ""
         out.append(f"[{uuid}]")
         out.extend(section_body(section))
         out.append("")
@@ -113,9 +115,3 @@ def render(
     else:
         root = empty_root
     return RenderedConfig("\n".join(out), placement, root)
-
-
-def render_single(state: ClusterState, uuid: str) -> str:
-    """The configuration of one destination alone, used to check that its remote starts."""
-    dest = state.destinations[uuid]
-    return "\n".join([f"[{uuid}]", *section_body(dest.rclone_section or ""), ""])

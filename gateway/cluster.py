@@ -5,42 +5,12 @@ from __future__ import annotations
 import functools
 import ipaddress
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
 
+from backends.destinations import Destination
 from gateway.credentials import AclUser
 from gateway.limits.config import RawLimits
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-@dataclass(frozen=True, slots=True)
-class Destination:
-    uuid: str
-    provider: str
-    url: str
-    name: str = ""
-    basepath_attr: str = ""
-    rclone_section: str | None = field(default=None, repr=False)  # holds secrets
-
-    @property
-    def basepath(self) -> str:
-        """Where the destination's tree is rooted inside its remote (spec section 3)."""
-        if self.provider == "rclone":
-            return self.basepath_attr
-        scheme, _, rest = self.url.partition(":")
-        if scheme == "s3":
-            _endpoint, _, path = rest.partition("/")
-            return path
-        if scheme == "webdav":
-            return urlsplit(rest).path
-        return rest
-
-    @property
-    def cluster_host(self) -> str | None:
-        """The VPN address of the node hosting a `cluster` destination."""
-        if self.provider != "cluster" or not self.url.startswith("webdav:"):
-            return None
-        return urlsplit(self.url.removeprefix("webdav:")).hostname
 
 
 @dataclass(frozen=True, slots=True)

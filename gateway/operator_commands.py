@@ -211,7 +211,7 @@ def mask_config(text: str) -> str:
 
 def masked_rendered_config(state: ClusterState, node_id: str, local_repo: str) -> str:
     """What `config show` prints: the rclone.conf the backends of node `node_id` would get."""
-    rendered = render(state, node_id, local_repo, empty_root="-")
+    rendered = render(state.destinations, state.node_vpn.get(node_id), local_repo, empty_root="-")
     notes = [f"# rclone configuration of node {node_id}; secret values shown as {MASK}"]
     for uuid, host in sorted(rendered.placement.peer.items()):
         notes.append(f"# {uuid}: hosted by the node at {host}, not served here")

@@ -24,9 +24,10 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from backends.client import BodyFailed, ConnectFailed, UpstreamPool
+from backends.destinations import Destination
 from backends.rclone_conf import Placement
 from backends.tasks import cancel_and_wait
-from gateway.cluster import LOCAL_ADDRESSES, ClusterState, Destination, source_ip
+from gateway.cluster import LOCAL_ADDRESSES, ClusterState, source_ip
 from gateway.paths import Target
 from gateway.policy import PROBE_SEGMENT, REST_MEDIA_TYPE
 from gateway.proxy import (

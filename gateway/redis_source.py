@@ -14,8 +14,9 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
+from backends.destinations import Destination
 from backends.tasks import cancel_and_wait
-from gateway.cluster import ClusterState, Destination, parse_network
+from gateway.cluster import ClusterState, parse_network
 from gateway.credentials import parse_acls
 from gateway.limits.config import BWLIMIT_KEY, CONCURRENCY_KEY, QUOTA_PREFIX, RawLimits
 

@@ -45,7 +45,7 @@ def remote_destinations(
     state: ClusterState, node_id: str, local_repo: str
 ) -> dict[str, RemoteSpec]:
     """The destinations this node serves through an rclone remote of their own."""
-    placement = place(state, node_id, local_repo)
+    placement = place(state.destinations, state.node_vpn.get(node_id), local_repo)
     remotes = {}
     for uuid, upstream in placement.local.items():
         if upstream == local_repo:
@@ -148,8 +148,8 @@ class Reloader:
         """Serve `state`'s destinations; True when a new generation of backends took over."""
         await self._check_remotes(state)
         rendered = render(
-            state, self.node_id, str(self.local_repo), self.backends.empty_root,
-            skip=self.remotes.failing(),
+            state.destinations, state.node_vpn.get(self.node_id), str(self.local_repo),
+            self.backends.empty_root, skip=self.remotes.failing(),
         )
         if str(self.local_repo) in rendered.placement.local.values():
             self.local_repo.mkdir(parents=True, exist_ok=True)

@@ -10,8 +10,9 @@ from types import SimpleNamespace
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from backends.destinations import Destination
 from backends.rclone_conf import Placement
-from gateway.cluster import ClusterState, Destination
+from gateway.cluster import ClusterState
 from gateway.peers import (
     FORWARDED_HEADER,
     Peer,
