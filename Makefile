@@ -1,6 +1,7 @@
 VENV := .venv
 PYTHON := $(VENV)/bin/python
 RUFF := $(VENV)/bin/ruff
+LINT_IMPORTS := $(VENV)/bin/lint-imports
 
 .DEFAULT_GOAL := test
 .PHONY: bootstrap run test lint bench soak clean image image-test
@@ -13,6 +14,7 @@ run: bootstrap
 
 test: bootstrap
 	$(RUFF) check .
+	$(LINT_IMPORTS)
 	$(PYTHON) -m pytest -q tests
 
 # The container image (containers/Containerfile) and the unit that runs it. PODMAN_CONF:
@@ -32,6 +34,7 @@ image-test: image
 
 lint: bootstrap
 	$(RUFF) check .
+	$(LINT_IMPORTS)
 
 bench: bootstrap
 	$(PYTHON) bench/run.py $(BENCH_ARGS)
