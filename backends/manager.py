@@ -23,6 +23,7 @@ from backends.client import UpstreamPool
 from backends.kinds import Backend
 from backends.process import RcloneChild, wait_connections_closed
 from backends.rclone_conf import RenderedConfig
+from backends.remote_check import CHILD_CONNECT_TIMEOUT
 from backends.tasks import cancel_and_wait
 
 log = logging.getLogger("rclone_gateway.backends")
@@ -47,7 +48,7 @@ def rclone_argv(rclone: str, backend: Backend, conf: Path, socket: Path, root: s
         # Fail fast against storage that does not answer, as the old gateway's children
         # do (rclone's defaults: a minute to connect, ten tries): restic retries itself,
         # and the request can go to a peer meanwhile.
-        "--contimeout", "5s", "--low-level-retries", "1",
+        "--contimeout", f"{CHILD_CONNECT_TIMEOUT}s", "--low-level-retries", "1",
     ]
     if backend is Backend.WEBDAV:
         # The default (5 minutes) keeps a repository created through REST invisible over

@@ -30,6 +30,8 @@ from backends.process import die_with_parent
 # found (the base path does not exist yet; rclone creates it on the first write).
 REACHABLE_EXIT_CODES = frozenset({0, 3, 4})
 ERROR_LIMIT = 300
+# The children's connect timeout (spec section 6: they fail fast against dark storage).
+CHILD_CONNECT_TIMEOUT = 5
 _LOG_PREFIX = re.compile(r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d (?P<level>[A-Z]+)\s*:\s*")
 _SECRET_MIN_LEN = 4
 _SECRET_KEYS = ("pass", "secret", "token", "key", "credential", "sas", "cookie", "pem")
@@ -98,7 +100,9 @@ async def check_remote(
     try:
         with os.fdopen(fd, "w") as f:
             f.write("\n".join([f"[{name}]", *section_lines, ""]))
-        io_timeout = max(1, int(timeout / 2))
+        # The children's fail-fast connect and idle timeouts (spec section 6), or less when
+        # the whole check must end sooner.
+        io_timeout = min(CHILD_CONNECT_TIMEOUT, max(1, int(timeout) - 1))
         argv = [
             rclone, "lsjson", "--max-depth", "1", "--config", conf,
             "--contimeout", f"{io_timeout}s", "--timeout", f"{io_timeout}s",

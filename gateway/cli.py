@@ -98,7 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds between checks of a remote destination found "
                             "unreachable (default 3)")
     serve.add_argument("--probe-timeout", type=float, default=4.0,
-                       help="seconds a probe may take before it counts as failed")
+                       help="seconds a probe of a peer gateway may take before it counts "
+                            "as failed")
+    serve.add_argument("--remote-probe-timeout", type=positive_seconds, default=6.0,
+                       help="seconds a check of a remote destination may take before it "
+                            "counts as failed (default 6)")
     serve.add_argument("--remote-check-timeout", type=float, default=15.0,
                        help="seconds a remote destination gets to answer its start check")
     serve.add_argument("--backend-timeout", type=positive_seconds, default=300.0,
@@ -226,6 +230,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         probe_timeout=args.probe_timeout,
         remote_probe_interval=args.remote_probe_interval,
         remote_probe_fast_interval=args.remote_probe_fast_interval,
+        remote_probe_timeout=args.remote_probe_timeout,
         remote_check_timeout=args.remote_check_timeout,
         backend_timeout=args.backend_timeout,
         liveness=LivenessSettings(args.liveness_interval, args.liveness_timeout,

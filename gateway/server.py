@@ -71,7 +71,7 @@ class Gateway:
         self.systemd = Notifier()
         self.reachability = Reachability(interval=settings.remote_probe_interval,
                                          fast_interval=settings.remote_probe_fast_interval,
-                                         probe_timeout=settings.probe_timeout)
+                                         probe_timeout=settings.remote_probe_timeout)
         self.peers = PeerGateways(settings.node_id, lambda: self.source.state,
                                   probe_interval=settings.probe_interval,
                                   probe_timeout=settings.probe_timeout,
@@ -147,7 +147,7 @@ class Gateway:
         return await check_remote(
             self.settings.rclone, uuid, section_body(dest.rclone_section or ""), dest.basepath,
             workdir=self.settings.runtime_dir / "probes", env=self.backends.child_env(),
-            timeout=self.settings.probe_timeout)
+            timeout=self.settings.remote_probe_timeout)
 
     # --- health, metrics and status ------------------------------------------------------
 

@@ -29,6 +29,10 @@ class Settings:
     # Remote storage served here, one listing a probe: while healthy, and while failing.
     remote_probe_interval: float = 60.0
     remote_probe_fast_interval: float = 3.0
+    # rclone connects and waits for data up to the children's 5 s within it: a slow link or
+    # an uplink full with a backup still answers one LIST in time, and a dark one is found
+    # down within 10 s of the first failing request (2 s of waiting, then this).
+    remote_probe_timeout: float = 6.0
     remote_check_timeout: float = 15.0
     backend_timeout: float = BACKEND_TIMEOUT  # the backend's next move, at most, before 504
     liveness: LivenessSettings = field(default_factory=LivenessSettings)
