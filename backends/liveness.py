@@ -27,9 +27,9 @@ log = logging.getLogger("rclone_gateway.backends")
 
 @dataclass(frozen=True, slots=True)
 class LivenessSettings:
-    interval: float = 2.0  # seconds between two checks of a child
-    timeout: float = 5.0  # seconds a child has to answer one
-    misses: int = 3  # checks missed in a row before the child is replaced
+    interval: float  # seconds between two checks of a child
+    timeout: float  # seconds a child has to answer one
+    misses: int  # checks missed in a row before the child is replaced
 
 
 def replacement_reason(missed: int, timeout: float) -> str:

@@ -1,7 +1,7 @@
 """Checks that each remote destination starts, alone, before it joins the served tree.
 
 The same check, one listing of the destination's root (one LIST on S3), is the
-reachability probe of `gateway.reachability`.
+reachability probe of `gateway.cluster.reachability`.
 
 A remote that cannot start (unreachable host, bad credentials, unknown type)
 would make the whole `combine` tree fail, or fail every request under it. So

@@ -1,7 +1,7 @@
 """A reference for `make bench`: the gateway's proxy hop with none of its checks.
 
 The same event loop (uvloop), HTTP server (aiohttp's), canonical path and
-streaming code (`gateway.proxy.forward` over `backends.client`) as the gateway,
+streaming code (`gateway.forwarding.proxy.forward` over `backends.client`) as the gateway,
 in front of the gateway's own `rclone serve restic` unix socket, and nothing
 else: no source filter, no credentials, no policy, no access log, no metrics.
 What it reaches is the most a Python proxy hop built this way can reach; the
@@ -20,8 +20,8 @@ import uvloop
 from aiohttp import web
 
 from backends.client import UpstreamPool
-from gateway.paths import PathError, canonicalise
-from gateway.proxy import Transfer, UpstreamError, forward, plain
+from gateway.access.paths import PathError, canonicalise
+from gateway.forwarding.proxy import Transfer, UpstreamError, forward, plain
 
 
 async def serve(port: int, socket_path: str) -> None:
@@ -33,7 +33,7 @@ async def serve(port: int, socket_path: str) -> None:
         except PathError as exc:
             return plain(400, str(exc))
         try:
-            return await forward(request, target, pool, "bare", Transfer())
+            return await forward(request, target, pool, "bare", Transfer(), backend_timeout=300.0)
         except UpstreamError as exc:
             return plain(exc.status, exc.reason)
 

@@ -25,13 +25,13 @@ import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 
-from gateway.cluster import ClusterState
+from gateway.access.paths import canonicalise
+from gateway.access.policy import Request, decide, detect_protocol, module_caller, node_caller
+from gateway.access.repository import RepositoryKey
+from gateway.cluster.state import ClusterState
 from gateway.limits.limiter import Limiter
-from gateway.paths import canonicalise
 from gateway.pipeline.exchange import Exchange
 from gateway.pipeline.stages import bandwidth, concurrency_cap, storage_quota
-from gateway.policy import Request, decide, detect_protocol, module_caller, node_caller
-from gateway.repository import RepositoryKey
 
 LIMIT_STAGES = (concurrency_cap, storage_quota, bandwidth)
 REST_ACCEPT = "application/vnd.x.restic.rest.v2"

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from harness import REST_ACCEPT, Blob, BlobUpload, Cluster, GatewayProcess, basic, free_port
 
-from gateway.limits.config import BWLIMIT_KEY
+from gateway.cluster.keys import BWLIMIT_KEY
 from gateway.limits.values import parse_rate
 
 MiB = 1024 * 1024

@@ -1,5 +1,5 @@
 """Command line: `rclone-gateway serve ...` (spec section 9), `explain`, `config show`,
-`status` (gateway/insight/command.py) and `limits` (gateway/limits/command.py).
+`status` (gateway/commands/status.py) and `limits` (gateway/commands/limits.py).
 
 Exit codes of `explain`: 0 the request would be allowed, 1 refused (by the access policy,
 or by a quota or a cap as the gateway's figures stand now), 2 usage error,
@@ -14,27 +14,27 @@ import os
 import shutil
 import sys
 import tempfile
+from dataclasses import fields
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from redis.exceptions import RedisError
 
-from gateway import logs
-from gateway.cluster import ClusterState
-from gateway.insight import command as insight_command
-from gateway.limits import command as limits_command
-from gateway.node_client import DEFAULT_URL, CannotAsk, ask_status
-from gateway.operator_commands import (
+from gateway.cluster.redis_source import redis_url_from_env
+from gateway.cluster.state import ClusterState
+from gateway.commands import limits as limits_command
+from gateway.commands import status as insight_command
+from gateway.commands.explain import (
     explain,
     explain_limits,
     format_explanation,
     masked_rendered_config,
     read_live_state,
 )
-from gateway.redis_source import redis_url_from_env
+from gateway.commands.node_client import DEFAULT_URL, CannotAsk, ask_status
+from gateway.edge import logs
+from gateway.settings import Settings
 
-if TYPE_CHECKING:
-    from gateway.settings import Settings
+DEFAULTS = Settings()
 
 
 def default_rclone() -> str:
@@ -71,53 +71,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rclone-gateway")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the gateway")
-    serve.add_argument("--listen", type=parse_listen, default=("0.0.0.0", 4694),
-                       metavar="HOST:PORT", help="address to listen on (default 0.0.0.0:4694)")
+    serve.add_argument("--listen", type=parse_listen,
+                       default=(DEFAULTS.listen_host, DEFAULTS.listen_port), metavar="HOST:PORT",
+                       help=f"address to listen on (default {DEFAULTS.listen_host}:"
+                            f"{DEFAULTS.listen_port})")
     serve.add_argument("--redis-url",
                        help="Redis URL (default: REDIS_URL or the agent environment)")
     serve.add_argument("--node-id", help="this node's id (default: NODE_ID)")
-    serve.add_argument("--local-repo", type=Path, default=Path("/srv/repo"),
-                       help="directory of this node's local repository (default /srv/repo)")
+    serve.add_argument("--local-repo", type=Path, default=DEFAULTS.local_repo,
+                       help="directory of this node's local repository (default %(default)s)")
     serve.add_argument("--runtime-dir", type=Path,
-                       help="private directory for sockets and the rclone configuration")
-    serve.add_argument("--rclone", default=None, help="rclone executable")
-    serve.add_argument("--max-connections", type=int, default=2048)
-    serve.add_argument("--shutdown-grace", type=float, default=30.0,
-                       help="seconds in-flight requests get to finish on SIGTERM")
-    serve.add_argument("--drain-grace", type=float, default=600.0,
-                       help="seconds an old backend generation gets to finish its requests")
-    serve.add_argument("--resync-interval", type=float, default=60.0,
-                       help="seconds between full re-reads of Redis")
-    serve.add_argument("--probe-interval", type=float, default=2.0,
-                       help="seconds between probes of the peer gateways")
-    serve.add_argument("--remote-probe-interval", type=positive_seconds, default=60.0,
-                       help="seconds between checks that this node reaches a healthy remote "
-                            "destination (each lists the destination's root: one request "
-                            "to the storage; default 60)")
-    serve.add_argument("--remote-probe-fast-interval", type=positive_seconds, default=3.0,
-                       help="seconds between checks of a remote destination found "
-                            "unreachable (default 3)")
-    serve.add_argument("--probe-timeout", type=float, default=4.0,
-                       help="seconds a probe of a peer gateway may take before it counts "
-                            "as failed")
-    serve.add_argument("--remote-probe-timeout", type=positive_seconds, default=6.0,
-                       help="seconds a check of a remote destination may take before it "
-                            "counts as failed (default 6)")
-    serve.add_argument("--remote-check-timeout", type=float, default=15.0,
-                       help="seconds a remote destination gets to answer its start check")
-    serve.add_argument("--backend-timeout", type=positive_seconds, default=300.0,
-                       help="seconds an rclone child may take to answer once the whole "
-                            "request is sent, or to take more of a request body, before "
-                            "504 (default 300, as restic waits; peer gateways get 5 s more)")
-    serve.add_argument("--liveness-interval", type=positive_seconds, default=2.0,
-                       help="seconds between checks that each rclone child still answers")
-    serve.add_argument("--liveness-timeout", type=positive_seconds, default=5.0,
-                       help="seconds a child has to answer a liveness check")
-    serve.add_argument("--liveness-misses", type=positive_count, default=3,
-                       help="checks missed in a row before a child is replaced")
-    serve.add_argument("--scan-interval", type=positive_seconds, default=3600.0,
-                       help="seconds between two listings of the storage for /status and "
-                            "/metrics (default 3600; SIGUSR1 lists it at once)")
+                       help="private directory for sockets and the rclone configuration "
+                            "(default: RUNTIME_DIRECTORY, or a new temporary directory)")
+    serve.add_argument("--rclone", default=None,
+                       help="rclone executable (default: the one installed beside the gateway)")
+    for setting in fields(Settings):
+        if "help" in setting.metadata:
+            serve.add_argument(
+                "--" + setting.name.replace("_", "-"), dest=setting.name,
+                type=positive_count if setting.type == "int" else positive_seconds,
+                metavar="N" if setting.type == "int" else "SECONDS",
+                default=setting.default, help=setting.metadata["help"] + " (default %(default)s)")
     serve.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "INFO"))
 
     why = commands.add_parser(
@@ -149,8 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
         "show", help="print the rendered rclone configuration, secret values masked")
     show.add_argument("--redis-url", help="Redis URL (default: REDIS_URL or the agent environment)")
     show.add_argument("--node-id", help="render for this node (default: NODE_ID)")
-    show.add_argument("--local-repo", default="/srv/repo",
-                      help="directory of this node's local repository (default /srv/repo)")
+    show.add_argument("--local-repo", type=Path, default=DEFAULTS.local_repo,
+                      help="directory of this node's local repository (default %(default)s)")
     return parser
 
 
@@ -201,9 +175,7 @@ def run_config_show(args: argparse.Namespace) -> int:
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
     # The server (aiohttp and all) is imported only to serve: the operator commands start faster.
-    from backends.liveness import LivenessSettings
-    from gateway.server import prepare_runtime_dir
-    from gateway.settings import Settings
+    from gateway.app import prepare_runtime_dir
 
     node_id = args.node_id or os.environ.get("NODE_ID")
     if not node_id:
@@ -222,20 +194,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         local_repo=args.local_repo.resolve(),
         runtime_dir=prepare_runtime_dir(runtime.resolve()),
         rclone=args.rclone or default_rclone(),
-        max_connections=args.max_connections,
-        shutdown_grace=args.shutdown_grace,
-        drain_grace=args.drain_grace,
-        resync_interval=args.resync_interval,
-        probe_interval=args.probe_interval,
-        probe_timeout=args.probe_timeout,
-        remote_probe_interval=args.remote_probe_interval,
-        remote_probe_fast_interval=args.remote_probe_fast_interval,
-        remote_probe_timeout=args.remote_probe_timeout,
-        remote_check_timeout=args.remote_check_timeout,
-        backend_timeout=args.backend_timeout,
-        liveness=LivenessSettings(args.liveness_interval, args.liveness_timeout,
-                                  args.liveness_misses),
-        scan_interval=args.scan_interval,
+        **{setting.name: getattr(args, setting.name)
+           for setting in fields(Settings) if "help" in setting.metadata},
     )
 
 
@@ -252,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         logs.configure(args.log_level)
         settings = settings_from_args(args)
-        from gateway.server import Gateway
+        from gateway.app import Gateway
 
         try:
             import uvloop

@@ -10,7 +10,7 @@ import pytest
 import uvloop
 from aiohttp import web
 
-from gateway.connections import GuardedProtocolFactory, guarded_protocol_factory
+from gateway.edge.admission import GuardedProtocolFactory, guarded_protocol_factory
 
 DOWNLOAD_CHUNK = 64 * 1024
 DOWNLOAD_CHUNKS = 10

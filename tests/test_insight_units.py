@@ -3,13 +3,13 @@ and the report built from both."""
 
 from __future__ import annotations
 
+from gateway.access.paths import canonicalise
+from gateway.access.repository import RepositoryKey
 from gateway.insight.page import html_page, text_table
 from gateway.insight.record import Exchange, Recorder, recorded_under
 from gateway.insight.report import STALE_AFTER, build_report
 from gateway.insight.scan import figures, repositories, space
-from gateway.paths import canonicalise
-from gateway.repository import RepositoryKey
-from gateway.status import DestinationHealth
+from gateway.status.model import DestinationHealth
 
 DEST = "dddd0000-0000-4000-8000-000000000001"
 UUID = "uuuu0000-0000-4000-8000-000000000001"

@@ -17,8 +17,10 @@ from datetime import datetime, timedelta
 
 import pytest
 
+from gateway.access.repository import RepositoryKey
+from gateway.cluster.state import RawLimits
 from gateway.limits.concurrency import InFlight
-from gateway.limits.config import DEFAULT_MODULE_CAP, Limits, LimitsKeeper, RawLimits
+from gateway.limits.config import DEFAULT_MODULE_CAP, Limits, LimitsKeeper
 from gateway.limits.limiter import Limiter
 from gateway.limits.quota import MAX_LOCKS, UsageBook
 from gateway.limits.shaping import BURST_SECONDS, MIN_BURST, SLICE, Shaper, TokenBucket
@@ -30,7 +32,6 @@ from gateway.limits.values import (
     parse_schedule,
     parse_size,
 )
-from gateway.repository import RepositoryKey
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 DEST = "dddd0000-0000-4000-8000-000000000001"

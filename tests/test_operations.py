@@ -45,10 +45,11 @@ from harness import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway import cli, logs
-from gateway.metrics import live_families
-from gateway.operator_commands import MASK, mask_config
-from gateway.status import BackendStatus, DestinationHealth, NodeStatus, RedisHealth
+from gateway import cli
+from gateway.commands.explain import MASK, mask_config
+from gateway.edge import logs
+from gateway.status.metrics import live_families
+from gateway.status.model import BackendStatus, DestinationHealth, NodeStatus, RedisHealth
 
 LOCAL_DEST = "7e1f0c2a-5b3d-4e6f-8a9b-0c1d2e3f4a01"
 CRYPT_DEST = "8f2a1d3b-6c4e-4f70-9bac-1d2e3f4a5b02"

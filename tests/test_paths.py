@@ -1,6 +1,6 @@
 import pytest
 
-from gateway.paths import MAX_PATH_BYTES, PathError, canonicalise
+from gateway.access.paths import MAX_PATH_BYTES, PathError, canonicalise
 
 ACCEPTED = [
     ("/", "/", ()),

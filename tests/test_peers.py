@@ -12,8 +12,9 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from backends.destinations import Destination
 from backends.rclone_conf import Placement
-from gateway.cluster import ClusterState
-from gateway.peers import (
+from gateway.cluster.reachability import Reachability
+from gateway.cluster.state import ClusterState
+from gateway.forwarding.peers import (
     FORWARDED_HEADER,
     Peer,
     PeerHealth,
@@ -28,7 +29,6 @@ from gateway.peers import (
 )
 from gateway.pipeline.exchange import Exchange
 from gateway.pipeline.stages import bandwidth
-from gateway.reachability import Reachability
 
 HOSTED = Destination("hosted", "cluster", "webdav:http://10.5.4.2:4694")
 HOSTED_HERE = Destination("mine", "cluster", "webdav:http://10.5.4.1:4694")

@@ -2,8 +2,8 @@
 
 import pytest
 
-from gateway.paths import canonicalise
-from gateway.policy import (
+from gateway.access.paths import canonicalise
+from gateway.access.policy import (
     Backend,
     Caller,
     Protocol,

@@ -50,15 +50,15 @@ from harness import (
     send_request,
 )
 
-from gateway.metrics import live_families
-from gateway.status import DestinationHealth, NodeStatus, RedisHealth
+from gateway.status.metrics import live_families
+from gateway.status.model import DestinationHealth, NodeStatus, RedisHealth
 
 NODE = ("node/1", "promises-node-password-71")
 TRAEFIK = ("module/traefik1", "promises-traefik-password-72")
 TRAEFIK_UUID = "4d6e8f0a-2b3c-4d5e-8f70-8192a3b4c5d1"
 OBJECT_ID = "cd" * 32
 OWN_VPN = "127.0.0.1"  # this node's "VPN" address: peers' pools and probes leave from it
-PEER_PORT = 4694  # peer gateways are always reached on this port (gateway/peers.py)
+PEER_PORT = 4694  # peer gateways are always reached on this port (gateway/forwarding/peers.py)
 DEADLINE = 60.0  # generous: the machine may be busy with other test runs
 
 
@@ -1027,7 +1027,7 @@ def test_destination_up_leaves_out_destinations_served_by_a_peer(shared: Shared)
     assert f'rclone_gateway_destination_up{{destination="{shared.local_dest}"}} 1.0' in lines
     assert not [line for line in lines if shared.peer_dest in line], lines
 
-    # Every kind of entry /health has (gateway/peers.py where_served).
+    # Every kind of entry /health has (gateway/forwarding/peers.py where_served).
     entries = {
         "here-ok": {"state": "ok", "served": "here"},
         "via-peer": {"state": "forwarded", "served": "peer", "peer": "node2",

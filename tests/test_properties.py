@@ -9,8 +9,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from yarl import URL
 
-from gateway.paths import MAX_SEGMENT_BYTES, PathError, Target, canonicalise
-from gateway.policy import (
+from gateway.access.paths import MAX_SEGMENT_BYTES, PathError, Target, canonicalise
+from gateway.access.policy import (
     CREATE_QUERY,
     Backend,
     Protocol,
@@ -19,7 +19,7 @@ from gateway.policy import (
     module_caller,
     node_caller,
 )
-from gateway.repository import OBJECT_TYPES
+from gateway.access.repository import OBJECT_TYPES
 
 PROFILE = settings(max_examples=300, deadline=None,
                    suppress_health_check=[HealthCheck.too_slow])

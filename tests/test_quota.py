@@ -29,9 +29,9 @@ from harness import (
     send_request,
 )
 
+from gateway.access.repository import RepositoryKey
 from gateway.insight.scan import Layout, Scanner
 from gateway.limits.quota import UsageBook
-from gateway.repository import RepositoryKey
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -446,7 +446,7 @@ def test_a_listing_that_fails_keeps_the_count_of_its_destination(tmp_path: Path)
     dest, uuid, conf, layout = local_layout(tmp_path)
     book = UsageBook()
     scanner = Scanner(str(REPO_ROOT / ".venv" / "bin" / "rclone"), lambda: layout,
-                      dict(os.environ), pause=0.0,
+                      dict(os.environ), interval=3600.0, pause=0.0,
                       on_scanned=lambda key, figures: book.listed(key, figures.stored_bytes),
                       on_listing=book.listing_started, on_full_scan=book.full_scan_ended)
     key = RepositoryKey(dest, "traefik", uuid)
@@ -484,7 +484,7 @@ def test_a_listing_asked_for_during_a_scan_runs_next(tmp_path: Path) -> None:
 
     async def scenario() -> tuple[float, float | None]:
         scanner = Scanner(str(REPO_ROOT / ".venv" / "bin" / "rclone"), lambda: layout,
-                          dict(os.environ), pause=0.5)
+                          dict(os.environ), interval=3600.0, pause=0.5)
         scanner.start()
         try:
             await asyncio.sleep(0.2)  # the first scan is under way (it pauses before rclone)

@@ -9,8 +9,8 @@ import time
 import pytest
 from harness import RedisServer
 
-from gateway.cluster import ClusterState
-from gateway.redis_source import RedisSource
+from gateway.cluster.redis_source import RedisSource
+from gateway.cluster.state import ClusterState
 
 
 def test_idle_source_does_not_spin(redis_server: RedisServer) -> None:

@@ -34,7 +34,7 @@ from harness import (
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.throttle import Limits, LoginThrottle, credential_key
+from gateway.access.throttle import Limits, LoginThrottle, credential_key
 
 DEST = "0d2b7ab6-8f8b-4c43-a1d3-7f3f5f7c1a01"
 NODE = ("node/1", "node-secret-1")

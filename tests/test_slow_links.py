@@ -43,7 +43,7 @@ from harness import (
     stop_process,
 )
 
-from gateway import proxy
+from gateway.forwarding import proxy
 
 DEST = "5a0e1000-7c2b-4d1e-9f3a-1b2c3d4e5f60"
 NODE = ("node/1", "slow-links-node-secret")

@@ -12,9 +12,9 @@ from types import SimpleNamespace
 import pytest
 
 from backends.kinds import Backend
-from gateway.paths import canonicalise
-from gateway.proxy import BodyRefused
-from gateway.upload import Repair, RepairOutcome, Upload
+from gateway.access.paths import canonicalise
+from gateway.forwarding.proxy import BodyRefused
+from gateway.pipeline.upload import Repair, RepairOutcome, Upload
 
 CONTENT = b"restic pack" * 100
 OBJECT_ID = hashlib.sha256(CONTENT).hexdigest()

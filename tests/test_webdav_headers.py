@@ -8,9 +8,9 @@ from hypothesis import strategies as st
 from multidict import CIMultiDict
 
 from backends.client import UpstreamPool
-from gateway.paths import Target, canonicalise
-from gateway.policy import Caller, Protocol, Request, decide, module_caller, node_caller
-from gateway.webdav_headers import (
+from gateway.access.paths import Target, canonicalise
+from gateway.access.policy import Caller, Protocol, Request, decide, module_caller, node_caller
+from gateway.access.webdav_headers import (
     SAME_DESTINATION,
     HeaderRefused,
     References,

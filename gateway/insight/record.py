@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from gateway.paths import Target
-from gateway.repository import METADATA_SUFFIX, RepositoryAddress, RepositoryKey
+from gateway.access.paths import Target
+from gateway.access.repository import METADATA_SUFFIX, RepositoryAddress, RepositoryKey
 
 # Reasons kept per repository: beyond this many distinct ones, the rest count as "other".
 MAX_REASONS = 32

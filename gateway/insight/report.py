@@ -11,11 +11,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from gateway.access.repository import RepositoryKey
 from gateway.insight.record import Activity
 from gateway.insight.scan import Space, StoredFigures
 from gateway.limits.views import QuotaView
-from gateway.repository import RepositoryKey
-from gateway.status import DestinationHealth
+from gateway.status.model import DestinationHealth
 
 STALE_AFTER = 26 * 3600.0  # no snapshot for this long: the repository is flagged
 OLD_LOCK_AFTER = 3600.0  # a lock older than this: flagged (restic's own stale lock is 30 min)

@@ -24,11 +24,10 @@ from pathlib import Path
 
 from backends.process import die_with_parent
 from backends.tasks import cancel_and_wait
-from gateway.repository import CONFIG, OBJECT_TYPES, RepositoryKey
+from gateway.access.repository import CONFIG, OBJECT_TYPES, RepositoryKey
 
 log = logging.getLogger("rclone_gateway.insight")
 
-SCAN_INTERVAL = 3600.0
 PAUSE = 0.2  # seconds between two listings: a bounded rate
 DEBOUNCE = 5.0  # seconds after a snapshot upload before its repository is listed
 RCLONE_TIMEOUT = 600.0
@@ -125,7 +124,7 @@ class Scanner:
     rclone: str
     layout: Callable[[], Layout | None]
     env: dict[str, str]
-    interval: float = SCAN_INTERVAL
+    interval: float  # seconds between two full scans
     pause: float = PAUSE
     debounce: float = DEBOUNCE
     stored: dict[RepositoryKey, StoredFigures] = field(default_factory=dict)

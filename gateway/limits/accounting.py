@@ -10,10 +10,10 @@ from yarl import URL
 
 from backends.kinds import Backend
 from backends.manager import Generation
+from gateway.access.paths import Target
+from gateway.access.policy import REST_MEDIA_TYPE
+from gateway.access.repository import RepositoryKey
 from gateway.limits.limiter import Limiter
-from gateway.paths import Target
-from gateway.policy import REST_MEDIA_TYPE
-from gateway.repository import RepositoryKey
 
 WEBDAV_WRITES = frozenset({"PUT", "DELETE", "MOVE", "COPY", "MKCOL"})
 SIZE_TIMEOUT = 10.0

@@ -12,27 +12,16 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from gateway.cluster.keys import BWLIMIT_KEY, CONCURRENCY_KEY, QUOTA_PREFIX
+from gateway.cluster.state import RawLimits
 from gateway.limits.values import BadValue, Schedule, parse_cap, parse_quota, parse_schedule
 
 log = logging.getLogger("rclone_gateway.limits")
 
-QUOTA_PREFIX = "rclone-gateway/quota/"
-BWLIMIT_KEY = "rclone-gateway/bwlimit"
-CONCURRENCY_KEY = "rclone-gateway/concurrency"
-CHANGED_CHANNEL = "cluster/event/backup-limits-changed"
 DEFAULT_MODULE_CAP = 8
 DIRECTIONS = ("upload", "download")
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True, slots=True)
-class RawLimits:
-    """The Limits keys as Redis holds them."""
-
-    quota: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # destination -> hash
-    bwlimit: Mapping[str, str] = field(default_factory=dict)
-    concurrency: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from gateway.cluster import ClusterState
+from gateway.access.policy import app_type
+from gateway.access.repository import RepositoryKey, address_of
+from gateway.cluster.state import ClusterState
 from gateway.limits.concurrency import InFlight
 from gateway.limits.config import Limits, LimitsKeeper
 from gateway.limits.quota import Segments, UsageBook
 from gateway.limits.shaping import Shaper
 from gateway.limits.views import QuotaView
-from gateway.policy import app_type
-from gateway.repository import RepositoryKey, address_of
 
 
 class Limiter:

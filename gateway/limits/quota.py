@@ -18,8 +18,8 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from gateway.access.repository import RepositoryKey
 from gateway.limits.values import format_size
-from gateway.repository import RepositoryKey
 
 log = logging.getLogger("rclone_gateway.limits")
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gateway.repository import RepositoryKey
+from gateway.access.repository import RepositoryKey
 
 
 @dataclass(frozen=True, slots=True)

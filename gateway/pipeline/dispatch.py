@@ -16,10 +16,17 @@ from backends.client import RETRYABLE_METHODS, BodyFailed, Broken, ConnectFailed
 from backends.kinds import Backend
 from backends.manager import Generation
 from backends.process import RcloneChild
-from gateway.peers import unavailable
+from gateway.forwarding.peers import unavailable
+from gateway.forwarding.proxy import (
+    BodyFilter,
+    BodyRefused,
+    StatusHook,
+    UpstreamError,
+    forward,
+    plain,
+)
 from gateway.pipeline.exchange import Exchange
-from gateway.proxy import BodyFilter, BodyRefused, StatusHook, UpstreamError, forward, plain
-from gateway.upload import Upload
+from gateway.pipeline.upload import Upload
 
 # Seconds a request waits for its backend child to come back from a restart before 503.
 CHILD_RESTART_WAIT = 5.0

@@ -10,24 +10,31 @@ from aiohttp import web
 
 from backends.kinds import Backend
 from backends.manager import BackendManager
-from gateway.cluster import ClusterState
-from gateway.hangup import HangupWatch
+from gateway.access.paths import Target
+from gateway.access.policy import Caller, Decision, Request
+from gateway.access.throttle import LoginThrottle
+from gateway.access.webdav_headers import References
+from gateway.cluster.reachability import Reachability
+from gateway.cluster.redis_source import RedisSource
+from gateway.cluster.state import ClusterState
+from gateway.edge.hangup import HangupWatch
+from gateway.edge.logs import AccessLog
+from gateway.forwarding.peers import PeerGateways
+from gateway.forwarding.proxy import (
+    BodyFilter,
+    BodyHeld,
+    Transfer,
+    plain,
+    request_body,
+    send_continue,
+)
 from gateway.insight.record import Recorder
 from gateway.insight.report import Report
 from gateway.insight.scan import Scanner
 from gateway.limits.limiter import Limiter
-from gateway.logs import AccessLog
-from gateway.metrics import GatewayMetrics
-from gateway.paths import Target
-from gateway.peers import PeerGateways
-from gateway.policy import Caller, Decision, Request
-from gateway.proxy import BodyFilter, BodyHeld, Transfer, plain, request_body, send_continue
-from gateway.reachability import Reachability
-from gateway.redis_source import RedisSource
+from gateway.pipeline.upload import Upload
 from gateway.settings import Settings
-from gateway.throttle import LoginThrottle
-from gateway.upload import Upload
-from gateway.webdav_headers import References
+from gateway.status.metrics import GatewayMetrics
 
 T = TypeVar("T")
 

@@ -8,9 +8,9 @@ from collections.abc import Sequence
 
 from aiohttp import web
 
+from gateway.edge.logs import access_level, access_line
+from gateway.edge.shutdown import close_after_response
 from gateway.insight import record as insight
-from gateway.lifecycle import close_after_response
-from gateway.logs import access_level, access_line
 from gateway.pipeline.exchange import Exchange, Services
 from gateway.pipeline.stages import STAGES, Stage
 

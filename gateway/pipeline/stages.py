@@ -13,22 +13,9 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from gateway.cluster import is_trusted_source
-from gateway.credentials import parse_basic, password_digest, verify_digest
-from gateway.http_errors import head_too_large
-from gateway.insight.page import html_page
-from gateway.limits.accounting import (
-    object_size,
-    recount_after_webdav,
-    when_stored,
-    written_by_webdav,
-)
-from gateway.limits.concurrency import RETRY_AFTER
-from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from gateway.paths import PathError, canonicalise
-from gateway.pipeline.dispatch import dispatch
-from gateway.pipeline.exchange import Exchange
-from gateway.policy import (
+from gateway.access.credentials import parse_basic, password_digest, verify_digest
+from gateway.access.paths import PathError, canonicalise
+from gateway.access.policy import (
     Protocol,
     Request,
     decide,
@@ -38,11 +25,24 @@ from gateway.policy import (
     node_caller,
     size_limit,
 )
-from gateway.proxy import plain
-from gateway.throttle import credential_key
-from gateway.upload import TOO_LARGE_REASON, Upload, at_most, too_large_text
-from gateway.webdav_headers import RULE as REFERENCES_RULE
-from gateway.webdav_headers import HeaderRefused, references_of
+from gateway.access.throttle import credential_key
+from gateway.access.webdav_headers import RULE as REFERENCES_RULE
+from gateway.access.webdav_headers import HeaderRefused, references_of
+from gateway.cluster.state import is_trusted_source
+from gateway.edge.server import head_too_large
+from gateway.forwarding.proxy import plain
+from gateway.insight.page import html_page
+from gateway.limits.accounting import (
+    object_size,
+    recount_after_webdav,
+    when_stored,
+    written_by_webdav,
+)
+from gateway.limits.concurrency import RETRY_AFTER
+from gateway.pipeline.dispatch import dispatch
+from gateway.pipeline.exchange import Exchange
+from gateway.pipeline.upload import TOO_LARGE_REASON, Upload, at_most, too_large_text
+from gateway.status.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
 Answer = web.StreamResponse | None
 Stage = Callable[[Exchange], Awaitable[Answer]]

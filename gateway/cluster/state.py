@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from backends.destinations import Destination
-from gateway.credentials import AclUser
-from gateway.limits.config import RawLimits
+from gateway.access.credentials import AclUser
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True, slots=True)
+class RawLimits:
+    """The Limits keys as Redis holds them."""
+
+    quota: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # destination -> hash
+    bwlimit: Mapping[str, str] = field(default_factory=dict)
+    concurrency: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

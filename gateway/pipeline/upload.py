@@ -42,10 +42,10 @@ from yarl import URL
 
 from backends.kinds import Backend
 from backends.manager import Generation
-from gateway.paths import Target
-from gateway.policy import REST_MEDIA_TYPE, Request
-from gateway.proxy import BodyFilter, BodyRefused, StatusHook, plain
-from gateway.repository import Resource
+from gateway.access.paths import Target
+from gateway.access.policy import REST_MEDIA_TYPE, Request
+from gateway.access.repository import Resource
+from gateway.forwarding.proxy import BodyFilter, BodyRefused, StatusHook, plain
 
 # The name operators' log filters know this from.
 log = logging.getLogger("rclone_gateway.repair")

@@ -25,8 +25,8 @@ from dataclasses import dataclass, replace
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway.paths import PathError, Target, canonicalise
-from gateway.policy import Request, decide
+from gateway.access.paths import PathError, Target, canonicalise
+from gateway.access.policy import Request, decide
 
 DESTINATION = "Destination"
 IF = "If"

@@ -17,7 +17,7 @@ timeout, or a request without a body still unanswered after a few seconds)
 marks nothing by itself: rclone answers 500 to some requests that have nothing
 to do with the storage (a REST `HEAD` of a directory). It brings that destination's next probe
 forward, at most one a second, and the probe decides. While a destination is
-unreachable, requests for it go to a peer (gateway.peers).
+unreachable, requests for it go to a peer (gateway.forwarding.peers).
 """
 
 from __future__ import annotations

@@ -27,11 +27,11 @@ from backends.client import BodyFailed, ConnectFailed, UpstreamPool
 from backends.destinations import Destination
 from backends.rclone_conf import Placement
 from backends.tasks import cancel_and_wait
-from gateway.cluster import LOCAL_ADDRESSES, ClusterState, source_ip
-from gateway.paths import Target
-from gateway.policy import PROBE_SEGMENT, REST_MEDIA_TYPE
-from gateway.proxy import (
-    BACKEND_TIMEOUT,
+from gateway.access.paths import Target
+from gateway.access.policy import PROBE_SEGMENT, REST_MEDIA_TYPE
+from gateway.access.webdav_headers import References
+from gateway.cluster.state import LOCAL_ADDRESSES, ClusterState, source_ip
+from gateway.forwarding.proxy import (
     BodyFilter,
     BodyRefused,
     Transfer,
@@ -40,7 +40,6 @@ from gateway.proxy import (
     forward,
     request_headers,
 )
-from gateway.webdav_headers import References
 
 log = logging.getLogger("rclone_gateway.peers")
 
@@ -276,9 +275,9 @@ class PeerGateways:
         own_node_id: str,
         state: Callable[[], ClusterState | None],
         *,
-        probe_interval: float = 2.0,
-        probe_timeout: float = 4.0,
-        backend_timeout: float = BACKEND_TIMEOUT,
+        probe_interval: float,
+        probe_timeout: float,
+        backend_timeout: float,
     ) -> None:
         self.own_node_id = own_node_id
         # A peer with the same `--backend-timeout` answers 504 after it: wait a little

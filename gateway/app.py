@@ -18,30 +18,30 @@ from backends.manager import CHILD_DRAIN_GRACE, CHILD_DRAIN_MARGIN, BackendManag
 from backends.rclone_conf import Placement, RenderedConfig, section_body
 from backends.remote_check import check_remote
 from gateway import __version__
-from gateway.cluster import ClusterState
-from gateway.connections import guarded_protocol_factory
-from gateway.hangup import HangupWatch
-from gateway.http_errors import GatewayServer
+from gateway.access.repository import RepositoryKey
+from gateway.access.throttle import LoginThrottle
+from gateway.cluster.reachability import Reachability
+from gateway.cluster.redis_source import RedisSource
+from gateway.cluster.reloader import Reloader
+from gateway.cluster.state import ClusterState
+from gateway.edge.admission import guarded_protocol_factory
+from gateway.edge.hangup import HangupWatch
+from gateway.edge.logs import AccessLog
+from gateway.edge.sd_notify import Notifier
+from gateway.edge.server import GatewayServer
+from gateway.edge.shutdown import drain_connections
+from gateway.forwarding.peers import PeerGateways, where_served
+from gateway.forwarding.proxy import HELD_PIECE
 from gateway.insight.metrics import ReportCollector
 from gateway.insight.record import Recorder
 from gateway.insight.report import Report, build_report
 from gateway.insight.scan import Layout, Scanner, StoredFigures
-from gateway.lifecycle import drain_connections
 from gateway.limits.limiter import Limiter
 from gateway.limits.metrics import LimitsCollector
-from gateway.logs import AccessLog
-from gateway.metrics import GatewayMetrics
-from gateway.peers import PeerGateways, where_served
 from gateway.pipeline.handler import Pipeline
-from gateway.proxy import HELD_PIECE
-from gateway.reachability import Reachability
-from gateway.redis_source import RedisSource
-from gateway.reloader import Reloader
-from gateway.repository import RepositoryKey
-from gateway.sd_notify import Notifier
 from gateway.settings import Settings
-from gateway.status import BackendStatus, DestinationHealth, NodeStatus, RedisHealth, Replaced
-from gateway.throttle import LoginThrottle
+from gateway.status.metrics import GatewayMetrics
+from gateway.status.model import BackendStatus, DestinationHealth, NodeStatus, RedisHealth, Replaced
 
 log = logging.getLogger("rclone_gateway")
 

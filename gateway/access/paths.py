@@ -3,7 +3,7 @@
 The raw request target is decoded exactly once; everything downstream (the
 policy decision, the routing, the request sent to a backend) uses the
 `Target` computed here and nothing else. Its repository address
-(`gateway.repository`) is split once with it.
+(`gateway.access.repository`) is split once with it.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
-from gateway.repository import RepositoryAddress, address_of
+from gateway.access.repository import RepositoryAddress, address_of
 
 MAX_SEGMENT_BYTES = 255
 MAX_PATH_BYTES = 4096

@@ -12,11 +12,9 @@ import re
 from dataclasses import dataclass
 
 from backends.rclone_conf import render
-from gateway.cluster import ClusterState
-from gateway.credentials import USER_PREFIXES
-from gateway.limits.config import LimitsKeeper
-from gateway.paths import PathError, canonicalise
-from gateway.policy import (
+from gateway.access.credentials import USER_PREFIXES
+from gateway.access.paths import PathError, canonicalise
+from gateway.access.policy import (
     Caller,
     Protocol,
     Request,
@@ -26,7 +24,9 @@ from gateway.policy import (
     module_caller,
     node_caller,
 )
-from gateway.redis_source import connect, read_state
+from gateway.cluster.redis_source import connect, read_state
+from gateway.cluster.state import ClusterState
+from gateway.limits.config import LimitsKeeper
 
 OPERATIONS_PATHS = frozenset({"/health", "/health/", "/metrics", "/metrics/"})
 MASK = "***"

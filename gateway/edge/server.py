@@ -21,13 +21,13 @@ from aiohttp.http_exceptions import (
 )
 from aiohttp.web_protocol import RequestHandler
 
-from gateway.connections import MAX_HEAD_BYTES
-from gateway.logs import log_reject
+from gateway.edge.admission import MAX_HEAD_BYTES
+from gateway.edge.logs import log_reject
 
 log = logging.getLogger("rclone_gateway")
 
 # Per line (request line, one header field) and per request head. The whole head is
-# bounded twice: while it arrives (gateway.connections) and once parsed (head_too_large).
+# bounded twice: while it arrives (gateway.edge.admission) and once parsed (head_too_large).
 MAX_LINE_BYTES = 8190
 MAX_FIELD_BYTES = 8190
 MAX_HEADERS = 100

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from backends.kinds import Backend
-from gateway.paths import Target
-from gateway.repository import RepositoryAddress, Resource
+from gateway.access.paths import Target
+from gateway.access.repository import RepositoryAddress, Resource
 
 REST_MEDIA_TYPE = "application/vnd.x.restic.rest.v2"
 CREATE_QUERY = "create=true"

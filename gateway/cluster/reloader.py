@@ -22,7 +22,7 @@ from backends.manager import BackendManager
 from backends.rclone_conf import RenderedConfig, place, render, section_body
 from backends.remote_check import RemoteHealth, check_remote, fingerprint
 from backends.tasks import cancel_and_wait
-from gateway.cluster import ClusterState
+from gateway.cluster.state import ClusterState
 
 log = logging.getLogger("rclone_gateway.reload")
 

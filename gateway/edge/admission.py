@@ -6,7 +6,7 @@ from typing import cast
 from aiohttp import StreamReader, web
 from aiohttp.web_protocol import RequestHandler
 
-from gateway.logs import log_reject
+from gateway.edge.logs import log_reject
 
 # Read-only peeks into aiohttp's RequestHandler, checked when a factory is built:
 #   _request_count: bumped by the parser once per complete request head (line + headers);
@@ -90,7 +90,7 @@ class GuardedProtocolFactory:
         if missing:
             raise RuntimeError(
                 f"aiohttp's RequestHandler has no {', '.join(missing)}: "
-                "gateway.connections needs updating for this aiohttp version"
+                "gateway.edge.admission needs updating for this aiohttp version"
             )
         self._server = server
         self._max_connections = max_connections

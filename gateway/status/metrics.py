@@ -2,7 +2,7 @@
 
 Counters and the duration histogram are fed once per request; everything that
 describes the current state (backends, destinations, Redis, in-flight
-requests) is read from the node's status (gateway.status) at scrape time, so a scrape
+requests) is read from the node's status (gateway.status.model) at scrape time, so a scrape
 always tells the truth. Labels have bounded values only: no paths, no user
 names, no free text.
 """
@@ -24,7 +24,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from gateway.status import NodeStatus
+from gateway.status.model import NodeStatus
 
 NAMESPACE = "rclone_gateway"
 CONTENT_TYPE = CONTENT_TYPE_LATEST

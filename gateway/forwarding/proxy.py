@@ -16,16 +16,11 @@ from backends.client import (
     UpstreamPool,
     header_tokens,
 )
-from gateway.connections import FULL_READ, SMALL_READ, set_read_size
-from gateway.paths import Target
-from gateway.webdav_headers import References, rewrite_references
+from gateway.access.paths import Target
+from gateway.access.webdav_headers import References, rewrite_references
+from gateway.edge.admission import FULL_READ, SMALL_READ, set_read_size
 
 CHUNK = 256 * 1024
-# Seconds the backend may take for its next move (to take more of the body, to answer once
-# the whole request is sent, to go on with its answer) before 504: restic's own patience
-# (a listing of a large repository on a slow remote can take minutes). A child that hangs
-# is the liveness check's to catch, not this timer's.
-BACKEND_TIMEOUT = 300.0
 # Seconds a request body may stay silent while the gateway waits for it: far above the gaps
 # of a slow but live link (TCP's retransmissions after a short outage reach a minute), and
 # below restic's own 5 minutes without progress. After it the request gets 408 and frees
@@ -45,7 +40,8 @@ HELD_PIECE = SMALL_READ
 _READ_AHEAD_FIELDS = ("_low_water", "_high_water")
 if not all(name in getattr(StreamReader, "__slots__", ()) for name in _READ_AHEAD_FIELDS):
     raise RuntimeError("aiohttp's StreamReader has no _low_water or _high_water: "
-                       "gateway.proxy.read_ahead needs updating for this aiohttp version")
+                       "gateway.forwarding.proxy.read_ahead needs updating for this aiohttp "
+                       "version")
 
 HOP_BY_HOP = frozenset(
     {
@@ -256,8 +252,8 @@ async def forward(
     transfer: Transfer,
     body_filter: BodyFilter | None = None,
     *,
+    backend_timeout: float,
     headers: CIMultiDict[str] | None = None,
-    backend_timeout: float = BACKEND_TIMEOUT,
     refuse_statuses: Collection[int] = (),
     on_status: StatusHook | None = None,
     references: References | None = None,

@@ -13,9 +13,9 @@ import re
 import sys
 import time
 
+from gateway.commands.node_client import DEFAULT_URL, CannotAsk, ask_status
 from gateway.insight.page import age, text_table
 from gateway.insight.report import Report
-from gateway.node_client import DEFAULT_URL, CannotAsk, ask_status
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd]?)\Z")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}

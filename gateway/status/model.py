@@ -1,5 +1,5 @@
 """The state of this node's gateway as one typed model: `/health` renders it as JSON, and
-`/metrics` (gateway.metrics.live_families) and the backup report read its fields, not
+`/metrics` (gateway.status.metrics.live_families) and the backup report read its fields, not
 the keys of a document.
 """
 
@@ -53,7 +53,7 @@ class DestinationHealth:
     uuid: str
     name: str
     provider: str
-    # where it is served (gateway.peers.where_served): state, served, and peer, reason or
+    # where it is served (gateway.forwarding.peers.where_served): state, served, and peer, reason or
     # error, retry details; the keys vary with the case
     where: dict[str, Any] = field(default_factory=dict)
 

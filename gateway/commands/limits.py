@@ -19,17 +19,11 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from gateway.limits.config import (
-    BWLIMIT_KEY,
-    CHANGED_CHANNEL,
-    CONCURRENCY_KEY,
-    QUOTA_PREFIX,
-    parse_bandwidth,
-    parse_concurrency,
-)
+from gateway.cluster.keys import BWLIMIT_KEY, CONCURRENCY_KEY, LIMITS_CHANGED_CHANNEL, QUOTA_PREFIX
+from gateway.cluster.redis_source import connect, redis_url_from_env
+from gateway.commands.node_client import DEFAULT_URL, CannotAsk, ask_status
+from gateway.limits.config import parse_bandwidth, parse_concurrency
 from gateway.limits.values import BadValue, format_rate, format_size, parse_quota
-from gateway.node_client import DEFAULT_URL, CannotAsk, ask_status
-from gateway.redis_source import connect, redis_url_from_env
 
 REMOVE = "none"
 USAGE = """\
@@ -187,6 +181,6 @@ async def _write(url: str, key: str, field: str, value: str | None) -> None:
             await client.hdel(key, field)
         else:
             await client.hset(key, field, value)
-        await client.publish(CHANGED_CHANNEL, "{}")
+        await client.publish(LIMITS_CHANGED_CHANNEL, "{}")
     finally:
         await client.aclose()

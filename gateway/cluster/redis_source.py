@@ -16,15 +16,19 @@ from redis.exceptions import RedisError, ResponseError
 
 from backends.destinations import Destination
 from backends.tasks import cancel_and_wait
-from gateway.cluster import ClusterState, parse_network
-from gateway.credentials import parse_acls
-from gateway.limits.config import BWLIMIT_KEY, CONCURRENCY_KEY, QUOTA_PREFIX, RawLimits
+from gateway.access.credentials import parse_acls
+from gateway.cluster.keys import (
+    BWLIMIT_KEY,
+    CONCURRENCY_KEY,
+    DESTINATION_PREFIX,
+    EVENT_PATTERN,
+    QUOTA_PREFIX,
+    RCLONE_CONF_KEY,
+)
+from gateway.cluster.state import ClusterState, RawLimits, parse_network
 
 log = logging.getLogger("rclone_gateway.redis")
 
-EVENT_PATTERN = "cluster/event/*"
-DESTINATION_PREFIX = "cluster/backup_repository/"
-RCLONE_CONF_KEY = "private/nodes/backup_destination/rclone_conf"
 
 
 def redis_url_from_env(env: dict[str, str] | os._Environ[str] = os.environ) -> str:
