@@ -138,7 +138,7 @@ async def check_remote(
 
 
 @dataclass
-class Verdict:
+class RemoteVerdict:
     fingerprint: str
     error: str | None  # None: the remote started
     attempts: int = 0  # consecutive failed checks
@@ -151,7 +151,7 @@ class RemoteHealth:
     def __init__(self, min_backoff: float = 2.0, max_backoff: float = 300.0) -> None:
         self.min_backoff = min_backoff
         self.max_backoff = max_backoff
-        self.verdicts: dict[str, Verdict] = {}
+        self.verdicts: dict[str, RemoteVerdict] = {}
 
     def to_check(self, remotes: dict[str, str], now: float) -> list[str]:
         """Remotes (uuid -> fingerprint) that are new, changed, or failed and due again."""
@@ -166,12 +166,12 @@ class RemoteHealth:
 
     def record(self, uuid: str, print_: str, error: str | None, now: float) -> None:
         if error is None:
-            self.verdicts[uuid] = Verdict(print_, None)
+            self.verdicts[uuid] = RemoteVerdict(print_, None)
             return
         previous = self.verdicts.get(uuid)
         attempts = previous.attempts + 1 if previous and previous.fingerprint == print_ else 1
         delay = min(self.min_backoff * 2 ** (attempts - 1), self.max_backoff)
-        self.verdicts[uuid] = Verdict(print_, error, attempts, now + delay)
+        self.verdicts[uuid] = RemoteVerdict(print_, error, attempts, now + delay)
 
     def keep_only(self, uuids: set[str]) -> None:
         for uuid in set(self.verdicts) - uuids:

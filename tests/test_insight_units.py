@@ -6,7 +6,7 @@ from __future__ import annotations
 from gateway.access.paths import canonicalise
 from gateway.access.repository import RepositoryKey
 from gateway.insight.page import html_page, text_table
-from gateway.insight.record import Exchange, Recorder, recorded_under
+from gateway.insight.record import FinishedRequest, Recorder, recorded_under
 from gateway.insight.report import STALE_AFTER, build_report
 from gateway.insight.scan import figures, repositories, space
 from gateway.status.model import DestinationHealth
@@ -20,8 +20,8 @@ LOCK = "b" * 64
 
 def exchange(method: str, path: str, status: int = 200, *, allowed: bool = True,
              reason: str = "", is_node: bool = False, bytes_in: int = 0, bytes_out: int = 0,
-             at: float = 1000.0) -> Exchange:
-    return Exchange(canonicalise(path), method, status, allowed, reason, is_node, bytes_in,
+             at: float = 1000.0) -> FinishedRequest:
+    return FinishedRequest(canonicalise(path), method, status, allowed, reason, is_node, bytes_in,
                     bytes_out, at)
 
 

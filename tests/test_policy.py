@@ -6,8 +6,8 @@ from gateway.access.paths import canonicalise
 from gateway.access.policy import (
     Backend,
     Caller,
-    Protocol,
     Request,
+    WireProtocol,
     app_type,
     decide,
     detect_protocol,
@@ -31,10 +31,10 @@ NO_UUID = module_caller("module/ghost1", {}, {})
 REPO = f"/{DEST}/traefik/{OWN}"
 RESTORE = f"/{DEST}/traefik/{GRANTED}"
 FOREIGN = f"/{DEST}/traefik/{OTHER}"
-REST, DAV = Protocol.REST, Protocol.WEBDAV
+REST, DAV = WireProtocol.REST, WireProtocol.WEBDAV
 
 
-def ask(caller: Caller, protocol: Protocol, method: str, target: str, depth: str | None = None):
+def ask(caller: Caller, protocol: WireProtocol, method: str, target: str, depth: str | None = None):
     return decide(Request(caller, protocol, method, canonicalise(target), depth))
 
 
@@ -149,7 +149,7 @@ def test_module_denied(row: tuple) -> None:
 @pytest.mark.parametrize("method", ["GET", "HEAD", "POST", "PUT", "DELETE", "MKCOL", "PROPFIND",
                                     "MOVE", "COPY", "OPTIONS"])
 @pytest.mark.parametrize("target", ["/", f"{REPO}/data/{ID}", f"{FOREIGN}/", f"/{DEST}/x.json"])
-def test_nodes_have_full_access(protocol: Protocol, method: str, target: str) -> None:
+def test_nodes_have_full_access(protocol: WireProtocol, method: str, target: str) -> None:
     decision = ask(NODE, protocol, method, target)
     assert decision.allowed
     assert decision.backend is (Backend.RESTIC if protocol is REST else Backend.WEBDAV)

@@ -13,8 +13,8 @@ from gateway.access.paths import MAX_SEGMENT_BYTES, PathError, Target, canonical
 from gateway.access.policy import (
     CREATE_QUERY,
     Backend,
-    Protocol,
     Request,
+    WireProtocol,
     decide,
     module_caller,
     node_caller,
@@ -134,7 +134,7 @@ SHAPES = [((), True), (("config",), False), *(((t,), True) for t in sorted(OBJEC
           *(((t, IDS[0]), False) for t in sorted(OBJECT_TYPES)), (("data", IDS[1], "x"), False)]
 NEAR = [
     (protocol, method, inner, slash, query)
-    for protocol in Protocol
+    for protocol in WireProtocol
     for method in ("GET", "HEAD", "OPTIONS", "PROPFIND", "POST", "PUT", "DELETE", "MKCOL",
                    "MOVE")
     for inner, slash in SHAPES
@@ -154,7 +154,7 @@ def module_requests(draw: st.DrawFn) -> Request:
     mutate = draw(st.lists(st.sampled_from(["protocol", "method", "path", "slash", "query"]),
                            max_size=2))
     if "protocol" in mutate:
-        protocol = draw(st.sampled_from(list(Protocol)))
+        protocol = draw(st.sampled_from(list(WireProtocol)))
     if "method" in mutate:
         method = draw(METHODS)
     if "path" in mutate:
@@ -196,7 +196,7 @@ def check_module_confinement(request: Request) -> None:
     own, granted = caller.own_uuid, caller.restore_uuid
     assert own is not None
     if not segs:
-        assert protocol is Protocol.WEBDAV and method in READS
+        assert protocol is WireProtocol.WEBDAV and method in READS
         assert method != "PROPFIND" or request.depth in ("0", "1")
         return
     assert len(segs) >= 3 and segs[1] == caller.app
@@ -204,7 +204,7 @@ def check_module_confinement(request: Request) -> None:
     inside = segs[2] in repos
     assert inside or (segs[2] in {f"{u}.json" for u in repos} and len(segs) == 3)
     inner = segs[3:]
-    if protocol is Protocol.WEBDAV:
+    if protocol is WireProtocol.WEBDAV:
         assert method in READS, "WebDAV is read-only for modules"
         assert decision.backend is Backend.WEBDAV
         return
@@ -256,7 +256,7 @@ def test_every_near_request_keeps_a_module_confined() -> None:
 
 
 @PROFILE
-@given(st.sampled_from(list(Protocol)), METHODS, PATHS, QUERIES)
+@given(st.sampled_from(list(WireProtocol)), METHODS, PATHS, QUERIES)
 def test_nodes_may_do_anything(protocol, method, path, query) -> None:  # type: ignore[no-untyped-def]
     target = Target(path.segments, path.trailing_slash, query)
     decision = decide(Request(node_caller("node/1"), protocol, method, target))

@@ -34,7 +34,7 @@ from harness import (
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.access.throttle import Limits, LoginThrottle, credential_key
+from gateway.access.throttle import LoginThrottle, ThrottleRules, credential_key
 
 DEST = "0d2b7ab6-8f8b-4c43-a1d3-7f3f5f7c1a01"
 NODE = ("node/1", "node-secret-1")
@@ -178,7 +178,7 @@ def test_wrong_passwords_for_one_user_get_429_while_other_users_on_the_address_w
         answers.append((status, headers, time.monotonic() - started))
     conn.close()
     statuses = [a[0] for a in answers]
-    limits = Limits()
+    limits = ThrottleRules()
     refused_from = int(limits.refuse_at)
     assert statuses[:refused_from] == [401] * refused_from
     assert statuses[refused_from:] == [429] * (300 - refused_from)
@@ -235,7 +235,7 @@ def test_throttle_state_stays_bounded_under_100000_user_names() -> None:
 
 
 def test_throttle_forgives_with_time() -> None:
-    throttle = LoginThrottle(Limits(half_life=10.0))
+    throttle = LoginThrottle(ThrottleRules(half_life=10.0))
     now = 0.0
     for _ in range(10):
         throttle.failed("10.5.4.2", "node/2", now)
@@ -246,7 +246,7 @@ def test_throttle_forgives_with_time() -> None:
 
 
 def test_throttle_serves_proven_credentials_and_keeps_refusing_guesses() -> None:
-    throttle = LoginThrottle(Limits(half_life=10.0))
+    throttle = LoginThrottle(ThrottleRules(half_life=10.0))
     now = 0.0
     right = credential_key("node/3", b"r" * 32)
     throttle.succeeded(right)

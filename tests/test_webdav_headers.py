@@ -9,7 +9,7 @@ from multidict import CIMultiDict
 
 from backends.client import UpstreamPool
 from gateway.access.paths import Target, canonicalise
-from gateway.access.policy import Caller, Protocol, Request, decide, module_caller, node_caller
+from gateway.access.policy import Caller, Request, WireProtocol, decide, module_caller, node_caller
 from gateway.access.webdav_headers import (
     SAME_DESTINATION,
     HeaderRefused,
@@ -31,7 +31,7 @@ MODULE = module_caller("module/traefik1", {"traefik1": OWN}, {})
 
 def described(method: str = "COPY", target: str = f"/{DEST}/dir/file.txt",
               caller: Caller = NODE) -> Request:
-    return Request(caller, Protocol.WEBDAV, method, canonicalise(target))
+    return Request(caller, WireProtocol.WEBDAV, method, canonicalise(target))
 
 
 def refusal(call: object, *args: object) -> tuple[int, str]:

@@ -21,7 +21,7 @@ PROBE_SEGMENT = "_probe_rest_404"
 _TRAILING_DIGITS = re.compile(r"\d+\Z")
 
 
-class Protocol(StrEnum):
+class WireProtocol(StrEnum):
     REST = "rest"
     WEBDAV = "webdav"
 
@@ -100,16 +100,16 @@ def is_probe(method: str, target: Target) -> bool:
     )
 
 
-def detect_protocol(accept: str, query: str) -> Protocol:
+def detect_protocol(accept: str, query: str) -> WireProtocol:
     if REST_MEDIA_TYPE in accept or query == CREATE_QUERY:
-        return Protocol.REST
-    return Protocol.WEBDAV
+        return WireProtocol.REST
+    return WireProtocol.WEBDAV
 
 
 @dataclass(frozen=True, slots=True)
 class Request:
     caller: Caller
-    protocol: Protocol
+    protocol: WireProtocol
     method: str
     target: Target
     depth: str | None = None  # WebDAV Depth header, as sent
@@ -165,7 +165,7 @@ OBJECTS = frozenset({Shape.OBJECT, Shape.LOCK})
 @dataclass(frozen=True, slots=True)
 class Rule:
     name: str
-    protocol: Protocol
+    protocol: WireProtocol
     scopes: frozenset[Scope]
     shapes: frozenset[Shape]
     methods: frozenset[str]
@@ -176,7 +176,7 @@ class Rule:
 
 def _rule(
     name: str,
-    protocol: Protocol,
+    protocol: WireProtocol,
     scopes: set[Scope],
     shapes: set[Shape] | frozenset[Shape],
     methods: set[str] | frozenset[str],
@@ -189,7 +189,7 @@ def _rule(
     )
 
 
-REST, DAV = Protocol.REST, Protocol.WEBDAV
+REST, DAV = WireProtocol.REST, WireProtocol.WEBDAV
 OWN, RESTORE = Scope.OWN, Scope.RESTORE
 
 # Spec section 4, modules. Read top to bottom; the first match allows.

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True, slots=True)
-class Limits:
+class ThrottleRules:
     slow_after: float = 5  # failures answered 401 at once
     refuse_at: float = 10  # failures of one user from one source before 429
     hot_at: float = 50  # failures from one source, all users, that make it hot
@@ -43,7 +43,7 @@ class Limits:
 
 
 @dataclass(frozen=True, slots=True)
-class Verdict:
+class LoginVerdict:
     allowed: bool
     retry_after: int = 0  # whole seconds, for the Retry-After header
 
@@ -51,7 +51,7 @@ class Verdict:
 _Key = int
 
 
-ALLOWED = Verdict(True)
+ALLOWED = LoginVerdict(True)
 
 
 def _key(*parts: str) -> _Key:
@@ -101,14 +101,14 @@ class _Scores:
 
 
 class LoginThrottle:
-    def __init__(self, limits: Limits | None = None) -> None:
-        self.limits = limits or Limits()
+    def __init__(self, limits: ThrottleRules | None = None) -> None:
+        self.limits = limits or ThrottleRules()
         self._pairs = _Scores(self.limits.capacity, self.limits.half_life)
         self._sources = _Scores(self.limits.capacity, self.limits.half_life)
         self._proven: OrderedDict[_Key, None] = OrderedDict()
 
     def check(self, source: str, user: str, now: float, credential: _Key | None = None
-              ) -> Verdict:
+              ) -> LoginVerdict:
         """Whether the password of `user` from `source` may be checked at all.
 
         `credential` (see credential_key) is always allowed when it succeeded before.
@@ -130,7 +130,7 @@ class LoginThrottle:
         if hot:  # or until the source cools down, if that comes first
             wait = min(wait, max(sources.seconds_until_below(source_score, hot_at),
                                  pairs.seconds_until_below(score, refuse_at)))
-        return Verdict(False, max(1, math.ceil(wait)))
+        return LoginVerdict(False, max(1, math.ceil(wait)))
 
     def failed(self, source: str, user: str, now: float, credential: _Key | None = None
                ) -> float:

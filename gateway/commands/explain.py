@@ -16,8 +16,8 @@ from gateway.access.credentials import USER_PREFIXES
 from gateway.access.paths import PathError, canonicalise
 from gateway.access.policy import (
     Caller,
-    Protocol,
     Request,
+    WireProtocol,
     decide,
     detect_protocol,
     is_probe,
@@ -106,7 +106,7 @@ def explain(
         node_caller(user) if user.startswith("node/")
         else module_caller(user, state.module_uuids, state.restore_grants)
     )
-    protocol = Protocol.REST if rest else detect_protocol("", target.query)
+    protocol = WireProtocol.REST if rest else detect_protocol("", target.query)
     decision = decide(Request(caller, protocol, method, target, depth))
     return Explanation(
         decision.allowed,

@@ -55,7 +55,7 @@ class Activity:
 
 
 @dataclass(frozen=True, slots=True)
-class Exchange:
+class FinishedRequest:
     """One finished request, as far as insight cares."""
 
     target: Target
@@ -91,7 +91,7 @@ class Recorder:
             entry = self.repositories[key] = Activity()
         return entry
 
-    def record(self, exchange: Exchange) -> RepositoryKey | None:
+    def record(self, exchange: FinishedRequest) -> RepositoryKey | None:
         """Takes one exchange in; returns the repository it ended a snapshot upload of."""
         where = exchange.target.address
         if where is None:

@@ -65,7 +65,7 @@ class Pipeline:
         allowed = outcome.decision == "allow"
         if allowed and not outcome.served_here:
             return
-        ended = self.services.recorder.record(insight.Exchange(
+        ended = self.services.recorder.record(insight.FinishedRequest(
             outcome.target, x.request.method, status, allowed, outcome.reason, outcome.is_node,
             outcome.transfer.bytes_in, outcome.transfer.bytes_out, time.time()))
         if ended is not None:

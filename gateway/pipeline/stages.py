@@ -16,8 +16,8 @@ from aiohttp import web
 from gateway.access.credentials import parse_basic, password_digest, verify_digest
 from gateway.access.paths import PathError, canonicalise
 from gateway.access.policy import (
-    Protocol,
     Request,
+    WireProtocol,
     decide,
     detect_protocol,
     is_probe,
@@ -212,7 +212,7 @@ async def storage_quota(x: Exchange) -> Answer:
     if x.goes_to_peer:
         return None
     limits, scanner, method = x.services.limits, x.services.scanner, x.request.method
-    if x.described.protocol is not Protocol.REST:
+    if x.described.protocol is not WireProtocol.REST:
         if written_by_webdav(method):  # a node's: a repository may go or come whole
             moved_to = x.references.destination if x.references is not None else None
             x.at_end.append(when_stored(
