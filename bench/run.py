@@ -16,6 +16,10 @@ under the gateway's (rate over limit), a limit removed and a schedule's slot
 switching off mid-upload (time to full rate), and what the limit stages cost a
 restic backup with no limit set (bench/limits_bench.py, bench/limit_checks_cost.py,
 bench/gateway_without_limits.py).
+
+Eight modules at once: eight module users, each with its own repository, run `restic
+backup` of their own data at the same time, through the gateway, rclone alone and HAProxy
+(the wall time to the last one done, the proxy's CPU per GiB and its peak RSS).
 """
 
 from __future__ import annotations
@@ -30,11 +34,13 @@ import re
 import shutil
 import signal
 import statistics
+import string
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,6 +58,8 @@ from services import (  # noqa: E402
     rclone_restic,
     rclone_webdav,
 )
+
+from gateway.insight import scan  # noqa: E402
 
 DEST = "0d2b7ab6-8f8b-4c43-a1d3-7f3f5f7c1a01"
 NODE_VPN_IP = "10.5.4.1"
@@ -74,7 +82,34 @@ GATEWAY_NO_LIMITS = "gateway without limit stages"
 SHAPED_LIMIT = "64M"  # rclone's units: 64 MiB/s
 LOW_LIMIT = "8M"  # the limit that is switched off
 SWITCH_MIB = 64  # the upload during which it is: 1.5 s (or 3 s) at 8M, the rest at full rate
-MEASURES = ["restic", "get", "put", "acl", "shaping", "switch", "schedule", "limits-cpu"]
+MEASURES = ["restic", "parallel", "get", "put", "acl", "shaping", "switch", "schedule",
+            "limits-cpu"]
+
+
+@dataclass(frozen=True)
+class Module:
+    """A module as the cluster registers it: its ACL user, its uuid (cluster/module_uuid),
+    and its repository /<destination>/<app>/<uuid>, the app its id without the digits."""
+
+    id: str
+    uuid: str
+
+    @property
+    def user(self) -> tuple[str, str]:
+        return f"module/{self.id}", f"bench-{self.id}-secret"
+
+    @property
+    def app(self) -> str:
+        return self.id.rstrip(string.digits)
+
+
+# Eight modules of a cluster backing up at the same time, each into its own repository.
+PARALLEL_MODULES = [
+    Module(f"{app}1", f"5c1d6c1e-2f87-4e7b-9a34-0a1d9f9e4c{i:02d}")
+    for i, app in enumerate(("mail", "nextcloud", "samba", "webtop", "roundcubemail",
+                             "mattermost", "ejabberd", "nethvoice"), start=1)
+]
+PARALLEL = f"{len(PARALLEL_MODULES)} backups at once"  # the measure's name
 
 
 @dataclass(frozen=True)
@@ -86,6 +121,7 @@ class Plan:
     rounds: int
     shaped_mib: int  # uploaded under SHAPED_LIMIT, then downloaded under it
     cpu_pairs: int  # restic backups with and without the limit stages, per round
+    parallel_mib: int  # each of PARALLEL_MODULES backs up this much at the same time
 
     @property
     def small_put_mib(self) -> int:
@@ -93,9 +129,9 @@ class Plan:
 
 
 FULL = Plan(restic_mib=512, file_mib=16, put_mib=1024, wrk_seconds=10, rounds=3,
-            shaped_mib=512, cpu_pairs=2)
+            shaped_mib=512, cpu_pairs=2, parallel_mib=256)
 QUICK = Plan(restic_mib=128, file_mib=16, put_mib=256, wrk_seconds=4, rounds=3,
-             shaped_mib=256, cpu_pairs=2)
+             shaped_mib=256, cpu_pairs=2, parallel_mib=32)
 
 
 @dataclass
@@ -110,11 +146,15 @@ class Target:
     restic_user: tuple[str, str] = MODULE
 
     def restic_repo(self) -> str:
+        return self.repo_of(self.restic_user, APP, MODULE_UUID)
+
+    def repo_of(self, who: tuple[str, str], app: str, uuid: str) -> str:
+        """The restic URL of the repository /<app>/<uuid> as `who` (where it authenticates)."""
         userinfo = ""
         if self.authenticated:
-            user, password = self.restic_user
+            user, password = who
             userinfo = user.replace("/", "%2F") + ":" + password + "@"
-        return f"rest:http://{userinfo}127.0.0.1:{self.port}{self.prefix}/{APP}/{MODULE_UUID}/"
+        return f"rest:http://{userinfo}127.0.0.1:{self.port}{self.prefix}/{app}/{uuid}/"
 
     def node_headers(self) -> dict[str, str]:
         return {"Authorization": basic(*NODE)} if self.authenticated else {}
@@ -161,9 +201,10 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - started
 
 
-def make_restic_data(directory: Path, plan: Plan) -> Path:
+def make_restic_data(directory: Path, plan: Plan, mib: int | None = None) -> Path:
+    """`mib` (the plan's restic_mib by default) of incompressible data in files of file_mib."""
     directory.mkdir(parents=True, exist_ok=True)
-    for i in range(plan.restic_mib // plan.file_mib):
+    for i in range((mib or plan.restic_mib) // plan.file_mib):
         with open(directory / f"file{i:03d}.bin", "wb") as f:
             for _ in range(plan.file_mib):
                 f.write(os.urandom(MiB))
@@ -425,6 +466,99 @@ class LimitsCpu:
             f"{cost.pieces_s * 1e3:.2f} ms ({cost.per_piece_us:.2f} µs a piece)")
 
 
+class ParallelBackups:
+    """PARALLEL_MODULES running `restic backup` at the same time, each of its own data into
+    its own new repository, through one target: the wall time from the start of them all to
+    the end of the last, the proxy process's CPU over it and its peak RSS (VmHWM, reset
+    before).
+
+    Every run begins from the same freshly initialised repositories (their config and keys,
+    made once by `restic init` through rclone alone, copied in): eight inits before each run
+    would take longer than the backups of --quick. A backup through the gateway has its
+    repository listed (`rclone lsjson`, a child of the gateway) scan.DEBOUNCE after its
+    snapshot: no run begins while such a listing is due or running."""
+
+    def __init__(self, plan: Plan, gateway: GatewayProcess, storage: Path, scratch: Path) -> None:
+        self.plan, self.gateway, self.storage = plan, gateway, storage
+        self.data = scratch / "parallel"
+        self.template = scratch / "parallel-repositories"
+        self.quiet_from = 0.0  # monotonic: no listing of the gateway's due from then on
+
+    def repository(self, root: Path, module: Module) -> Path:
+        return root / module.app / module.uuid
+
+    def prepare(self, baseline: Target) -> None:
+        """The modules' data, and their repositories initialised through `baseline`."""
+        for module in PARALLEL_MODULES:
+            make_restic_data(self.data / module.id, self.plan, self.plan.parallel_mib)
+        with ThreadPoolExecutor(len(PARALLEL_MODULES)) as pool:
+            list(pool.map(lambda m: restic(baseline.repo_of(m.user, m.app, m.uuid), "init",
+                                           timeout=300), PARALLEL_MODULES))
+        for module in PARALLEL_MODULES:
+            shutil.copytree(self.repository(self.storage, module),
+                            self.repository(self.template, module))
+            shutil.rmtree(self.repository(self.storage, module))
+
+    def settle(self) -> None:
+        """Backups just went through the gateway: their listings are due before a run."""
+        self.quiet_from = max(self.quiet_from, time.monotonic() + scan.DEBOUNCE + 1)
+
+    def listing(self) -> bool:
+        """Whether the gateway runs a child other than its `rclone serve`s (a listing)."""
+        serving = set(self.gateway.rclone_serve_pids())
+        return any(pid not in serving for pid in self.gateway.child_pids())
+
+    def wait_quiet(self) -> None:
+        time.sleep(max(0.0, self.quiet_from - time.monotonic()))
+        deadline = time.monotonic() + 120
+        quiet_since = time.monotonic()
+        while time.monotonic() - quiet_since < 2 * scan.PAUSE + 0.1:  # longer than a pause
+            if self.listing():
+                quiet_since = time.monotonic()
+            if time.monotonic() > deadline:
+                raise RuntimeError("the gateway's listings of the storage went on for 120 s")
+            time.sleep(0.05)
+
+    def run(self, target: Target, proxy_pid: int | None, results: Results) -> None:
+        self.wait_quiet()
+        for module in PARALLEL_MODULES:
+            repo_dir = self.repository(self.storage, module)
+            shutil.rmtree(repo_dir, ignore_errors=True)
+            shutil.copytree(self.repository(self.template, module), repo_dir)
+
+        def backup(module: Module) -> float:
+            restic(target.repo_of(module.user, module.app, module.uuid), "backup", "--host",
+                   "bench", str(self.data / module.id), timeout=1800)
+            return time.perf_counter()
+
+        if proxy_pid:
+            reset_peak_rss(proxy_pid)
+            cpu_before = cpu_seconds(proxy_pid)
+        started = time.perf_counter()
+        with ThreadPoolExecutor(len(PARALLEL_MODULES)) as pool:
+            ended = list(pool.map(backup, PARALLEL_MODULES))
+        wall = max(ended) - started
+        note = ""
+        if proxy_pid:
+            cpu = cpu_seconds(proxy_pid) - cpu_before
+            rss = peak_rss_mb(proxy_pid)
+            per_gib = cpu * 1024 / (self.plan.parallel_mib * len(PARALLEL_MODULES))
+            results.add(f"proxy CPU per GiB, {PARALLEL}", target.name, per_gib)
+            results.add(f"proxy peak RSS, {PARALLEL}", target.name, rss)
+            note = f", proxy CPU {cpu:.2f} s ({per_gib:.2f} s per GiB), peak RSS {rss:.1f} MB"
+        if target.name == GATEWAY:
+            self.settle()
+        for module in PARALLEL_MODULES:
+            repo_dir = self.repository(self.storage, module)
+            snapshots = list((repo_dir / "snapshots").glob("*"))
+            if len(snapshots) != 1:
+                raise RuntimeError(f"{target.name}: {len(snapshots)} snapshots in {repo_dir}")
+            shutil.rmtree(repo_dir)
+        results.add(PARALLEL, target.name, wall)
+        say(f"  {target.name}: {PARALLEL} of {self.plan.parallel_mib} MiB each in {wall:.2f} s "
+            f"(the first done in {min(ended) - started:.2f} s){note}")
+
+
 def cap_refusals(gateway: GatewayProcess) -> int:
     """Requests the gateway refused for the cap on requests in flight."""
     lines = [line for line in gateway.log_text().splitlines()
@@ -461,6 +595,9 @@ ROWS = [
     Row("proxy CPU per GiB, restic restore", "≤ 0.5 s as node", lambda v: v <= 0.5, True,
         who=GATEWAY_NODE),
     Row("SHA-256 alone per GiB"),
+    Row(PARALLEL, "≤ x1.05", lambda r: r <= 1.05),
+    Row(f"proxy CPU per GiB, {PARALLEL}"),
+    Row(f"proxy peak RSS, {PARALLEL}"),
     Row("small GET req/s", "≥ x0.40", lambda r: r >= 0.40),
     Row("small GET p50 ms"),
     Row("small GET p99 ms", "≤ x2", lambda r: r <= 2.0),
@@ -514,6 +651,10 @@ def table(results: Results, names: list[str], plan: Plan) -> str:
         "proxy CPU per GiB, restic restore":
             "proxy process CPU per GiB of restore download (s)",
         "SHA-256 alone per GiB": "floor: SHA-256 alone per GiB on this machine (s)",
+        PARALLEL: f"{len(PARALLEL_MODULES)} modules backing up {plan.parallel_mib} MiB each "
+                  "at once (s)",
+        f"proxy CPU per GiB, {PARALLEL}": f"proxy process CPU per GiB, {PARALLEL} (s)",
+        f"proxy peak RSS, {PARALLEL}": f"proxy process peak RSS, {PARALLEL} (MB)",
         "large GET MB/s": f"WebDAV GET {plan.put_mib} MiB, MB/s",
         "gateway CPU per GiB PUT": "gateway CPU per GiB of PUT (s)",
         "gateway CPU per GiB GET": "gateway CPU per GiB of WebDAV GET (s)",
@@ -652,6 +793,7 @@ def measured_section(report: str, rounds: str, facts: list[tuple[str, str]], pla
     sample_ms = f"{limits_bench.SAMPLE_EVERY * 1000:.0f}"
     lifted = f"{limits_bench.LIFTED:g}"
     before = f"{limits_bench.UPLOAD_BEFORE:g}"
+    modules = len(PARALLEL_MODULES)
     haproxy_note = ""
     if any(k == "haproxy" for k, _ in facts):
         haproxy_note = ", and through HAProxy with a Basic-auth userlist\nin front of rclone alone"
@@ -672,7 +814,14 @@ restic runs with `--no-cache` on {plan.restic_mib} MiB of incompressible data in
 files of {plan.file_mib} MiB, as a module (append-only backend, every uploaded
 object checked against its name), each round into a new repository; "gateway
 as node" runs the same through the gateway with node credentials (the full
-backend, no check of uploaded objects). Small GETs: `wrk -t2 -c16 -d{plan.wrk_seconds}s` on a 1 KiB
+backend, no check of uploaded objects). {modules} modules at once: {modules} module users
+(each its own ACL user, uuid and repository `/<destination>/<app>/<uuid>`) run `restic
+backup` of their own {plan.parallel_mib} MiB of incompressible data at the same time, each
+run into new repositories (copies of ones initialised once); the time is from the start
+of all to the end of the last, and the proxy process's CPU per GiB and peak RSS (VmHWM,
+reset before) are over the same run; no run begins while the gateway lists a repository
+after a backup (its `rclone lsjson`, {scan.DEBOUNCE:g} s after a snapshot). Small GETs:
+`wrk -t2 -c16 -d{plan.wrk_seconds}s` on a 1 KiB
 object through the Restic REST API with node credentials; "bare proxy" is
 `bench/bare_proxy.py`, the gateway's own proxy hop (uvloop, aiohttp's server,
 the same streaming code and upstream client) with none of its checks, access
@@ -794,6 +943,9 @@ def seed(cluster: Cluster) -> None:
     cluster.add_user(*NODE)
     cluster.add_user(*MODULE)
     cluster.set_module(MODULE[0].removeprefix("module/"), MODULE_UUID)
+    for module in PARALLEL_MODULES:  # each under its own cap: restic's 5 connections
+        cluster.add_user(*module.user)
+        cluster.set_module(module.id, module.uuid)
     cluster.set_node_vpn(1, NODE_VPN_IP)
     cluster.set_network("10.5.4.0/24")
     cluster.add_destination(DEST, provider="cluster", url=f"webdav:http://{NODE_VPN_IP}:4694",
@@ -872,8 +1024,9 @@ def main() -> int:
             Target(RCLONE, restic_port, webdav_port, "", False),
         ]
         haproxy_port = free_port()
-        proxy = haproxy(haproxy_config(haproxy_port, restic_port, webdav_port, DEST,
-                                       dict([NODE, MODULE])), haproxy_port, workdir)
+        users = dict([NODE, MODULE, *(m.user for m in PARALLEL_MODULES)])
+        proxy = haproxy(haproxy_config(haproxy_port, restic_port, webdav_port, DEST, users),
+                        haproxy_port, workdir)
         if proxy is not None:
             services.append(proxy)
             targets.append(Target(HAPROXY, haproxy_port, haproxy_port, f"/{DEST}", True))
@@ -915,6 +1068,11 @@ def main() -> int:
             with open(path, "wb") as f:
                 f.truncate(mib * MiB)  # sparse: reads cost no disk
 
+        parallel: ParallelBackups | None = None
+        if "parallel" in only:
+            parallel = ParallelBackups(plan, gateway, storage, scratch)
+            parallel.prepare(targets[1])
+
         results = Results()
         if "get" in only:
             for target in get_targets:
@@ -928,6 +1086,11 @@ def main() -> int:
                     restic_cycle(target, data, storage, scratch, results,
                                  proxy_pids.get(target.name), plan.restic_mib)
                 results.add("SHA-256 alone per GiB", GATEWAY, sha256_seconds_per_gib())
+            if parallel is not None:
+                if "restic" in only:
+                    parallel.settle()
+                for target in order:
+                    parallel.run(target, proxy_pids.get(target.name), results)
             if "get" in only:
                 get_order = get_targets if round_no % 2 == 0 else get_targets[::-1]
                 for target in get_order:
