@@ -48,7 +48,6 @@ class StoredFigures:
 class Space:
     total: int | None
     free: int | None
-    measured_at: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,12 +104,12 @@ def repositories(entries: Iterable[dict[str, object]], destination: str) -> list
     return sorted(found)
 
 
-def space(about: dict[str, object], now: float) -> Space:
+def space(about: dict[str, object]) -> Space:
     def number(key: str) -> int | None:
         value = about.get(key)
         return int(value) if isinstance(value, int | float) else None
 
-    return Space(number("total"), number("free"), now)
+    return Space(number("total"), number("free"))
 
 
 def _low_priority() -> None:
@@ -210,7 +209,7 @@ class Scanner:
             about = await self._rclone_json("about", "--json", layout.upstreams[destination],
                                             layout=layout)
             if isinstance(about, dict):
-                self.spaces[destination] = space(about, time.time())
+                self.spaces[destination] = space(about)
             # A base directory no backup created yet (SFTP, SMB, a local disk) holds nothing.
             listing = await self._rclone_json(
                 "lsjson", "-R", "--max-depth", "3", f"{layout.tree_root}{destination}",
