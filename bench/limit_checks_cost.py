@@ -152,7 +152,7 @@ async def _drain(chunks: AsyncIterator[bytes]) -> None:
 
 async def _transform_costs(services: _Services) -> tuple[float, float]:
     """Seconds per stream and per piece that the no-limit bandwidth transform adds."""
-    shaper = services.limits.shaper
+    limits = services.limits
     piece = bytes(ASSUMED_PIECE)
 
     async def timed(count: int, shaped: bool, streams: int = 1) -> float:
@@ -162,7 +162,7 @@ async def _transform_costs(services: _Services) -> tuple[float, float]:
             for _ in range(streams):
                 chunks = _pieces(count, piece)
                 if shaped:
-                    chunks = shaper.transform("upload", "bench1")(chunks)
+                    chunks = limits.shaping("upload", "bench1")(chunks)
                 await _drain(chunks)
             best = min(best, time.thread_time() - started)
         return best

@@ -198,10 +198,10 @@ async def concurrency_cap(x: Exchange) -> Answer:
     """At most so many requests in flight per module, and per node user apart: over it,
     503 at once (restic retries it), never a queue."""
     caller, limits = x.caller, x.services.limits
-    if not limits.inflight.enter(caller.user, limits.current.cap(caller.is_node), caller.group):
+    if not limits.enter(caller.user, caller.is_node, caller.group):
         return x.refuse(503, "too many requests in flight", "too many requests in flight; retry",
                         {"Retry-After": RETRY_AFTER})
-    x.at_end.append(lambda _status: limits.inflight.leave(caller.user))
+    x.at_end.append(lambda _status: limits.leave(caller.user))
     return None
 
 
@@ -226,7 +226,7 @@ async def storage_quota(x: Exchange) -> Answer:
         module = x.caller.module_id
         # locks come and go with every run, and retention must always run: never refused
         quota = None if module is None or is_lock else limits.quota_of(key, module)
-        if (refusal := limits.book.check(key, size, quota)) is not None:
+        if (refusal := limits.check_upload(key, size, quota)) is not None:
             return x.refuse(refusal.status, refusal.reason, refusal.text)
         reserved = size if quota is not None else 0
         transfer = x.outcome.transfer
@@ -234,8 +234,8 @@ async def storage_quota(x: Exchange) -> Answer:
         x.at_end.append(lambda status: limits.upload_ended(
             key, module, reserved, transfer.bytes_in if 200 <= status < 300 else None, lock))
     elif method == "DELETE" and where.object_id is not None:
-        size = limits.book.lock_size(key, where.object_id) if is_lock else None
-        if size is None and limits.current.quotas.get(key.destination):
+        size = limits.lock_size(key, where.object_id) if is_lock else None
+        if size is None and limits.has_quotas(key.destination):
             size = await object_size(x.services.backends.current, x.backend, x.target)
         if size is not None:
             x.at_end.append(when_stored(lambda: limits.deleted(key, size)))
@@ -249,13 +249,13 @@ async def bandwidth(x: Exchange) -> Answer:
     sent on to a peer is limited there, once."""
     if x.goes_to_peer:
         return None
-    shaper = x.services.limits.shaper
+    limits = x.services.limits
     module = x.caller.module_id
     if x.request.body_exists:
-        x.upload_shaping = shaper.transform("upload", module)
+        x.upload_shaping = limits.shaping("upload", module)
         x.body_transforms.append(x.upload_shaping)
-        x.body_held = lambda: shaper.holds("upload", module)
-    x.response_transform = shaper.transform("download", module)
+        x.body_held = lambda: limits.holds("upload", module)
+    x.response_transform = limits.shaping("download", module)
     return None
 
 
