@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+from backends.manager import BackendManager
 from backends.process import die_with_parent
 from backends.tasks import cancel_and_wait
 from gateway.access.repository import CONFIG, OBJECT_TYPES, RepositoryKey
@@ -57,6 +58,15 @@ class Layout:
     conf: Path
     tree_root: str  # e.g. "gateway-tree:"
     upstreams: dict[str, str]  # destination uuid -> rclone upstream ("uuid:base", "/srv/repo")
+
+
+def served_layout(backends: BackendManager) -> Layout | None:
+    """What the backends serve now; None while they serve nothing yet."""
+    generation = backends.current
+    if generation is None:
+        return None
+    return Layout(generation.directory / "rclone.conf", generation.config.tree_root,
+                  dict(generation.config.placement.local))
 
 
 def _mtime(value: str) -> float:
