@@ -71,30 +71,38 @@ class _Request:
     body_exists: bool
 
 
-class _Source:
-    def __init__(self, state: ClusterState) -> None:
-        self.state = state
+class _Listings:
+    """The storage listings the quota stage asks for (`BackupInsight` in the gateway)."""
 
-
-class _Scanner:
     def __init__(self) -> None:
         self._due: dict[RepositoryKey, float] = {}
 
     def scan_soon(self, key: RepositoryKey) -> None:
         self._due[key] = time.monotonic() + 5.0
 
+    def forget(self, keys: Iterable[RepositoryKey]) -> None:
+        for key in keys:
+            self._due.pop(key, None)
 
-class _Services:
-    """What the three stages use of the gateway: its Limiter, its scanner, the placement."""
 
-    def __init__(self, module_uuids: dict[str, str]) -> None:
-        self.source = _Source(ClusterState(module_uuids=dict(module_uuids)))
-        self.limits = Limiter(lambda: self.source.state)
-        self.scanner = _Scanner()
-        self.stopping = False
-
+class _Serving:
     def served_here(self, uuid: str) -> bool:
         return True
+
+
+class _Services:
+    """What the three stages use of the gateway: its Limiter, the storage listings, where
+    destinations are served."""
+
+    def __init__(self, module_uuids: dict[str, str]) -> None:
+        self.state = ClusterState(module_uuids=dict(module_uuids))
+        self.limits = Limiter(lambda: self.state)
+        self.insight = _Listings()
+        self.serving = _Serving()
+        self.stopping = False
+
+    def cluster_state(self) -> ClusterState:
+        return self.state
 
 
 @dataclass(frozen=True)
@@ -118,7 +126,7 @@ def _exchange(services: _Services, logged: Logged) -> Exchange:
                        has_body)
     x = Exchange(request, services)  # type: ignore[arg-type]
     x.target = canonicalise(logged.path)
-    state = services.source.state
+    state = services.state
     x.caller = (node_caller(logged.user) if logged.user.startswith("node/")
                 else module_caller(logged.user, state.module_uuids, state.restore_grants))
     described = Request(x.caller, detect_protocol(REST_ACCEPT, x.target.query),
@@ -152,7 +160,7 @@ async def _drain(chunks: AsyncIterator[bytes]) -> None:
 
 async def _transform_costs(services: _Services) -> tuple[float, float]:
     """Seconds per stream and per piece that the no-limit bandwidth transform adds."""
-    shaper = services.limits.shaper
+    limits = services.limits
     piece = bytes(ASSUMED_PIECE)
 
     async def timed(count: int, shaped: bool, streams: int = 1) -> float:
@@ -162,7 +170,7 @@ async def _transform_costs(services: _Services) -> tuple[float, float]:
             for _ in range(streams):
                 chunks = _pieces(count, piece)
                 if shaped:
-                    chunks = shaper.transform("upload", "bench1")(chunks)
+                    chunks = limits.shaping("upload", "bench1")(chunks)
                 await _drain(chunks)
             best = min(best, time.thread_time() - started)
         return best
@@ -179,7 +187,7 @@ def measure(requests: Iterable[Logged], module_uuids: dict[str, str]) -> Cost:
 
     async def run() -> Cost:
         services = _Services(module_uuids)
-        await services.limits.on_state(services.source.state)  # no Limits key: defaults
+        await services.limits.on_state(services.state)  # no Limits key: defaults
         best = math.inf
         for _ in range(PASSES):
             exchanges = [(_exchange(services, r), r.status)

@@ -82,8 +82,8 @@ def test_listing_gives_the_figures_of_a_repository() -> None:
                          {"Path": f"traefik/{UUID}/config", "IsDir": False},
                          {"Path": f"traefik/{UUID}/data", "IsDir": True},
                          {"Path": "traefik/other/data", "IsDir": True}], DEST) == [KEY]
-    assert space({"total": 100, "free": 40, "used": 60}, 1.0).free == 40
-    assert space({"used": 60}, 1.0).free is None  # a remote that does not tell
+    assert space({"total": 100, "free": 40, "used": 60}).free == 40
+    assert space({"used": 60}).free is None  # a remote that does not tell
 
 
 def test_report_flags_stale_repositories_and_old_locks_and_renders() -> None:

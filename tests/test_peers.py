@@ -318,9 +318,8 @@ def test_a_request_moved_to_a_peer_is_not_shaped_here() -> None:
                 yield chunk.upper()
         return transformed()
 
-    services = SimpleNamespace(source=SimpleNamespace(state=None), limits=SimpleNamespace(
-        shaper=SimpleNamespace(transform=lambda direction, module: shaping,
-                               holds=lambda direction, module: True)))
+    services = SimpleNamespace(cluster_state=ClusterState, limits=SimpleNamespace(
+        shaping=lambda direction, module: shaping, holds=lambda direction, module: True))
     x = Exchange(SimpleNamespace(body_exists=True), services)  # type: ignore[arg-type]
     x._goes_to_peer = False
     x._caller = SimpleNamespace(module_id="m")  # type: ignore[assignment]

@@ -130,7 +130,6 @@ async def read_state(client: aioredis.Redis, last_good: LastGood | None = None) 
         Read("hgetall", "private/nodes/restore_uuid"),
         Read("hgetall", RCLONE_CONF_KEY),
         Read("get", "cluster/network"),
-        Read("hgetall", "cluster/module_node"),
         Read("hgetall", "cluster/environment"),
         *(Read("hgetall", key) for key in dest_keys),
         *(Read("hget", key, "ip_address") for key in vpn_keys),
@@ -161,8 +160,8 @@ async def read_state(client: aioredis.Redis, last_good: LastGood | None = None) 
 def build_state(values: list[Any], dest_keys: list[str], vpn_keys: list[str],
                 quota_keys: list[str]) -> ClusterState:
     """The cluster state from the values of read_state's reads, in their order."""
-    acls, module_uuids, restore, confs, network, module_nodes, environment = values[:7]
-    rest = values[7:]
+    acls, module_uuids, restore, confs, network, environment = values[:6]
+    rest = values[6:]
     dest_attrs, rest = rest[: len(dest_keys)], rest[len(dest_keys) :]
     vpn_ips, rest = rest[: len(vpn_keys)], rest[len(vpn_keys) :]
     bwlimit, concurrency, quotas = rest[0], rest[1], rest[2:]
@@ -188,7 +187,6 @@ def build_state(values: list[Any], dest_keys: list[str], vpn_keys: list[str],
         restore_grants=dict(restore),
         destinations=destinations,
         networks=parse_network(network),
-        module_nodes=dict(module_nodes),
         node_vpn=node_vpn,
         leader=environment.get("NODE_ID"),
         limits=RawLimits(
@@ -206,7 +204,6 @@ class SourceStatus:
     last_sync: float | None = None  # wall clock of the last full read
     last_error: str | None = None
     down_since: float | None = None  # wall clock of the first failure of the current outage
-    events: int = 0
 
 
 StateListener = Callable[[ClusterState], Awaitable[None]]
@@ -364,7 +361,6 @@ class RedisSource:
                                                        timeout=1.0)
                     if message is None or message.get("type") != "pmessage":
                         continue
-                    self.status.events += 1
                     log.info("event %s", message.get("channel"))
                     self.request_resync()
             except REDIS_ERRORS:

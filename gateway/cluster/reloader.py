@@ -41,7 +41,7 @@ class RemoteSpec:
         return fingerprint(self.section_lines, self.basepath)
 
 
-def remote_destinations(
+def remote_specs(
     state: ClusterState, node_id: str, local_repo: str
 ) -> dict[str, RemoteSpec]:
     """The destinations this node serves through an rclone remote of their own."""
@@ -128,7 +128,7 @@ class Reloader:
             )
 
     async def _check_remotes(self, state: ClusterState) -> None:
-        remotes = remote_destinations(state, self.node_id, str(self.local_repo))
+        remotes = remote_specs(state, self.node_id, str(self.local_repo))
         self.remotes.keep_only(set(remotes))
         prints = {uuid: spec.fingerprint for uuid, spec in remotes.items()}
         due = self.remotes.to_check(prints, time.monotonic())

@@ -29,7 +29,6 @@ class ClusterState:
     restore_grants: dict[str, str] = field(default_factory=dict)
     destinations: dict[str, Destination] = field(default_factory=dict)
     networks: tuple[IPNetwork, ...] = ()
-    module_nodes: dict[str, str] = field(default_factory=dict)
     node_vpn: dict[str, str] = field(default_factory=dict)
     leader: str | None = None
     limits: RawLimits = field(default_factory=RawLimits)  # this gateway's own keys

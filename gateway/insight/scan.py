@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+from backends.manager import BackendManager
 from backends.process import die_with_parent
 from backends.tasks import cancel_and_wait
 from gateway.access.repository import CONFIG, OBJECT_TYPES, RepositoryKey
@@ -48,7 +49,6 @@ class StoredFigures:
 class Space:
     total: int | None
     free: int | None
-    measured_at: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +58,15 @@ class Layout:
     conf: Path
     tree_root: str  # e.g. "gateway-tree:"
     upstreams: dict[str, str]  # destination uuid -> rclone upstream ("uuid:base", "/srv/repo")
+
+
+def served_layout(backends: BackendManager) -> Layout | None:
+    """What the backends serve now; None while they serve nothing yet."""
+    generation = backends.current
+    if generation is None:
+        return None
+    return Layout(generation.directory / "rclone.conf", generation.config.tree_root,
+                  dict(generation.config.placement.local))
 
 
 def _mtime(value: str) -> float:
@@ -105,12 +114,12 @@ def repositories(entries: Iterable[dict[str, object]], destination: str) -> list
     return sorted(found)
 
 
-def space(about: dict[str, object], now: float) -> Space:
+def space(about: dict[str, object]) -> Space:
     def number(key: str) -> int | None:
         value = about.get(key)
         return int(value) if isinstance(value, int | float) else None
 
-    return Space(number("total"), number("free"), now)
+    return Space(number("total"), number("free"))
 
 
 def _low_priority() -> None:
@@ -210,7 +219,7 @@ class Scanner:
             about = await self._rclone_json("about", "--json", layout.upstreams[destination],
                                             layout=layout)
             if isinstance(about, dict):
-                self.spaces[destination] = space(about, time.time())
+                self.spaces[destination] = space(about)
             # A base directory no backup created yet (SFTP, SMB, a local disk) holds nothing.
             listing = await self._rclone_json(
                 "lsjson", "-R", "--max-depth", "3", f"{layout.tree_root}{destination}",

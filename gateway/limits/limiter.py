@@ -15,8 +15,8 @@ from gateway.access.repository import RepositoryKey, address_of
 from gateway.cluster.state import ClusterState
 from gateway.limits.concurrency import InFlight
 from gateway.limits.config import Limits, LimitsKeeper
-from gateway.limits.quota import Segments, UsageBook
-from gateway.limits.shaping import Shaper
+from gateway.limits.quota import QuotaRefusal, Segments, UsageBook
+from gateway.limits.shaping import BodyFilter, Shaper
 from gateway.limits.views import QuotaView
 
 
@@ -78,6 +78,36 @@ class Limiter:
             self.book.note_level(key, self.current.quota(key.destination, module), module)
 
     # --- the request path ------------------------------------------------------------------
+
+    def enter(self, user: str, is_node: bool, group: str) -> bool:
+        """Counts a request of `user` in flight, unless it has its cap in flight already."""
+        return self.inflight.enter(user, self.current.cap(is_node), group)
+
+    def leave(self, user: str) -> None:
+        self.inflight.leave(user)
+
+    def check_upload(self, key: RepositoryKey, size: int,
+                     quota: int | None) -> QuotaRefusal | None:
+        """Whether an upload of `size` bytes into `key` fits `quota`; when it does, the
+        bytes are reserved until `upload_ended`."""
+        return self.book.check(key, size, quota)
+
+    def lock_size(self, key: RepositoryKey, lock_id: str) -> int | None:
+        """The size of a lock uploaded through the gateway, forgotten as it is asked."""
+        return self.book.lock_size(key, lock_id)
+
+    def has_quotas(self, destination: str) -> bool:
+        """Whether a quota applies to a repository in `destination`."""
+        return bool(self.current.quotas.get(destination))
+
+    def shaping(self, direction: str, module: str | None) -> BodyFilter:
+        """A body transform holding a transfer in `direction` by `module` (None: a node) to
+        the bandwidth limits in force."""
+        return self.shaper.transform(direction, module)
+
+    def holds(self, direction: str, module: str | None) -> bool:
+        """Whether a bandwidth limit holds a transfer in `direction` by `module` back now."""
+        return self.shaper.holds(direction, module)
 
     def upload_ended(self, key: RepositoryKey, module: str | None, reserved: int,
                      stored: int | None, lock_id: str | None = None) -> None:

@@ -83,11 +83,11 @@ async def to_backend(x: Exchange, uuid: str | None) -> web.StreamResponse:
         generation = await _ready_generation(x, backend)
         if generation is None:
             return plain(503, "backend unavailable", {"Retry-After": "2"})
-    label = backend.value + x.services.label_suffix
+    label = x.services.backends.label(backend)
     x.outcome.backend = label
     x.outcome.served_here = True
     upload = x.upload
-    remote = uuid is not None and x.services.is_remote(uuid)
+    remote = uuid is not None and x.services.serving.is_remote(uuid)
     # Counted before the first await: a reload now retires this generation only after us.
     with generation.use():
         try:
@@ -109,7 +109,7 @@ async def to_backend(x: Exchange, uuid: str | None) -> web.StreamResponse:
                         response = await forward(
                             x.request, x.target, generation.pool(backend), label,
                             x.outcome.transfer, body_filter=body_filter,
-                            backend_timeout=x.services.settings.backend_timeout,
+                            backend_timeout=x.services.backends.timeout,
                             on_status=on_status, references=x.references,
                             response_filter=x.response_transform, body_held=x.body_held,
                         )
@@ -123,13 +123,13 @@ async def to_backend(x: Exchange, uuid: str | None) -> web.StreamResponse:
                         generation = restarted
                         continue
                     x.outcome.reason = exc.reason
-                    x.services.observe_status(uuid, exc.status)
+                    x.services.serving.observe(uuid, exc.status)
                     if remote and await _storage_lost(x, uuid):
                         raise StorageUnreachable from exc
                     if exc.status == 502 and upload is not None:
                         x.outcome.reason += (await upload.repair()).note
                     return plain(exc.status, exc.reason, {"Retry-After": "2"})
-                x.services.observe_status(uuid, response.status)
+                x.services.serving.observe(uuid, response.status)
                 return response
             raise AssertionError("unreachable")
         except StorageUnreachable:
@@ -150,8 +150,7 @@ async def _storage_lost(x: Exchange, uuid: str | None) -> bool:
     has sent no body, and the probe (brought forward) finds the storage unreachable."""
     if uuid is None or x.outcome.transfer.bytes_in:
         return False
-    reachability = x.services.reachability
-    return not await reachability.confirm(uuid, reachability.confirm_timeout())
+    return not await x.services.serving.confirm_reached(uuid)
 
 
 async def _forward_to_remote(x: Exchange, uuid: str, generation: Generation, label: str,
@@ -186,18 +185,18 @@ async def _forward_to_remote(x: Exchange, uuid: str, generation: Generation, lab
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(answer_started.wait(), SLOW_ANSWER)
             return
-        reachability.probe_soon(uuid)
+        serving.probe_soon(uuid)
 
-    reachability = x.services.reachability
+    serving = x.services.serving
     backend = x.backend
     forwarding = asyncio.ensure_future(forward(
         x.request, x.target, generation.pool(backend), label, x.outcome.transfer,
-        body_filter=body_filter, backend_timeout=x.services.settings.backend_timeout,
+        body_filter=body_filter, backend_timeout=x.services.backends.timeout,
         on_status=watch_status, references=x.references,
         response_filter=x.response_transform, body_held=x.body_held,
     ))
     slow_answer = None if x.request.body_exists else asyncio.ensure_future(watch_answer())
-    went_down = asyncio.ensure_future(reachability.went_down(uuid))
+    went_down = asyncio.ensure_future(serving.went_down(uuid))
     try:
         await asyncio.wait({forwarding, went_down}, return_when=asyncio.FIRST_COMPLETED)
         if forwarding.done() or head_seen or x.outcome.transfer.bytes_in:

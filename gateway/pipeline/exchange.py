@@ -9,13 +9,12 @@ from typing import Protocol, TypeVar
 from aiohttp import web
 
 from backends.kinds import Backend
-from backends.manager import BackendManager
+from backends.manager import BackendManager, Generation
 from gateway.access.paths import Target
 from gateway.access.policy import Caller, Decision, Request
 from gateway.access.throttle import LoginThrottle
 from gateway.access.webdav_headers import References
-from gateway.cluster.reachability import Reachability
-from gateway.cluster.redis_source import RedisSource
+from gateway.cluster.serving import Serving
 from gateway.cluster.state import ClusterState
 from gateway.edge.hangup import HangupWatch
 from gateway.edge.logs import AccessLog
@@ -28,42 +27,50 @@ from gateway.forwarding.proxy import (
     request_body,
     send_continue,
 )
-from gateway.insight.record import Recorder
-from gateway.insight.report import Report
-from gateway.insight.scan import Scanner
+from gateway.insight.backups import BackupInsight
 from gateway.limits.limiter import Limiter
 from gateway.pipeline.upload import Upload
-from gateway.settings import Settings
 from gateway.status.metrics import GatewayMetrics
+from gateway.status.model import NodeStatus
 
 T = TypeVar("T")
 
 
 class Services(Protocol):
-    """What the request path uses of this node's gateway (`server.Gateway` wires it)."""
+    """What the request path uses of this node (`app.Gateway` wires it): each stage calls
+    one of these, never the parts behind it."""
 
-    settings: Settings
-    source: RedisSource
-    backends: BackendManager
-    peers: PeerGateways
-    throttle: LoginThrottle
-    metrics: GatewayMetrics
+    stopping: bool  # the gateway stops: cut requests say so, answered connections close
+    serving: Serving  # where each destination is served, whether its storage is reached
+    backends: LocalBackends  # this node's backend children
+    peers: PeerGateways  # requests for a destination served by a peer gateway
+    throttle: LoginThrottle  # failed logins
+    limits: Limiter  # concurrency caps, quotas, bandwidth
+    insight: BackupInsight  # what requests did to each repository, the storage listings
+    metrics: GatewayMetrics  # each request counted; the exposition of `/metrics`
     access_log: AccessLog
-    hangups: HangupWatch
-    recorder: Recorder
-    scanner: Scanner
-    limits: Limiter
-    reachability: Reachability
-    label_suffix: str  # of X-Gateway-Backend: "@node<id>"
-    stopping: bool
+    hangups: HangupWatch  # a client that hangs up while its body waits unread
 
-    def served_here(self, uuid: str) -> bool: ...
-    def destination_healthy(self, uuid: str) -> bool: ...
-    def is_remote(self, uuid: str) -> bool: ...
-    def observe_status(self, uuid: str | None, status: int) -> None: ...
-    def serving(self) -> bool: ...
-    def health_document(self) -> dict[str, object]: ...
-    def report(self) -> Report: ...
+    def cluster_state(self) -> ClusterState: ...  # the newest read of Redis
+    def node_status(self) -> NodeStatus: ...  # what `/health` says
+
+
+@dataclass(frozen=True)
+class LocalBackends:
+    """This node's backend children, as the request path uses them."""
+
+    manager: BackendManager
+    label_suffix: str  # of X-Gateway-Backend: "@node<id>"
+    timeout: float  # seconds a child may take to start its answer
+
+    @property
+    def current(self) -> Generation | None:
+        """The generation serving now; None while none is."""
+        return self.manager.current
+
+    def label(self, backend: Backend) -> str:
+        """What X-Gateway-Backend says of an answer of `backend` here: "restic@node1"."""
+        return backend.value + self.label_suffix
 
 
 @dataclass
@@ -96,7 +103,7 @@ class Exchange:
     def __init__(self, request: web.BaseRequest, services: Services) -> None:
         self.request = request
         self.services = services
-        self.state = services.source.state or ClusterState()  # one snapshot for the request
+        self.state = services.cluster_state()  # one snapshot for the request
         self.outcome = Outcome()
         self.references: References | None = None  # a WebDAV request's other paths
         self.upload: Upload | None = None  # a POST of a restic object
@@ -162,7 +169,8 @@ class Exchange:
         the stages before dispatch and dispatch itself agree."""
         if self._goes_to_peer is None:
             segments = self.target.segments
-            self._goes_to_peer = bool(segments) and not self.services.served_here(segments[0])
+            self._goes_to_peer = (bool(segments)
+                                  and not self.services.serving.served_here(segments[0]))
         return self._goes_to_peer
 
     @property

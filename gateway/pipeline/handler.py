@@ -65,11 +65,9 @@ class Pipeline:
         allowed = outcome.decision == "allow"
         if allowed and not outcome.served_here:
             return
-        ended = self.services.recorder.record(insight.FinishedRequest(
+        self.services.insight.record(insight.FinishedRequest(
             outcome.target, x.request.method, status, allowed, outcome.reason, outcome.is_node,
             outcome.transfer.bytes_in, outcome.transfer.bytes_out, time.time()))
-        if ended is not None:
-            self.services.scanner.scan_soon(ended)
 
     def _log(self, x: Exchange, response: web.StreamResponse | None, status: int,
              started: float) -> None:

@@ -75,11 +75,10 @@ async def operations(x: Exchange) -> Answer:
     x.outcome.path = raw
     if x.request.method not in READ_ONLY:
         return _not_allowed()
-    services = x.services
     if raw.startswith("/health"):
-        document = services.health_document()
-        return web.json_response(document, status=200 if services.serving() else 503)
-    return web.Response(body=services.metrics.exposition(),
+        status = x.services.node_status()
+        return web.json_response(status.document(), status=200 if status.serving else 503)
+    return web.Response(body=x.services.metrics.exposition(),
                         headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
@@ -98,7 +97,7 @@ async def health_probe(x: Exchange) -> Answer:
         return None
     x.outcome.rule = "probe"
     uuid = x.target.segments[0]
-    if x.services.served_here(uuid) and x.services.destination_healthy(uuid):
+    if x.services.serving.served_here(uuid) and x.services.serving.healthy_here(uuid):
         return plain(404, "not found")
     return plain(503, "destination not served here", {"Retry-After": "5"})
 
@@ -138,11 +137,11 @@ async def node_status(x: Exchange) -> Answer:
     if not x.caller.is_node:
         return plain(403, "forbidden: /status is for nodes")
     if x.request.method == "POST":  # `rclone-gateway status --rescan`
-        x.services.scanner.scan_all_soon()
+        x.services.insight.scan_all_soon()
         return plain(202, "listing the storage")
     if x.request.method not in READ_ONLY:
         return plain(405, "method not allowed", {"Allow": "GET, HEAD, POST"})
-    report = x.services.report()
+    report = x.services.insight.report()
     if "text/html" in x.request.headers.get("Accept", ""):
         return web.Response(text=html_page(report), content_type="text/html")
     return web.json_response({**report.document(), "limits": x.services.limits.document()})
@@ -198,10 +197,10 @@ async def concurrency_cap(x: Exchange) -> Answer:
     """At most so many requests in flight per module, and per node user apart: over it,
     503 at once (restic retries it), never a queue."""
     caller, limits = x.caller, x.services.limits
-    if not limits.inflight.enter(caller.user, limits.current.cap(caller.is_node), caller.group):
+    if not limits.enter(caller.user, caller.is_node, caller.group):
         return x.refuse(503, "too many requests in flight", "too many requests in flight; retry",
                         {"Retry-After": RETRY_AFTER})
-    x.at_end.append(lambda _status: limits.inflight.leave(caller.user))
+    x.at_end.append(lambda _status: limits.leave(caller.user))
     return None
 
 
@@ -211,12 +210,12 @@ async def storage_quota(x: Exchange) -> Answer:
     Also keeps the count of stored bytes up to date with every upload and delete."""
     if x.goes_to_peer:
         return None
-    limits, scanner, method = x.services.limits, x.services.scanner, x.request.method
+    limits, listings, method = x.services.limits, x.services.insight, x.request.method
     if x.described.protocol is not WireProtocol.REST:
         if written_by_webdav(method):  # a node's: a repository may go or come whole
             moved_to = x.references.destination if x.references is not None else None
             x.at_end.append(when_stored(
-                recount_after_webdav(limits, scanner, method, x.target, moved_to)))
+                recount_after_webdav(limits, listings, method, x.target, moved_to)))
         return None
     if (where := x.target.address) is None:
         return None
@@ -226,7 +225,7 @@ async def storage_quota(x: Exchange) -> Answer:
         module = x.caller.module_id
         # locks come and go with every run, and retention must always run: never refused
         quota = None if module is None or is_lock else limits.quota_of(key, module)
-        if (refusal := limits.book.check(key, size, quota)) is not None:
+        if (refusal := limits.check_upload(key, size, quota)) is not None:
             return x.refuse(refusal.status, refusal.reason, refusal.text)
         reserved = size if quota is not None else 0
         transfer = x.outcome.transfer
@@ -234,13 +233,13 @@ async def storage_quota(x: Exchange) -> Answer:
         x.at_end.append(lambda status: limits.upload_ended(
             key, module, reserved, transfer.bytes_in if 200 <= status < 300 else None, lock))
     elif method == "DELETE" and where.object_id is not None:
-        size = limits.book.lock_size(key, where.object_id) if is_lock else None
-        if size is None and limits.current.quotas.get(key.destination):
+        size = limits.lock_size(key, where.object_id) if is_lock else None
+        if size is None and limits.has_quotas(key.destination):
             size = await object_size(x.services.backends.current, x.backend, x.target)
         if size is not None:
             x.at_end.append(when_stored(lambda: limits.deleted(key, size)))
         elif not is_lock:  # a prune's delete: the storage says what is left
-            x.at_end.append(when_stored(lambda: scanner.scan_soon(key)))
+            x.at_end.append(when_stored(lambda: listings.scan_soon(key)))
     return None
 
 
@@ -249,13 +248,13 @@ async def bandwidth(x: Exchange) -> Answer:
     sent on to a peer is limited there, once."""
     if x.goes_to_peer:
         return None
-    shaper = x.services.limits.shaper
+    limits = x.services.limits
     module = x.caller.module_id
     if x.request.body_exists:
-        x.upload_shaping = shaper.transform("upload", module)
+        x.upload_shaping = limits.shaping("upload", module)
         x.body_transforms.append(x.upload_shaping)
-        x.body_held = lambda: shaper.holds("upload", module)
-    x.response_transform = shaper.transform("download", module)
+        x.body_held = lambda: limits.holds("upload", module)
+    x.response_transform = limits.shaping("download", module)
     return None
 
 
