@@ -19,9 +19,9 @@ import sys
 import uvloop
 from aiohttp import web
 
-from backends.client import UpstreamPool
+from backends.client import NextHopError, UpstreamPool
 from gateway.access.paths import PathError, canonicalise
-from gateway.forwarding.proxy import Transfer, UpstreamError, forward, plain
+from gateway.forwarding.proxy import NEXT_HOP_ANSWERS, Transfer, forward, plain
 
 
 async def serve(port: int, socket_path: str) -> None:
@@ -34,8 +34,8 @@ async def serve(port: int, socket_path: str) -> None:
             return plain(400, str(exc))
         try:
             return await forward(request, target, pool, "bare", Transfer(), backend_timeout=300.0)
-        except UpstreamError as exc:
-            return plain(exc.status, exc.reason)
+        except NextHopError as exc:
+            return plain(*NEXT_HOP_ANSWERS[exc.kind])
 
     server = web.Server(handle, access_log=None)
     loop = asyncio.get_running_loop()

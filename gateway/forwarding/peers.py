@@ -23,7 +23,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from backends.client import BodyFailed, ConnectFailed, UpstreamPool
+from backends.client import BodyFailed, HopFailure, NextHopError, UpstreamPool
 from backends.destinations import Destination
 from backends.rclone_conf import Placement
 from backends.tasks import cancel_and_wait
@@ -35,8 +35,6 @@ from gateway.forwarding.proxy import (
     BodyFilter,
     BodyRefused,
     Transfer,
-    UpstreamError,
-    UpstreamRefused,
     forward,
     request_headers,
 )
@@ -382,7 +380,7 @@ class PeerGateways:
                                       refused=True)
                 response = web.Response(status=499, reason="Client Closed Request")
                 return PeerAnswer(response, peer.name, "client went away", refused=True)
-            except UpstreamError as exc:
+            except NextHopError as exc:
                 reason = self._note_failure(peer, dest.uuid, exc)
                 failures.append(f"{peer.name}: {reason}")
                 log.warning("peer %s could not serve %s: %s", peer.name, dest.uuid, reason)
@@ -391,15 +389,15 @@ class PeerGateways:
                               f"served by {peer.name}")
         return unavailable("no node could serve this destination (" + "; ".join(failures) + ")")
 
-    def _note_failure(self, peer: Peer, uuid: str, exc: UpstreamError) -> str:
+    def _note_failure(self, peer: Peer, uuid: str, exc: NextHopError) -> str:
         now = time.time()
-        if isinstance(exc.__cause__, ConnectFailed):
+        if exc.kind is HopFailure.UNREACHABLE:
             reason = "unreachable"
             self.health.record_unreachable(peer.address, reason, now)
             return reason
-        if isinstance(exc, UpstreamRefused):
+        if exc.kind is HopFailure.DECLINED:
             reason = f"answered {exc.status}"
-        elif exc.status == 504:
+        elif exc.kind is HopFailure.TIMED_OUT:
             reason = "did not answer in time"
         else:
             reason = "connection lost"

@@ -12,16 +12,16 @@ import contextlib
 
 from aiohttp import web
 
-from backends.client import RETRYABLE_METHODS, BodyFailed, Broken, ConnectFailed
+from backends.client import RETRYABLE_METHODS, BodyFailed, HopFailure, NextHopError
 from backends.kinds import Backend
 from backends.manager import Generation
 from backends.process import RcloneChild
 from gateway.forwarding.peers import unavailable
 from gateway.forwarding.proxy import (
+    NEXT_HOP_ANSWERS,
     BodyFilter,
     BodyRefused,
     StatusHook,
-    UpstreamError,
     forward,
     plain,
 )
@@ -115,20 +115,23 @@ async def to_backend(x: Exchange, uuid: str | None) -> web.StreamResponse:
                         )
                 except BodyFailed as exc:
                     return await _body_failed(x, exc, upload)
-                except UpstreamError as exc:
+                except NextHopError as exc:
                     # The child died under a request it had not begun to act on: the request
                     # waits for the restart, like one that came a moment later.
                     if (attempt == 1 and await _child_died(x, exc, child)
                             and (restarted := await _ready_generation(x, backend)) is not None):
                         generation = restarted
                         continue
-                    x.outcome.reason = exc.reason
-                    x.services.observe_status(uuid, exc.status)
+                    status, reason = NEXT_HOP_ANSWERS[exc.kind]
+                    # Noted now: the reason stays if the request goes to a peer instead.
+                    x.outcome.reason = reason
+                    x.services.observe_status(uuid, status)
                     if remote and await _storage_lost(x, uuid):
                         raise StorageUnreachable from exc
-                    if exc.status == 502 and upload is not None:
+                    # a broken upload, not a slow one: the child may have left it partial
+                    if exc.kind is not HopFailure.TIMED_OUT and upload is not None:
                         x.outcome.reason += (await upload.repair()).note
-                    return plain(exc.status, exc.reason, {"Retry-After": "2"})
+                    return plain(status, reason, {"Retry-After": "2"})
                 x.services.observe_status(uuid, response.status)
                 return response
             raise AssertionError("unreachable")
@@ -224,13 +227,12 @@ async def _body_failed(x: Exchange, exc: BodyFailed, upload: Upload | None) -> w
     return web.Response(status=499, reason="Client Closed Request")
 
 
-async def _child_died(x: Exchange, exc: UpstreamError, child: RcloneChild) -> bool:
+async def _child_died(x: Exchange, exc: NextHopError, child: RcloneChild) -> bool:
     """Whether `exc` came from `child` dying, at a point where sending the request again
     does no harm: refused (nothing sent), or cut on a request that may be repeated."""
-    cause = exc.__cause__
     if x.outcome.transfer.bytes_in or not (
-            isinstance(cause, ConnectFailed)
-            or (isinstance(cause, Broken) and x.request.method in RETRYABLE_METHODS)):
+            exc.kind is HopFailure.UNREACHABLE
+            or (exc.kind is HopFailure.BROKEN and x.request.method in RETRYABLE_METHODS)):
         return False
     await asyncio.sleep(CHILD_EXIT_NOTICE)
     return not child.ready or child.proc is None or child.proc.returncode is not None
