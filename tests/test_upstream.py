@@ -18,7 +18,7 @@ import uvloop
 from multidict import CIMultiDict
 
 from backends.client import BodyFailed, HopFailure, NextHopError, UpstreamPool
-from gateway.forwarding.proxy import NEXT_HOP_ANSWERS
+from gateway.forwarding.proxy import NEXT_HOP_REFUSALS, refusal_response
 
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter, "Backend"], Awaitable[None]]
 
@@ -384,7 +384,7 @@ def test_the_answer_wait_starts_once_the_body_is_sent(tmp_path: Path) -> None:
 
 def test_each_failure_of_the_next_hop_gets_its_answer(tmp_path: Path) -> None:
     """What the client is answered when the backend fails the exchange each way: a
-    missing socket 502, silence 504, nonsense 502 (`proxy.NEXT_HOP_ANSWERS`)."""
+    missing socket 502, silence 504, nonsense 502 (`proxy.NEXT_HOP_REFUSALS`)."""
     async def script(reader, writer, backend):  # type: ignore[no-untyped-def]
         head = await backend.head(reader)
         if b"/silent" in head:
@@ -407,8 +407,9 @@ def test_each_failure_of_the_next_hop_gets_its_answer(tmp_path: Path) -> None:
         await failure(body_of(pool, target="/garbage"))
 
     run(script, client, tmp_path)
-    assert [NEXT_HOP_ANSWERS[kind] for kind in failures] == [
-        (502, "backend unavailable"),
-        (504, "backend did not answer in time"),
-        (502, "backend error"),
+    answers = [refusal_response(NEXT_HOP_REFUSALS[kind].given()) for kind in failures]
+    assert [(a.status, a.text, a.headers["Retry-After"]) for a in answers] == [
+        (502, "backend unavailable\n", "2"),
+        (504, "backend did not answer in time\n", "2"),
+        (502, "backend error\n", "2"),
     ]

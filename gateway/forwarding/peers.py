@@ -29,6 +29,7 @@ from backends.rclone_conf import Placement
 from backends.tasks import cancel_and_wait
 from gateway.access.paths import Target
 from gateway.access.policy import PROBE_SEGMENT, REST_MEDIA_TYPE
+from gateway.access.refusals import Refusal, Refused
 from gateway.access.webdav_headers import References
 from gateway.cluster.state import LOCAL_ADDRESSES, ClusterState, source_ip
 from gateway.forwarding.proxy import (
@@ -36,6 +37,7 @@ from gateway.forwarding.proxy import (
     BodyRefused,
     Transfer,
     forward,
+    refusal_response,
     request_headers,
 )
 
@@ -261,8 +263,8 @@ def where_served(
 class PeerAnswer:
     response: web.StreamResponse
     backend: str  # for the access log
-    reason: str
-    refused: bool = False  # no peer could take it; the response says why
+    # No peer could take it, or its body was refused on the way: the response says why.
+    refused: Refused | None = None
 
 
 class PeerGateways:
@@ -375,18 +377,15 @@ class PeerGateways:
                     references=references,
                 )
             except BodyFailed as exc:
-                if isinstance(exc.cause, BodyRefused):
-                    return PeerAnswer(exc.cause.answer(), peer.name, exc.cause.reason,
-                                      refused=True)
-                response = web.Response(status=499, reason="Client Closed Request")
-                return PeerAnswer(response, peer.name, "client went away", refused=True)
+                given = (exc.cause.given if isinstance(exc.cause, BodyRefused)
+                         else Refusal.CLIENT_CLOSED.given())
+                return PeerAnswer(refusal_response(given), peer.name, given)
             except NextHopError as exc:
                 reason = self._note_failure(peer, dest.uuid, exc)
                 failures.append(f"{peer.name}: {reason}")
                 log.warning("peer %s could not serve %s: %s", peer.name, dest.uuid, reason)
                 continue
-            return PeerAnswer(response, response.headers.get("X-Gateway-Backend", peer.name),
-                              f"served by {peer.name}")
+            return PeerAnswer(response, response.headers.get("X-Gateway-Backend", peer.name))
         return unavailable("no node could serve this destination (" + "; ".join(failures) + ")")
 
     def _note_failure(self, peer: Peer, uuid: str, exc: NextHopError) -> str:
@@ -506,5 +505,5 @@ def _label_from(peer: Peer) -> Callable[[CIMultiDictProxy[str]], str]:
 
 def unavailable(reason: str) -> PeerAnswer:
     """No peer can take the request: 503, and why."""
-    response = web.Response(status=503, text=reason + "\n", headers={"Retry-After": "5"})
-    return PeerAnswer(response, "-", reason, refused=True)
+    given = Refusal.DESTINATION_NOT_SERVED.given(reason)
+    return PeerAnswer(refusal_response(given), "-", given)

@@ -11,6 +11,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from backends.client import HopFailure, NextHopError, UpstreamPool, header_tokens
 from gateway.access.paths import Target
+from gateway.access.refusals import Notes, Refusal, Refused, record
 from gateway.access.webdav_headers import References, rewrite_references
 from gateway.edge.admission import FULL_READ, SMALL_READ, set_read_size
 
@@ -66,14 +67,13 @@ class _ProxyResponse(web.StreamResponse):
     _send_headers_immediately = False
 
 
-# The gateway's answer (status, text) when its next hop failed the exchange. A peer that
-# fails leads to the next peer instead; only a peer is asked to decline (`forward`'s
-# `refuse_statuses`).
-NEXT_HOP_ANSWERS = {
-    HopFailure.UNREACHABLE: (502, "backend unavailable"),
-    HopFailure.TIMED_OUT: (504, "backend did not answer in time"),
-    HopFailure.BROKEN: (502, "backend error"),
-    HopFailure.DECLINED: (502, "backend error"),
+# The gateway's answer when its next hop failed the exchange. A peer that fails leads to
+# the next peer instead; only a peer is asked to decline (`forward`'s `refuse_statuses`).
+NEXT_HOP_REFUSALS = {
+    HopFailure.UNREACHABLE: Refusal.BACKEND_UNREACHABLE,
+    HopFailure.TIMED_OUT: Refusal.BACKEND_TIMEOUT,
+    HopFailure.BROKEN: Refusal.BACKEND_ERROR,
+    HopFailure.DECLINED: Refusal.BACKEND_ERROR,
 }
 
 
@@ -84,14 +84,21 @@ class BodyRefused(Exception):
     BodyFailed, after the next hop's connection was aborted short of the announced length.
     """
 
-    def __init__(self, status: int, text: str, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.text = text  # the body of the answer
-        self.reason = reason  # the access log's
+    def __init__(self, refusal: Refusal, *detail: object) -> None:
+        self.given = refusal.given(*detail)
+        super().__init__(self.given.reason)
+
+    @property
+    def status(self) -> int:
+        return self.given.status
+
+    @property
+    def reason(self) -> str:
+        """The access log's."""
+        return self.given.reason or ""
 
     def answer(self) -> web.Response:
-        return plain(self.status, self.text)
+        return refusal_response(self.given)
 
 
 @dataclass
@@ -220,9 +227,7 @@ async def request_body(request: web.BaseRequest, transfer: Transfer,
                         continue  # a chunked body's chunk ended here: no data
             except asyncio.CancelledError:
                 if clock.expired():
-                    raise BodyRefused(
-                        408, "request body timeout",
-                        f"client body stalled for {CLIENT_BODY_TIMEOUT:.0f} s") from None
+                    raise BodyRefused(Refusal.BODY_STALLED, CLIENT_BODY_TIMEOUT) from None
                 raise
             finally:
                 clock.stop()
@@ -312,3 +317,16 @@ async def forward(
 def plain(status: int, reason: str, headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(status=status, text=reason + "\n", headers=headers)
 
+
+def refusal_response(given: Refused) -> web.Response:
+    """The answer of a refusal (`gateway.access.refusals`): its status, its text and a
+    newline, its header fields."""
+    text = given.text
+    return web.Response(status=given.status, reason=given.refusal.phrase,
+                        text=None if text is None else text + "\n", headers=given.headers)
+
+
+def refuse(notes: Notes, given: Refused, note: str = "") -> web.Response:
+    """The answer of a refusal, noted for the access log (`note` after its reason)."""
+    record(notes, given, note)
+    return refusal_response(given)

@@ -16,14 +16,14 @@ from backends.client import RETRYABLE_METHODS, BodyFailed, HopFailure, NextHopEr
 from backends.kinds import Backend
 from backends.manager import Generation
 from backends.process import RcloneChild
+from gateway.access.refusals import Refusal, record
 from gateway.forwarding.peers import unavailable
 from gateway.forwarding.proxy import (
-    NEXT_HOP_ANSWERS,
+    NEXT_HOP_REFUSALS,
     BodyFilter,
     BodyRefused,
     StatusHook,
     forward,
-    plain,
 )
 from gateway.pipeline.exchange import Exchange
 from gateway.pipeline.upload import Upload
@@ -59,7 +59,7 @@ async def to_peer(x: Exchange, uuid: str, body_filter: BodyFilter | None = None,
     (a request moved here from this node's backend), through `body_filter`."""
     dest = x.state.destinations.get(uuid)
     if dest is None:
-        return plain(404, "unknown destination")
+        return x.refuse(Refusal.UNKNOWN_DESTINATION)
     peers = x.services.peers
     chosen = peers.route_request(dest, x.source, x.request.headers)
     if not chosen.peers:
@@ -70,8 +70,8 @@ async def to_peer(x: Exchange, uuid: str, body_filter: BodyFilter | None = None,
         answer = await peers.forward(x.request, x.target, dest, chosen, x.outcome.transfer,
                                      x.references, body_filter=body_filter)
     x.outcome.backend = answer.backend
-    if answer.refused:
-        x.outcome.reason = answer.reason
+    if answer.refused is not None:
+        record(x.outcome, answer.refused)
     return answer.response
 
 
@@ -82,7 +82,7 @@ async def to_backend(x: Exchange, uuid: str | None) -> web.StreamResponse:
     if generation is None or not generation.children[backend].ready:
         generation = await _ready_generation(x, backend)
         if generation is None:
-            return plain(503, "backend unavailable", {"Retry-After": "2"})
+            return x.refuse(Refusal.BACKEND_UNAVAILABLE)
     label = backend.value + x.services.label_suffix
     x.outcome.backend = label
     x.outcome.served_here = True
@@ -122,16 +122,15 @@ async def to_backend(x: Exchange, uuid: str | None) -> web.StreamResponse:
                             and (restarted := await _ready_generation(x, backend)) is not None):
                         generation = restarted
                         continue
-                    status, reason = NEXT_HOP_ANSWERS[exc.kind]
                     # Noted now: the reason stays if the request goes to a peer instead.
-                    x.outcome.reason = reason
-                    x.services.observe_status(uuid, status)
+                    answer = x.refuse(NEXT_HOP_REFUSALS[exc.kind])
+                    x.services.observe_status(uuid, answer.status)
                     if remote and await _storage_lost(x, uuid):
                         raise StorageUnreachable from exc
                     # a broken upload, not a slow one: the child may have left it partial
                     if exc.kind is not HopFailure.TIMED_OUT and upload is not None:
                         x.outcome.reason += (await upload.repair()).note
-                    return plain(status, reason, {"Retry-After": "2"})
+                    return answer
                 x.services.observe_status(uuid, response.status)
                 return response
             raise AssertionError("unreachable")
@@ -143,8 +142,7 @@ async def to_backend(x: Exchange, uuid: str | None) -> web.StreamResponse:
     # sent again: restic retries it, and its retry goes to a peer.
     x.outcome.served_here = False
     if x.outcome.transfer.bytes_in:
-        x.outcome.reason = "storage unreachable from this node"
-        return plain(503, "storage unreachable from this node", {"Retry-After": "2"})
+        return x.refuse(Refusal.STORAGE_UNREACHABLE)
     return await to_peer(x, uuid, x.body_filter_for_peer(), admitted=True)
 
 
@@ -219,12 +217,9 @@ async def _forward_to_remote(x: Exchange, uuid: str, generation: Generation, lab
 async def _body_failed(x: Exchange, exc: BodyFailed, upload: Upload | None) -> web.Response:
     """The body did not reach its end: a transform refused it, or the client went away."""
     if isinstance(exc.cause, BodyRefused):
-        x.outcome.reason = exc.cause.reason
-        if upload is not None:
-            x.outcome.reason += await upload.after_refused_body()
-        return exc.cause.answer()
-    x.outcome.reason = x.cut_reason()
-    return web.Response(status=499, reason="Client Closed Request")
+        note = await upload.after_refused_body() if upload is not None else ""
+        return x.refuse(exc.cause.given, note=note)
+    return x.refuse(x.cut())
 
 
 async def _child_died(x: Exchange, exc: NextHopError, child: RcloneChild) -> bool:
