@@ -1,11 +1,15 @@
 """The table of refusals (`gateway/access/refusals.py`): what each refusal puts on the
-wire and in the access log, pinned byte for byte; the metric labels taken from it."""
+wire and in the access log, pinned byte for byte; the answers built from it at the edge;
+the metric labels taken from it."""
 
 from __future__ import annotations
 
 import pytest
+from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError, LineTooLong
 
 from gateway.access.refusals import REALM, Refusal, Refused, auth_failure_labels
+from gateway.edge import admission
+from gateway.edge.server import classify
 from gateway.forwarding.proxy import refusal_response
 from gateway.status.metrics import GatewayMetrics
 
@@ -112,6 +116,42 @@ def test_retry_after_is_the_tables_but_the_throttles() -> None:
         Refusal.TOO_MANY_IN_FLIGHT.given(retry_after=3)
     computed = [r.name for r in Refusal if r.retry_after == "computed"]
     assert computed == ["TOO_MANY_FAILED_LOGINS"]
+
+
+def test_the_edges_canned_answers_are_the_same_bytes() -> None:
+    assert admission.TOO_MANY_CONNECTIONS_RESPONSE == (
+        b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nConnection: close\r\n"
+        b"Content-Type: text/plain\r\nContent-Length: 21\r\n\r\ntoo many connections\n")
+    assert admission.REQUEST_TIMEOUT_RESPONSE == (
+        b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Type: text/plain\r\n"
+        b"Content-Length: 23\r\n\r\nrequest header timeout\n")
+    assert admission.HEAD_TOO_LARGE_RESPONSE == (
+        b"HTTP/1.1 431 Request Header Fields Too Large\r\nConnection: close\r\n"
+        b"Content-Type: text/plain\r\nContent-Length: 23\r\n\r\nrequest head too large\n")
+    assert admission.HTTP2_PREFACE_RESPONSE == (
+        b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Type: text/plain\r\n"
+        b"Content-Length: 40\r\n\r\nHTTP/2 is not served here: use HTTP/1.1\n")
+
+
+@pytest.mark.parametrize(("status", "exc", "answer"), [
+    (400, LineTooLong(b"x", "8190"), (431, "request line or header field too long")),
+    (400, HttpProcessingError(message="Too many headers received"),
+     (431, "too many header fields")),
+    (400, HttpProcessingError(message="Missing 'Host' header"),
+     (400, "malformed request: no Host header")),
+    (400, HttpProcessingError(message="Duplicate 'Content-Length' header found."),
+     (400, "malformed request: repeated header field")),
+    (400, BadHttpMethod("G(T"), (400, "malformed request: bad method")),
+    (400, HttpProcessingError(message="something else"), (400, "malformed request")),
+    (400, None, (400, "bad request")),
+    (500, RuntimeError("x"), (500, "internal error")),
+    (504, None, (504, "timed out")),
+], ids=["line", "fields", "host", "duplicate", "method", "other", "none", "500", "504"])
+def test_unparsable_requests_get_the_same_short_reasons(
+        status: int, exc: BaseException | None, answer: tuple[int, str]) -> None:
+    refused = classify(status, exc)
+    assert (refused.status, refused.text) == answer
+    assert refused.reason == refused.text
 
 
 def test_auth_failures_are_counted_under_the_tables_labels() -> None:
