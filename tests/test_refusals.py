@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError, LineTooLong
 
-from gateway.access.refusals import REALM, Refusal, Refused, auth_failure_labels
+from gateway.access.refusals import COMPUTED, REALM, Refusal, Refused, auth_failure_labels
 from gateway.edge import admission
 from gateway.edge.server import classify
 from gateway.forwarding.proxy import refusal_response
@@ -114,7 +114,7 @@ def test_retry_after_is_the_tables_but_the_throttles() -> None:
         Refusal.TOO_MANY_FAILED_LOGINS.given()
     with pytest.raises(ValueError):
         Refusal.TOO_MANY_IN_FLIGHT.given(retry_after=3)
-    computed = [r.name for r in Refusal if r.retry_after == "computed"]
+    computed = [r.name for r in Refusal if r.retry_after == COMPUTED]
     assert computed == ["TOO_MANY_FAILED_LOGINS"]
 
 

@@ -51,7 +51,7 @@ class Refusal(Enum):
     """The gateway's own answers, other than the ones that serve a request."""
 
     # --- a connection or a request head refused before aiohttp hands a request on
-    # (gateway/edge): nothing in the access log but a reject line with the reason
+    # (gateway/edge): in the access log, a reject line with the reason at most
     TOO_MANY_CONNECTIONS = _row(503, "too many connections", retry_after=1)
     HEADER_TIMEOUT = _row(408, "request header timeout")
     HEAD_TOO_LARGE = _row(431, "request head too large")  # as it arrives, and once parsed
