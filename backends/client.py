@@ -17,6 +17,7 @@ import collections
 import contextlib
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
+from enum import Enum
 from typing import Any
 
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -34,20 +35,37 @@ _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n]*)?\r\n\Z")
 Connector = Callable[[Callable[[], asyncio.Protocol]], Awaitable[tuple[Any, Any]]]
 
 
-class UpstreamFailure(Exception):
-    """The backend could not be reached, broke the exchange, or did not answer in time."""
+class HopFailure(Enum):
+    """How the next hop (a backend child, or a peer gateway) failed an exchange."""
+
+    UNREACHABLE = "unreachable"  # no connection: refused, missing socket, connect timeout
+    TIMED_OUT = "timed out"  # silent (or took no data) for the idle timeout
+    BROKEN = "broken"  # closed the connection, or answered malformed
+    # answered a status its caller asked not to pass on (the gateway's proxy asks it of a
+    # peer gateway, to try the next); nothing was sent to the client
+    DECLINED = "declined"
 
 
-class ConnectFailed(UpstreamFailure):
-    """No connection to the backend (refused, missing socket, connect timeout)."""
+class NextHopError(Exception):
+    """The next hop failed the exchange: `kind` says how. What the client is answered
+    then is the gateway's matter (`gateway.forwarding.proxy.NEXT_HOP_REFUSALS`)."""
+
+    def __init__(self, kind: HopFailure, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.status = status  # DECLINED: the status it answered
 
 
-class Timeout(UpstreamFailure):
-    """The backend stayed silent (or did not take data) for the idle timeout."""
+def _unreachable(message: str) -> NextHopError:
+    return NextHopError(HopFailure.UNREACHABLE, message)
 
 
-class Broken(UpstreamFailure):
-    """The connection closed or the answer was malformed."""
+def _timed_out(message: str) -> NextHopError:
+    return NextHopError(HopFailure.TIMED_OUT, message)
+
+
+def _broken(message: str) -> NextHopError:
+    return NextHopError(HopFailure.BROKEN, message)
 
 
 class BodyFailed(Exception):
@@ -99,7 +117,7 @@ class _Connection(asyncio.Protocol):
         self.eof = True
         self._wake()
         if self._drain is not None and not self._drain.done():
-            self._drain.set_exception(Broken("backend closed the connection"))
+            self._drain.set_exception(_broken("backend closed the connection"))
 
     def pause_writing(self) -> None:
         self._writing_paused = True
@@ -128,7 +146,7 @@ class _Connection(asyncio.Protocol):
 
     async def _more(self, timeout: float) -> None:
         if self.eof:
-            raise Broken("backend closed the connection")
+            raise _broken("backend closed the connection")
         self._waiter = asyncio.get_running_loop().create_future()
         try:
             await self._wait(self._waiter, None if self.sending else timeout)
@@ -143,7 +161,7 @@ class _Connection(asyncio.Protocol):
 
     async def write(self, data: bytes, timeout: float) -> None:
         if self.closed or self.transport is None:
-            raise Broken("backend closed the connection")
+            raise _broken("backend closed the connection")
         self.transport.write(data)
         if self._writing_paused:
             self._drain = asyncio.get_running_loop().create_future()
@@ -178,7 +196,7 @@ class _Connection(asyncio.Protocol):
                 if end >= 0:
                     return self._take(end + len(marker))
                 if len(data) > limit:
-                    raise Broken("backend answer head too large")
+                    raise _broken("backend answer head too large")
             await self._more(timeout)
 
     async def read_some(self, limit: int, timeout: float) -> bytes:
@@ -194,7 +212,7 @@ class _Connection(asyncio.Protocol):
         while size:
             chunk = await self.read_some(min(size, limit), timeout)
             if not chunk:
-                raise Broken("backend closed the connection mid-answer")
+                raise _broken("backend closed the connection mid-answer")
             size -= len(chunk)
             yield chunk
 
@@ -206,7 +224,7 @@ class _Connection(asyncio.Protocol):
 
 def _expire(future: asyncio.Future[None]) -> None:
     if not future.done():
-        future.set_exception(Timeout("backend did not answer in time"))
+        future.set_exception(_timed_out("backend did not answer in time"))
 
 
 class Response:
@@ -248,7 +266,7 @@ class Response:
             line = await connection.read_until(b"\r\n", 1024, timeout)
             match = _CHUNK_SIZE.match(line)
             if match is None:  # int(x, 16) alone would take "0x1a", "+1a" or "1_a"
-                raise Broken("malformed chunk in backend answer")
+                raise _broken("malformed chunk in backend answer")
             size = int(match.group(1), 16)
             if size == 0:
                 while await connection.read_until(b"\r\n", MAX_HEAD, timeout) != b"\r\n":
@@ -258,7 +276,7 @@ class Response:
                 yield chunk
             crlf = b"".join([c async for c in connection.read_sized(2, 2, timeout)])
             if crlf != b"\r\n":
-                raise Broken("malformed chunk in backend answer")
+                raise _broken("malformed chunk in backend answer")
 
     async def release(self) -> None:
         """Done with the answer: the connection goes back to the pool if it is reusable."""
@@ -323,7 +341,7 @@ class UpstreamPool:
     async def _acquire(self) -> tuple[_Connection, bool]:
         """A connection, and whether it was used before (it may have been closed since)."""
         if self.closed:
-            raise ConnectFailed("backend pool closed")
+            raise _unreachable("backend pool closed")
         now = asyncio.get_running_loop().time()
         while self._idle:
             connection = self._idle.pop()
@@ -336,12 +354,12 @@ class UpstreamPool:
             async with asyncio.timeout(self._connect_timeout):
                 _, connection = await self._connector(_Connection)
         except TimeoutError:
-            raise ConnectFailed("backend did not accept the connection in time") from None
+            raise _unreachable("backend did not accept the connection in time") from None
         except OSError as exc:
-            raise ConnectFailed(f"backend unreachable ({type(exc).__name__})") from None
+            raise _unreachable(f"backend unreachable ({type(exc).__name__})") from None
         if self.closed:
             connection.abort()
-            raise ConnectFailed("backend pool closed")
+            raise _unreachable("backend pool closed")
         self._all.add(connection)
         return connection, False
 
@@ -399,7 +417,7 @@ class UpstreamPool:
                     sender = asyncio.create_task(
                         _send_body(connection, head, body, content_length, timeout))
                 return await self._read_head(connection, method, timeout, sender)
-            except UpstreamFailure as exc:
+            except NextHopError as exc:
                 self._discard(connection)
                 if sender is not None:
                     sender.cancel()
@@ -409,11 +427,11 @@ class UpstreamPool:
                     # backend that took none of it in time): say that, not the broken
                     # connection.
                     if not sender.cancelled() and isinstance(
-                            sender.exception(), (BodyFailed, UpstreamFailure)):
+                            sender.exception(), (BodyFailed, NextHopError)):
                         raise sender.exception() from None  # type: ignore[misc]
                 # A kept-alive connection the backend closed meanwhile: an idempotent
                 # request without a body goes once more, on a fresh connection.
-                if (attempt == 1 and reused and body is None and isinstance(exc, Broken)
+                if (attempt == 1 and reused and body is None and exc.kind is HopFailure.BROKEN
                         and not connection.chunks and method in RETRYABLE_METHODS):
                     continue
                 raise
@@ -432,7 +450,7 @@ class UpstreamPool:
             if status >= 200:
                 break
             if status == 101:
-                raise Broken("backend switched protocols")
+                raise _broken("backend switched protocols")
         keep_alive = version == "HTTP/1.1"
         for token in header_tokens(headers.getall("Connection", [])):
             if token == "close":
@@ -451,7 +469,7 @@ class UpstreamPool:
         elif "Content-Length" in headers:
             values = {v.strip() for v in headers.getall("Content-Length")}
             if len(values) != 1 or not next(iter(values)).isdigit():
-                raise Broken("malformed Content-Length in backend answer")
+                raise _broken("malformed Content-Length in backend answer")
             length = int(values.pop())
             framing = "length" if length else "none"
         else:
@@ -504,7 +522,7 @@ async def _send_request(connection: _Connection, head: bytes, body: AsyncIterato
             if chunk:
                 await send(chunk)
             del chunk  # sent: not kept while the next piece is awaited (a held one, slowly)
-    except UpstreamFailure:
+    except NextHopError:
         connection.abort()
         raise
     except (Exception, asyncio.CancelledError) as exc:
@@ -546,16 +564,16 @@ def _parse_head(raw: bytes) -> tuple[int, str, CIMultiDict[str], str]:
     text = raw[:-4].decode("latin-1")
     line_ends = text.count("\r\n")
     if text.count("\r") != line_ends or text.count("\n") != line_ends:
-        raise Broken("bare CR or LF in the backend's answer head")
+        raise _broken("bare CR or LF in the backend's answer head")
     lines = text.split("\r\n")
     version, _, rest = lines[0].partition(" ")
     code, _, reason = rest.partition(" ")
     if version not in ("HTTP/1.1", "HTTP/1.0") or len(code) != 3 or not code.isdigit():
-        raise Broken("malformed status line from backend")
+        raise _broken("malformed status line from backend")
     fields = []
     for line in lines[1:]:
         name, colon, value = line.partition(":")
         if not colon or not name or name != name.strip():
-            raise Broken("malformed header field from backend")
+            raise _broken("malformed header field from backend")
         fields.append((name, value.strip()))
     return int(code), reason, CIMultiDict(fields), version

@@ -19,9 +19,10 @@ import sys
 import uvloop
 from aiohttp import web
 
-from backends.client import UpstreamPool
+from backends.client import NextHopError, UpstreamPool
 from gateway.access.paths import PathError, canonicalise
-from gateway.forwarding.proxy import Transfer, UpstreamError, forward, plain
+from gateway.access.refusals import Refusal
+from gateway.forwarding.proxy import NEXT_HOP_REFUSALS, Transfer, forward, refusal_response
 
 
 async def serve(port: int, socket_path: str) -> None:
@@ -31,11 +32,11 @@ async def serve(port: int, socket_path: str) -> None:
         try:
             target = canonicalise(request.raw_path)
         except PathError as exc:
-            return plain(400, str(exc))
+            return refusal_response(Refusal.BAD_TARGET.given(exc))
         try:
             return await forward(request, target, pool, "bare", Transfer(), backend_timeout=300.0)
-        except UpstreamError as exc:
-            return plain(exc.status, exc.reason)
+        except NextHopError as exc:
+            return refusal_response(NEXT_HOP_REFUSALS[exc.kind].given())
 
     server = web.Server(handle, access_log=None)
     loop = asyncio.get_running_loop()

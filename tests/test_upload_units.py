@@ -13,7 +13,8 @@ import pytest
 
 from backends.kinds import Backend
 from gateway.access.paths import canonicalise
-from gateway.forwarding.proxy import BodyRefused
+from gateway.access.refusals import Refusal
+from gateway.forwarding.proxy import CLIENT_BODY_TIMEOUT, BodyRefused
 from gateway.pipeline.upload import Repair, RepairOutcome, Upload
 
 CONTENT = b"restic pack" * 100
@@ -62,8 +63,7 @@ def test_other_bytes_over_a_stored_object_are_refused_403() -> None:
     assert (status, reason) == (403, "object exists already")
 
 
-@pytest.mark.parametrize("refusal", [BodyRefused(408, "request body timeout\n",
-                                                 "request body timeout")],
+@pytest.mark.parametrize("refusal", [BodyRefused(Refusal.BODY_STALLED, CLIENT_BODY_TIMEOUT)],
                          ids=["stalled body"])
 def test_a_body_refused_for_another_reason_gets_its_own_answer(refusal: BodyRefused) -> None:
     # A retry whose client stalled mid-body was answered 403 "the object exists already",

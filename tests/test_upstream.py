@@ -9,14 +9,16 @@ end-to-end tests (tests/test_gateway.py and others).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
 import uvloop
 from multidict import CIMultiDict
 
-from backends.client import BodyFailed, Broken, ConnectFailed, Timeout, UpstreamPool
+from backends.client import BodyFailed, HopFailure, NextHopError, UpstreamPool
+from gateway.forwarding.proxy import NEXT_HOP_REFUSALS, refusal_response
 
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter, "Backend"], Awaitable[None]]
 
@@ -61,6 +63,14 @@ def run(script: Script, client: Callable[[UpstreamPool, Backend], Awaitable[None
 
     uvloop.run(main())
     return backend
+
+
+@contextlib.contextmanager
+def fails(kind: HopFailure) -> Iterator[None]:
+    """The block raises NextHopError of this kind."""
+    with pytest.raises(NextHopError) as caught:
+        yield
+    assert caught.value.kind is kind, caught.value
 
 
 def ok(body: bytes, extra: bytes = b"") -> bytes:
@@ -185,7 +195,7 @@ def test_a_request_with_a_body_is_not_sent_again(tmp_path: Path) -> None:
 
     async def client(pool: UpstreamPool, backend: Backend) -> None:
         assert await body_of(pool) == (200, b"once")
-        with pytest.raises(Broken):
+        with fails(HopFailure.BROKEN):
             await pool.request("PUT", "/f", CIMultiDict(), chunks(b"data"), content_length=4)
 
     backend = run(script, client, tmp_path)
@@ -271,15 +281,15 @@ def test_silence_and_nonsense_are_errors(tmp_path: Path) -> None:
         await writer.drain()
 
     async def client(pool: UpstreamPool, backend: Backend) -> None:
-        with pytest.raises(Timeout):
+        with fails(HopFailure.TIMED_OUT):
             await body_of(pool, target="/silent", timeout=0.2)
-        with pytest.raises(Broken):
+        with fails(HopFailure.BROKEN):
             await body_of(pool, target="/garbage")
-        with pytest.raises(Broken):
+        with fails(HopFailure.BROKEN):
             await body_of(pool, target="/bare-lf")
-        with pytest.raises(Broken):
+        with fails(HopFailure.BROKEN):
             await body_of(pool, target="/hex-prefix")
-        with pytest.raises(Broken):
+        with fails(HopFailure.BROKEN):
             await body_of(pool, target="/cut")
 
     run(script, client, tmp_path)
@@ -288,7 +298,7 @@ def test_silence_and_nonsense_are_errors(tmp_path: Path) -> None:
 def test_no_backend_is_a_connect_failure(tmp_path: Path) -> None:
     async def main() -> None:
         pool = UpstreamPool.unix(str(tmp_path / "missing.sock"))
-        with pytest.raises(ConnectFailed):
+        with fails(HopFailure.UNREACHABLE):
             await pool.request("GET", "/", CIMultiDict())
 
     uvloop.run(main())
@@ -312,8 +322,10 @@ def test_closing_the_pool_cuts_an_upload_in_flight(tmp_path: Path) -> None:
             pool.request("PUT", "/f", CIMultiDict(), slow(), content_length=1000))
         await asyncio.sleep(0.2)
         await pool.close()
-        with pytest.raises((Broken, BodyFailed)):
+        with pytest.raises((NextHopError, BodyFailed)) as caught:
             await upload
+        assert (isinstance(caught.value, BodyFailed)
+                or caught.value.kind is HopFailure.BROKEN), caught.value
         await asyncio.sleep(0.05)
 
     backend = run(script, client, tmp_path)
@@ -355,16 +367,49 @@ def test_the_answer_wait_starts_once_the_body_is_sent(tmp_path: Path) -> None:
             assert response.status == 200
         # the whole body sent, then silence: a timeout, counted from the body's end
         began = loop.time()
-        with pytest.raises(Timeout):
+        with fails(HopFailure.TIMED_OUT):
             await pool.request("PUT", "/silent", CIMultiDict(), slowly(10, 0.1),
                                content_length=10_000, timeout=0.2)
         assert 1.15 <= loop.time() - began < 3, loop.time() - began
         # a backend that takes none of the body: a timeout too
         began = loop.time()
-        with pytest.raises(Timeout):
+        with fails(HopFailure.TIMED_OUT):
             await pool.request("PUT", "/stalls", CIMultiDict(), endless(),
                                content_length=1 << 40, timeout=0.2)
         assert loop.time() - began < 3, loop.time() - began
 
     backend = run(script, client, tmp_path)
     assert backend.bodies[0] == b"x" * 10_000
+
+
+def test_each_failure_of_the_next_hop_gets_its_answer(tmp_path: Path) -> None:
+    """What the client is answered when the backend fails the exchange each way: a
+    missing socket 502, silence 504, nonsense 502 (`proxy.NEXT_HOP_REFUSALS`)."""
+    async def script(reader, writer, backend):  # type: ignore[no-untyped-def]
+        head = await backend.head(reader)
+        if b"/silent" in head:
+            await asyncio.sleep(5)
+        else:
+            writer.write(b"SPDY/9 200 OK\r\n\r\n")
+        await writer.drain()
+
+    failures: list[HopFailure] = []
+
+    async def failure(request: Awaitable[object]) -> None:
+        with pytest.raises(NextHopError) as caught:
+            await request
+        failures.append(caught.value.kind)
+
+    async def client(pool: UpstreamPool, backend: Backend) -> None:
+        missing = UpstreamPool.unix(str(tmp_path / "missing.sock"))
+        await failure(missing.request("GET", "/", CIMultiDict()))
+        await failure(body_of(pool, target="/silent", timeout=0.2))
+        await failure(body_of(pool, target="/garbage"))
+
+    run(script, client, tmp_path)
+    answers = [refusal_response(NEXT_HOP_REFUSALS[kind].given()) for kind in failures]
+    assert [(a.status, a.text, a.headers["Retry-After"]) for a in answers] == [
+        (502, "backend unavailable\n", "2"),
+        (504, "backend did not answer in time\n", "2"),
+        (502, "backend error\n", "2"),
+    ]

@@ -10,6 +10,7 @@ from multidict import CIMultiDict
 from backends.client import UpstreamPool
 from gateway.access.paths import Target, canonicalise
 from gateway.access.policy import Caller, Request, WireProtocol, decide, module_caller, node_caller
+from gateway.access.refusals import Refusal
 from gateway.access.webdav_headers import (
     SAME_DESTINATION,
     HeaderRefused,
@@ -158,8 +159,9 @@ def test_only_copy_and_move_name_a_destination() -> None:
 
 
 def test_refusals_read_as_the_gateway_answers_them() -> None:
-    assert HeaderRefused(403, SAME_DESTINATION).text == f"forbidden: {SAME_DESTINATION}"
-    assert HeaderRefused(400, "x").text == "bad request: x"
+    assert (HeaderRefused(Refusal.FORBIDDEN, SAME_DESTINATION).text
+            == f"forbidden: {SAME_DESTINATION}")
+    assert HeaderRefused(Refusal.BAD_REFERENCE, "x").text == "bad request: x"
 
 
 TOKEN = "<opaquelocktoken:f81d4fae-7dec-11d0-a765-00a0c91e6bf6>"

@@ -27,6 +27,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.access.paths import PathError, Target, canonicalise
 from gateway.access.policy import Request, decide
+from gateway.access.refusals import Refusal
 
 DESTINATION = "Destination"
 IF = "If"
@@ -46,17 +47,27 @@ Condition = tuple[str | Target, ...]
 
 
 class HeaderRefused(Exception):
-    """A Destination or If header cannot be honoured: the answer's status and reason."""
+    """A Destination or If header cannot be honoured: the refusal (BAD_REFERENCE or
+    FORBIDDEN), and why."""
 
-    def __init__(self, status: int, reason: str) -> None:
+    def __init__(self, refusal: Refusal, reason: str) -> None:
         super().__init__(reason)
-        self.status = status
+        self.refusal = refusal
         self.reason = reason
+
+    @property
+    def status(self) -> int:
+        return self.refusal.status
 
     @property
     def text(self) -> str:
         """The body of the answer."""
-        return ("forbidden: " if self.status == 403 else "bad request: ") + self.reason
+        return self.refusal.given(self.reason).text or ""
+
+
+def _bad(reason: str) -> HeaderRefused:
+    """A malformed header: 400."""
+    return HeaderRefused(Refusal.BAD_REFERENCE, reason)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,13 +97,13 @@ def _same_authority(scheme: str, authority: str, host: str | None) -> bool:
 
 def _canonical(path: str, what: str) -> Target:
     if "?" in path or "#" in path:
-        raise HeaderRefused(400, f"query or fragment in {what}")
+        raise _bad(f"query or fragment in {what}")
     if not path.isascii():
-        raise HeaderRefused(400, f"raw non-ASCII character in {what}")
+        raise _bad(f"raw non-ASCII character in {what}")
     try:
         return canonicalise(path)
     except PathError as exc:
-        raise HeaderRefused(400, f"{what}: {exc}") from None
+        raise _bad(f"{what}: {exc}") from None
 
 
 def parse_destination(value: str, host: str | None) -> Target:
@@ -104,15 +115,15 @@ def parse_destination(value: str, host: str | None) -> Target:
     if value.startswith("/"):
         return _canonical(value, DESTINATION)
     if not _ABSOLUTE_URI.match(value):
-        raise HeaderRefused(400, "Destination is neither an absolute URI nor a path")
+        raise _bad("Destination is neither an absolute URI nor a path")
     parts = _split(value)
     if parts is None:
-        raise HeaderRefused(400, "Destination scheme is not http or https")
+        raise _bad("Destination scheme is not http or https")
     scheme, authority, path = parts
     if not authority or "@" in authority:
-        raise HeaderRefused(400, "Destination authority is empty or has user information")
+        raise _bad("Destination authority is empty or has user information")
     if not _same_authority(scheme, authority, host):
-        raise HeaderRefused(400, "Destination names another host than the request")
+        raise _bad("Destination names another host than the request")
     return _canonical(path, DESTINATION)
 
 
@@ -124,14 +135,14 @@ def check_destination(request: Request, values: list[str], host: str | None) -> 
     leaves the request target's destination or the policy does not allow it.
     """
     if len(values) != 1:
-        raise HeaderRefused(400, f"{request.method} needs exactly one Destination header")
+        raise _bad(f"{request.method} needs exactly one Destination header")
     destination = parse_destination(values[0], host)
     source = request.target.segments[:1]
     if not source or destination.segments[:1] != source:
-        raise HeaderRefused(403, SAME_DESTINATION)
+        raise HeaderRefused(Refusal.FORBIDDEN, SAME_DESTINATION)
     decision = decide(replace(request, target=destination))
     if not decision.allowed:
-        raise HeaderRefused(403, f"Destination: {decision.reason}")
+        raise HeaderRefused(Refusal.FORBIDDEN, f"Destination: {decision.reason}")
     return destination
 
 
@@ -166,7 +177,7 @@ def parse_if(value: str, host: str | None) -> Condition:
         else:
             pieces.append(piece)
     if end != len(value) or depth != 0:
-        raise HeaderRefused(400, "malformed If header")
+        raise _bad("malformed If header")
     return tuple(pieces)
 
 

@@ -1,11 +1,13 @@
 from __future__ import annotations
 
 import asyncio
+from http import HTTPStatus
 from typing import cast
 
 from aiohttp import StreamReader, web
 from aiohttp.web_protocol import RequestHandler
 
+from gateway.access.refusals import Refusal
 from gateway.edge.logs import log_reject
 
 # Read-only peeks into aiohttp's RequestHandler, checked when a factory is built:
@@ -22,11 +24,13 @@ _HANDLER_INTERNALS = ("_request_count", "_waiter", "_messages")
 REJECT_LINGER = 1.0
 
 
-def _canned_response(status_line: str, body: str, *extra_headers: str) -> bytes:
-    payload = body.encode()
+def _canned_response(refusal: Refusal) -> bytes:
+    """A refusal's answer as bytes, for a connection that has no aiohttp request."""
+    given = refusal.given()
+    payload = f"{given.text}\n".encode()
     head = [
-        f"HTTP/1.1 {status_line}",
-        *extra_headers,
+        f"HTTP/1.1 {given.status} {HTTPStatus(given.status).phrase}",
+        *(f"{name}: {value}" for name, value in (given.headers or {}).items()),
         "Connection: close",
         "Content-Type: text/plain",
         f"Content-Length: {len(payload)}",
@@ -34,20 +38,15 @@ def _canned_response(status_line: str, body: str, *extra_headers: str) -> bytes:
     return ("\r\n".join(head) + "\r\n\r\n").encode() + payload
 
 
-TOO_MANY_CONNECTIONS_RESPONSE = _canned_response(
-    "503 Service Unavailable", "too many connections\n", "Retry-After: 1"
-)
-REQUEST_TIMEOUT_RESPONSE = _canned_response("408 Request Timeout", "request header timeout\n")
-HEAD_TOO_LARGE_RESPONSE = _canned_response(
-    "431 Request Header Fields Too Large", "request head too large\n"
-)
+TOO_MANY_CONNECTIONS_RESPONSE = _canned_response(Refusal.TOO_MANY_CONNECTIONS)
+REQUEST_TIMEOUT_RESPONSE = _canned_response(Refusal.HEADER_TIMEOUT)
+HEAD_TOO_LARGE_RESPONSE = _canned_response(Refusal.HEAD_TOO_LARGE)
 # The first bytes of HTTP/2's connection preface ("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"), which
 # opens a connection. The parser takes a "PRI" request line and its empty line for the start of
 # the preface and waits for the rest, so a client that sent only those would wait for the header
 # timeout and a 408: a connection that opens with them is answered at once.
 HTTP2_PREFACE_START = b"PRI "
-HTTP2_PREFACE_REASON = "HTTP/2 is not served here: use HTTP/1.1"
-HTTP2_PREFACE_RESPONSE = _canned_response("400 Bad Request", HTTP2_PREFACE_REASON + "\n")
+HTTP2_PREFACE_RESPONSE = _canned_response(Refusal.HTTP2_PREFACE)
 # aiohttp bounds each line and the number of header fields; this bounds a whole request head.
 MAX_HEAD_BYTES = 32 * 1024
 # Bytes one read of a client socket takes at most: what uvloop reads into for a plain
@@ -254,7 +253,7 @@ class _GuardedConnection(asyncio.BufferedProtocol):
         if not transport.is_closing():
             transport.write(HTTP2_PREFACE_RESPONSE)
             peer = transport.get_extra_info("peername")
-            log_reject(peer[0] if peer else None, 400, HTTP2_PREFACE_REASON)
+            log_reject(peer[0] if peer else None, Refusal.HTTP2_PREFACE.given())
         self._handler.force_close()
 
     def eof_received(self) -> bool | None:

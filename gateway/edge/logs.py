@@ -17,6 +17,8 @@ import sys
 import time
 from typing import Any, TextIO
 
+from gateway.access.refusals import Refused
+
 ACCESS_LOGGER = "rclone_gateway.access"
 
 # logging level -> sd-daemon priority (syslog severity)
@@ -61,11 +63,12 @@ def access_line(fields: dict[str, Any], now: float) -> str:
     return _JSON.encode({"time": _stamp(now), **fields})
 
 
-def log_reject(source: str | None, status: int, reason: str) -> None:
+def log_reject(source: str | None, refused: Refused) -> None:
     """The access line of a request refused before it could be read: its source, status
     and a fixed reason, never a byte of what was sent."""
+    status = refused.status
     logging.getLogger(ACCESS_LOGGER).log(access_level(status, "reject"), access_line(
-        {"source": source, "status": status, "decision": "reject", "reason": reason},
+        {"source": source, "status": status, "decision": "reject", "reason": refused.reason},
         time.time()))
 
 

@@ -21,6 +21,7 @@ from aiohttp.http_exceptions import (
 )
 from aiohttp.web_protocol import RequestHandler
 
+from gateway.access.refusals import Refusal, Refused
 from gateway.edge.admission import MAX_HEAD_BYTES
 from gateway.edge.logs import log_reject
 
@@ -41,31 +42,39 @@ def head_too_large(request: web.BaseRequest) -> bool:
     return size > MAX_HEAD_BYTES
 
 
-def classify(status: int, exc: BaseException | None) -> tuple[int, str]:
-    """(status, short reason) for an error raised while reading a request head."""
+def classify(status: int, exc: BaseException | None) -> Refused:
+    """The refusal of an error raised while reading a request head (`status`, aiohttp's:
+    400, or 500 and 504 for the handler's own failures)."""
     if isinstance(exc, LineTooLong):
-        return 431, "request line or header field too long"
+        return Refusal.LINE_TOO_LONG.given()
     if isinstance(exc, HttpProcessingError):
         if exc.message == "Too many headers received":
-            return 431, "too many header fields"
-        if exc.message.startswith("Missing 'Host'"):
-            return 400, "malformed request: no Host header"
-        if exc.message.startswith("Duplicate '"):
-            return 400, "malformed request: repeated header field"
-        if isinstance(exc, BadHttpMethod):
-            return 400, "malformed request: bad method"
-        if isinstance(exc, InvalidURLError):
-            return 400, "malformed request: bad request target"
-        if isinstance(exc, BadStatusLine):
-            return 400, "malformed request: bad request line"
-        if isinstance(exc, InvalidHeader):
-            return 400, "malformed request: invalid header"
-        return 400, "malformed request"
+            return Refusal.TOO_MANY_HEADER_FIELDS.given()
+        if (part := _malformed_part(exc)) is not None:
+            return Refusal.MALFORMED_REQUEST.given(part)
+        return Refusal.UNPARSABLE_REQUEST.given()
     if status == 500:
-        return 500, "internal error"
+        return Refusal.INTERNAL_ERROR.given()
     if status == 504:
-        return 504, "timed out"
-    return status, "bad request"
+        return Refusal.HANDLER_TIMEOUT.given()
+    return Refusal.BAD_REQUEST.given()
+
+
+def _malformed_part(exc: HttpProcessingError) -> str | None:
+    """What the parser found wrong in a request head, in a few fixed words."""
+    if exc.message.startswith("Missing 'Host'"):
+        return "no Host header"
+    if exc.message.startswith("Duplicate '"):
+        return "repeated header field"
+    if isinstance(exc, BadHttpMethod):
+        return "bad method"
+    if isinstance(exc, InvalidURLError):
+        return "bad request target"
+    if isinstance(exc, BadStatusLine):
+        return "bad request line"
+    if isinstance(exc, InvalidHeader):
+        return "invalid header"
+    return None
 
 
 def _where(exc: BaseException | None) -> str:
@@ -83,15 +92,15 @@ class QuietRequestHandler(RequestHandler):
         exc: BaseException | None = None,
         message: str | None = None,
     ) -> web.StreamResponse:
-        status, reason = classify(status, exc)
-        if status == 500:
+        refused = classify(status, exc)
+        if refused.refusal is Refusal.INTERNAL_ERROR:
             # An error in the gateway's own code. Its message could quote request bytes:
             # log where it happened, not what it says.
             log.error("error handling a request: %s at %s", type(exc).__name__, _where(exc))
-        log_reject(request.remote, status, reason)
+        log_reject(request.remote, refused)
         if request.writer.output_size > 0:
             raise ConnectionError("response already started")
-        response = web.Response(status=status, text=reason + "\n")
+        response = web.Response(status=refused.status, text=f"{refused.text}\n")
         response.force_close()
         return response
 

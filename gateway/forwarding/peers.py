@@ -23,21 +23,21 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from backends.client import BodyFailed, ConnectFailed, UpstreamPool
+from backends.client import BodyFailed, HopFailure, NextHopError, UpstreamPool
 from backends.destinations import Destination
 from backends.rclone_conf import Placement
 from backends.tasks import cancel_and_wait
 from gateway.access.paths import Target
 from gateway.access.policy import PROBE_SEGMENT, REST_MEDIA_TYPE
+from gateway.access.refusals import Refusal, Refused
 from gateway.access.webdav_headers import References
 from gateway.cluster.state import LOCAL_ADDRESSES, ClusterState, source_ip
 from gateway.forwarding.proxy import (
     BodyFilter,
     BodyRefused,
     Transfer,
-    UpstreamError,
-    UpstreamRefused,
     forward,
+    refusal_response,
     request_headers,
 )
 
@@ -263,8 +263,8 @@ def where_served(
 class PeerAnswer:
     response: web.StreamResponse
     backend: str  # for the access log
-    reason: str
-    refused: bool = False  # no peer could take it; the response says why
+    # No peer could take it, or its body was refused on the way: the response says why.
+    refused: Refused | None = None
 
 
 class PeerGateways:
@@ -377,29 +377,26 @@ class PeerGateways:
                     references=references,
                 )
             except BodyFailed as exc:
-                if isinstance(exc.cause, BodyRefused):
-                    return PeerAnswer(exc.cause.answer(), peer.name, exc.cause.reason,
-                                      refused=True)
-                response = web.Response(status=499, reason="Client Closed Request")
-                return PeerAnswer(response, peer.name, "client went away", refused=True)
-            except UpstreamError as exc:
+                given = (exc.cause.given if isinstance(exc.cause, BodyRefused)
+                         else Refusal.CLIENT_CLOSED.given())
+                return PeerAnswer(refusal_response(given), peer.name, given)
+            except NextHopError as exc:
                 reason = self._note_failure(peer, dest.uuid, exc)
                 failures.append(f"{peer.name}: {reason}")
                 log.warning("peer %s could not serve %s: %s", peer.name, dest.uuid, reason)
                 continue
-            return PeerAnswer(response, response.headers.get("X-Gateway-Backend", peer.name),
-                              f"served by {peer.name}")
+            return PeerAnswer(response, response.headers.get("X-Gateway-Backend", peer.name))
         return unavailable("no node could serve this destination (" + "; ".join(failures) + ")")
 
-    def _note_failure(self, peer: Peer, uuid: str, exc: UpstreamError) -> str:
+    def _note_failure(self, peer: Peer, uuid: str, exc: NextHopError) -> str:
         now = time.time()
-        if isinstance(exc.__cause__, ConnectFailed):
+        if exc.kind is HopFailure.UNREACHABLE:
             reason = "unreachable"
             self.health.record_unreachable(peer.address, reason, now)
             return reason
-        if isinstance(exc, UpstreamRefused):
+        if exc.kind is HopFailure.DECLINED:
             reason = f"answered {exc.status}"
-        elif exc.status == 504:
+        elif exc.kind is HopFailure.TIMED_OUT:
             reason = "did not answer in time"
         else:
             reason = "connection lost"
@@ -508,5 +505,5 @@ def _label_from(peer: Peer) -> Callable[[CIMultiDictProxy[str]], str]:
 
 def unavailable(reason: str) -> PeerAnswer:
     """No peer can take the request: 503, and why."""
-    response = web.Response(status=503, text=reason + "\n", headers={"Retry-After": "5"})
-    return PeerAnswer(response, "-", reason, refused=True)
+    given = Refusal.DESTINATION_NOT_SERVED.given(reason)
+    return PeerAnswer(refusal_response(given), "-", given)

@@ -9,14 +9,9 @@ from dataclasses import dataclass
 from aiohttp import StreamReader, web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from backends.client import (
-    ConnectFailed,
-    Timeout,
-    UpstreamFailure,
-    UpstreamPool,
-    header_tokens,
-)
+from backends.client import HopFailure, NextHopError, UpstreamPool, header_tokens
 from gateway.access.paths import Target
+from gateway.access.refusals import Notes, Refusal, Refused, record
 from gateway.access.webdav_headers import References, rewrite_references
 from gateway.edge.admission import FULL_READ, SMALL_READ, set_read_size
 
@@ -72,17 +67,14 @@ class _ProxyResponse(web.StreamResponse):
     _send_headers_immediately = False
 
 
-class UpstreamError(Exception):
-    """The backend could not be reached or did not answer in time."""
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
-
-
-class UpstreamRefused(UpstreamError):
-    """The upstream answered with a status the caller asked not to pass on (nothing was sent)."""
+# The gateway's answer when its next hop failed the exchange. A peer that fails leads to
+# the next peer instead; only a peer is asked to decline (`forward`'s `refuse_statuses`).
+NEXT_HOP_REFUSALS = {
+    HopFailure.UNREACHABLE: Refusal.BACKEND_UNREACHABLE,
+    HopFailure.TIMED_OUT: Refusal.BACKEND_TIMEOUT,
+    HopFailure.BROKEN: Refusal.BACKEND_ERROR,
+    HopFailure.DECLINED: Refusal.BACKEND_ERROR,
+}
 
 
 class BodyRefused(Exception):
@@ -92,14 +84,21 @@ class BodyRefused(Exception):
     BodyFailed, after the next hop's connection was aborted short of the announced length.
     """
 
-    def __init__(self, status: int, text: str, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.text = text  # the body of the answer
-        self.reason = reason  # the access log's
+    def __init__(self, refusal: Refusal, *detail: object) -> None:
+        self.given = refusal.given(*detail)
+        super().__init__(self.given.reason)
+
+    @property
+    def status(self) -> int:
+        return self.given.status
+
+    @property
+    def reason(self) -> str:
+        """The access log's."""
+        return self.given.reason or ""
 
     def answer(self) -> web.Response:
-        return plain(self.status, self.text)
+        return refusal_response(self.given)
 
 
 @dataclass
@@ -228,9 +227,7 @@ async def request_body(request: web.BaseRequest, transfer: Transfer,
                         continue  # a chunked body's chunk ended here: no data
             except asyncio.CancelledError:
                 if clock.expired():
-                    raise BodyRefused(
-                        408, "request body timeout",
-                        f"client body stalled for {CLIENT_BODY_TIMEOUT:.0f} s") from None
+                    raise BodyRefused(Refusal.BODY_STALLED, CLIENT_BODY_TIMEOUT) from None
                 raise
             finally:
                 clock.stop()
@@ -262,8 +259,9 @@ async def forward(
 ) -> web.StreamResponse:
     """Streams `request` to the canonical target on `pool`'s backend and the answer back.
 
-    `headers` replaces the filtered client headers; an upstream status in
-    `refuse_statuses` raises UpstreamRefused before anything is sent to the client.
+    `headers` replaces the filtered client headers. A next hop that cannot be reached,
+    breaks the exchange or does not answer in time raises NextHopError, as does one whose
+    status is in `refuse_statuses` (DECLINED), before anything is sent to the client.
     A request body that fails (the client went away, `body_filter` refused it) raises
     BodyFailed, after the backend's connection was aborted. The other resources a WebDAV
     request names (`references`: its Destination, its If header's) are named at `pool`'s
@@ -280,21 +278,14 @@ async def forward(
         data = request_body(request, transfer, body_held)
         if body_filter is not None:
             data = body_filter(data)
-    try:
-        upstream = await pool.request(
-            request.method, target.path_and_query, headers, data,
-            content_length=request.content_length, timeout=backend_timeout,
-        )
-    except Timeout as exc:
-        raise UpstreamError(504, "backend did not answer in time") from exc
-    except ConnectFailed as exc:
-        raise UpstreamError(502, "backend unavailable") from exc
-    except UpstreamFailure as exc:
-        raise UpstreamError(502, "backend error") from exc
-
+    upstream = await pool.request(
+        request.method, target.path_and_query, headers, data,
+        content_length=request.content_length, timeout=backend_timeout,
+    )
     async with upstream:
         if upstream.status in refuse_statuses:
-            raise UpstreamRefused(upstream.status, f"answered {upstream.status}")
+            raise NextHopError(HopFailure.DECLINED, f"answered {upstream.status}",
+                               upstream.status)
         if on_status is not None and (instead := await on_status(upstream.status)):
             return instead
         response = _ProxyResponse(status=upstream.status, reason=upstream.reason or None)
@@ -314,7 +305,7 @@ async def forward(
             async for chunk in chunks:
                 transfer.bytes_out += len(chunk)
                 await response.write(chunk)
-        except UpstreamFailure:
+        except NextHopError:
             # Headers are gone already: all that is left is to cut the response short.
             if request.transport is not None:
                 request.transport.close()
@@ -326,3 +317,16 @@ async def forward(
 def plain(status: int, reason: str, headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(status=status, text=reason + "\n", headers=headers)
 
+
+def refusal_response(given: Refused) -> web.Response:
+    """The answer of a refusal (`gateway.access.refusals`): its status, its text and a
+    newline, its header fields."""
+    text = given.text
+    return web.Response(status=given.status, reason=given.refusal.phrase,
+                        text=None if text is None else text + "\n", headers=given.headers)
+
+
+def refuse(notes: Notes, given: Refused, note: str = "") -> web.Response:
+    """The answer of a refusal, noted for the access log (`note` after its reason)."""
+    record(notes, given, note)
+    return refusal_response(given)

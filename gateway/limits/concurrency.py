@@ -1,16 +1,15 @@
 """Requests in flight per user: a module's under its cap, a node's under its own.
 
-Over the cap the answer is an immediate 503 with `Retry-After` (restic retries it);
-nothing waits in a queue. Node users are counted apart from modules, so however many
-requests the modules send, the node agent's retention and metadata uploads get in.
+Over the cap the answer is an immediate 503 with `Retry-After` (restic retries it;
+`Refusal.TOO_MANY_IN_FLIGHT`); nothing waits in a queue. Node users are counted apart
+from modules, so however many requests the modules send, the node agent's retention
+and metadata uploads get in.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-
-RETRY_AFTER = "1"
 
 
 @dataclass

@@ -11,11 +11,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from gateway.access.policy import app_type
+from gateway.access.refusals import Refused
 from gateway.access.repository import RepositoryKey, address_of
 from gateway.cluster.state import ClusterState
 from gateway.limits.concurrency import InFlight
 from gateway.limits.config import Limits, LimitsKeeper
-from gateway.limits.quota import QuotaRefusal, Segments, UsageBook
+from gateway.limits.quota import Segments, UsageBook
 from gateway.limits.shaping import BodyFilter, Shaper
 from gateway.limits.views import QuotaView
 
@@ -87,7 +88,7 @@ class Limiter:
         self.inflight.leave(user)
 
     def check_upload(self, key: RepositoryKey, size: int,
-                     quota: int | None) -> QuotaRefusal | None:
+                     quota: int | None) -> Refused | None:
         """Whether an upload of `size` bytes into `key` fits `quota`; when it does, the
         bytes are reserved until `upload_ended`."""
         return self.book.check(key, size, quota)

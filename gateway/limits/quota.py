@@ -18,6 +18,7 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from gateway.access.refusals import Refusal, Refused
 from gateway.access.repository import RepositoryKey
 from gateway.limits.values import format_size
 
@@ -57,13 +58,6 @@ def at_or_below(keys: Iterable[RepositoryKey], directory: Segments) -> list[Repo
     if not 1 <= len(directory) <= 3:
         return []
     return sorted(key for key in keys if segments_of(key)[: len(directory)] == directory)
-
-
-@dataclass(frozen=True, slots=True)
-class QuotaRefusal:
-    status: int
-    text: str
-    reason: str
 
 
 class UsageBook:
@@ -158,16 +152,14 @@ class UsageBook:
             listed = 0
         return max(listed + (entry.since_listing if entry is not None else 0), 0)
 
-    def check(self, key: RepositoryKey, size: int, quota: int | None) -> QuotaRefusal | None:
+    def check(self, key: RepositoryKey, size: int, quota: int | None) -> Refused | None:
         """Whether an upload of `size` bytes fits; when it does, the bytes are reserved."""
         if quota is None:
             return None
         used = self.used(key)
         entry = self._entry(key)
         if used is not None and used + entry.reserved + size > quota:
-            return QuotaRefusal(
-                507, f"quota exceeded: the repository holds {format_size(used)} of "
-                f"{format_size(quota)}", "over quota")
+            return Refusal.OVER_QUOTA.given(format_size(used), format_size(quota))
         entry.reserved += size
         return None
 

@@ -12,18 +12,18 @@ import contextlib
 
 from aiohttp import web
 
-from backends.client import RETRYABLE_METHODS, BodyFailed, Broken, ConnectFailed
+from backends.client import RETRYABLE_METHODS, BodyFailed, HopFailure, NextHopError
 from backends.kinds import Backend
 from backends.manager import Generation
 from backends.process import RcloneChild
+from gateway.access.refusals import Refusal, record
 from gateway.forwarding.peers import unavailable
 from gateway.forwarding.proxy import (
+    NEXT_HOP_REFUSALS,
     BodyFilter,
     BodyRefused,
     StatusHook,
-    UpstreamError,
     forward,
-    plain,
 )
 from gateway.pipeline.exchange import Exchange
 from gateway.pipeline.upload import Upload
@@ -59,7 +59,7 @@ async def to_peer(x: Exchange, uuid: str, body_filter: BodyFilter | None = None,
     (a request moved here from this node's backend), through `body_filter`."""
     dest = x.state.destinations.get(uuid)
     if dest is None:
-        return plain(404, "unknown destination")
+        return x.refuse(Refusal.UNKNOWN_DESTINATION)
     peers = x.services.peers
     chosen = peers.route_request(dest, x.source, x.request.headers)
     if not chosen.peers:
@@ -70,8 +70,8 @@ async def to_peer(x: Exchange, uuid: str, body_filter: BodyFilter | None = None,
         answer = await peers.forward(x.request, x.target, dest, chosen, x.outcome.transfer,
                                      x.references, body_filter=body_filter)
     x.outcome.backend = answer.backend
-    if answer.refused:
-        x.outcome.reason = answer.reason
+    if answer.refused is not None:
+        record(x.outcome, answer.refused)
     return answer.response
 
 
@@ -82,7 +82,7 @@ async def to_backend(x: Exchange, uuid: str | None) -> web.StreamResponse:
     if generation is None or not generation.children[backend].ready:
         generation = await _ready_generation(x, backend)
         if generation is None:
-            return plain(503, "backend unavailable", {"Retry-After": "2"})
+            return x.refuse(Refusal.BACKEND_UNAVAILABLE)
     label = x.services.backends.label(backend)
     x.outcome.backend = label
     x.outcome.served_here = True
@@ -115,20 +115,22 @@ async def to_backend(x: Exchange, uuid: str | None) -> web.StreamResponse:
                         )
                 except BodyFailed as exc:
                     return await _body_failed(x, exc, upload)
-                except UpstreamError as exc:
+                except NextHopError as exc:
                     # The child died under a request it had not begun to act on: the request
                     # waits for the restart, like one that came a moment later.
                     if (attempt == 1 and await _child_died(x, exc, child)
                             and (restarted := await _ready_generation(x, backend)) is not None):
                         generation = restarted
                         continue
-                    x.outcome.reason = exc.reason
-                    x.services.serving.observe(uuid, exc.status)
+                    # Noted now: the reason stays if the request goes to a peer instead.
+                    answer = x.refuse(NEXT_HOP_REFUSALS[exc.kind])
+                    x.services.serving.observe(uuid, answer.status)
                     if remote and await _storage_lost(x, uuid):
                         raise StorageUnreachable from exc
-                    if exc.status == 502 and upload is not None:
+                    # a broken upload, not a slow one: the child may have left it partial
+                    if exc.kind is not HopFailure.TIMED_OUT and upload is not None:
                         x.outcome.reason += (await upload.repair()).note
-                    return plain(exc.status, exc.reason, {"Retry-After": "2"})
+                    return answer
                 x.services.serving.observe(uuid, response.status)
                 return response
             raise AssertionError("unreachable")
@@ -140,8 +142,7 @@ async def to_backend(x: Exchange, uuid: str | None) -> web.StreamResponse:
     # sent again: restic retries it, and its retry goes to a peer.
     x.outcome.served_here = False
     if x.outcome.transfer.bytes_in:
-        x.outcome.reason = "storage unreachable from this node"
-        return plain(503, "storage unreachable from this node", {"Retry-After": "2"})
+        return x.refuse(Refusal.STORAGE_UNREACHABLE)
     return await to_peer(x, uuid, x.body_filter_for_peer(), admitted=True)
 
 
@@ -215,21 +216,17 @@ async def _forward_to_remote(x: Exchange, uuid: str, generation: Generation, lab
 async def _body_failed(x: Exchange, exc: BodyFailed, upload: Upload | None) -> web.Response:
     """The body did not reach its end: a transform refused it, or the client went away."""
     if isinstance(exc.cause, BodyRefused):
-        x.outcome.reason = exc.cause.reason
-        if upload is not None:
-            x.outcome.reason += await upload.after_refused_body()
-        return exc.cause.answer()
-    x.outcome.reason = x.cut_reason()
-    return web.Response(status=499, reason="Client Closed Request")
+        note = await upload.after_refused_body() if upload is not None else ""
+        return x.refuse(exc.cause.given, note=note)
+    return x.refuse(x.cut())
 
 
-async def _child_died(x: Exchange, exc: UpstreamError, child: RcloneChild) -> bool:
+async def _child_died(x: Exchange, exc: NextHopError, child: RcloneChild) -> bool:
     """Whether `exc` came from `child` dying, at a point where sending the request again
     does no harm: refused (nothing sent), or cut on a request that may be repeated."""
-    cause = exc.__cause__
     if x.outcome.transfer.bytes_in or not (
-            isinstance(cause, ConnectFailed)
-            or (isinstance(cause, Broken) and x.request.method in RETRYABLE_METHODS)):
+            exc.kind is HopFailure.UNREACHABLE
+            or (exc.kind is HopFailure.BROKEN and x.request.method in RETRYABLE_METHODS)):
         return False
     await asyncio.sleep(CHILD_EXIT_NOTICE)
     return not child.ready or child.proc is None or child.proc.returncode is not None

@@ -12,6 +12,7 @@ from backends.kinds import Backend
 from backends.manager import BackendManager, Generation
 from gateway.access.paths import Target
 from gateway.access.policy import Caller, Decision, Request
+from gateway.access.refusals import Refusal, Refused
 from gateway.access.throttle import LoginThrottle
 from gateway.access.webdav_headers import References
 from gateway.cluster.serving import Serving
@@ -23,7 +24,7 @@ from gateway.forwarding.proxy import (
     BodyFilter,
     BodyHeld,
     Transfer,
-    plain,
+    refuse,
     request_body,
     send_continue,
 )
@@ -85,6 +86,7 @@ class Outcome:
     decision: str = "-"
     rule: str = "-"
     reason: str = "-"
+    refusal: Refusal | None = None  # the gateway's own answer, when it refused
     backend: str = "-"
     path: str = "-"
     transfer: Transfer = field(default_factory=Transfer)
@@ -115,7 +117,7 @@ class Exchange:
         self.body_held: BodyHeld | None = None
         # Applied to the answer's body when it comes from a backend of this node.
         self.response_transform: BodyFilter | None = None
-        # Called with the status once the request is answered (or 499), whatever the stage.
+        # Called with the status once the request is answered (or cut), whatever the stage.
         self.at_end: list[Callable[[int], None]] = []
         self._goes_to_peer: bool | None = None
         self._body_admitted = False
@@ -178,15 +180,17 @@ class Exchange:
         """The kind of backend child the policy sends an allowed request to."""
         return _found(self.decision.backend, "backend")
 
-    def refuse(self, status: int, reason: str, text: str | None = None,
-               headers: dict[str, str] | None = None) -> web.Response:
-        """The gateway's own answer, `reason` in the access log (the body says `text`)."""
-        self.outcome.reason = reason
-        return plain(status, reason if text is None else text, headers)
+    def refuse(self, refusal: Refusal | Refused, *detail: object, note: str = "",
+               retry_after: int | None = None) -> web.Response:
+        """The gateway's own answer: `refusal` (given with `detail`, and `retry_after` where
+        the table says COMPUTED), noted for the access log, `note` after its reason."""
+        if isinstance(refusal, Refusal):
+            refusal = refusal.given(*detail, retry_after=retry_after)
+        return refuse(self.outcome, refusal, note)
 
-    def cut_reason(self) -> str:
+    def cut(self) -> Refusal:
         """Why a request ended before its answer: its client left, or this gateway stops."""
-        return "cut: gateway stopping" if self.services.stopping else "client went away"
+        return Refusal.CUT_BY_STOP if self.services.stopping else Refusal.CLIENT_CLOSED
 
     # --- the body: let in once every check passed, through the same transforms -----------
 

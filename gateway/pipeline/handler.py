@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from aiohttp import web
 
+from gateway.access.refusals import Refusal, record
 from gateway.edge.logs import access_level, access_line
 from gateway.edge.shutdown import close_after_response
 from gateway.insight import record as insight
@@ -33,7 +34,7 @@ class Pipeline:
                     return response
             raise RuntimeError("no stage answered")  # the last one, dispatch, always does
         except asyncio.CancelledError:  # aiohttp cancels the handler of a client that left
-            x.outcome.reason = x.cut_reason()
+            record(x.outcome, x.cut().given())
             raise
         finally:
             self.inflight -= 1
@@ -42,14 +43,14 @@ class Pipeline:
     def _account(self, x: Exchange, response: web.StreamResponse | None, started: float) -> None:
         """Metrics, insight and the access log: what became of the request."""
         services, outcome, method = self.services, x.outcome, x.request.method
-        status = response.status if response is not None else 499
+        status = response.status if response is not None else Refusal.CLIENT_CLOSED.status
         for ended in x.at_end:
             ended(status)
         services.metrics.observe(
             caller=outcome.caller, protocol=outcome.protocol, method=method,
             decision=outcome.decision, status=status, duration=time.monotonic() - started,
             bytes_in=outcome.transfer.bytes_in, bytes_out=outcome.transfer.bytes_out,
-            reason=outcome.reason,
+            refusal=outcome.refusal,
         )
         if outcome.target is not None:
             self._record(x, status)

@@ -25,6 +25,7 @@ from gateway.access.policy import (
     node_caller,
     size_limit,
 )
+from gateway.access.refusals import Refusal
 from gateway.access.throttle import credential_key
 from gateway.access.webdav_headers import RULE as REFERENCES_RULE
 from gateway.access.webdav_headers import HeaderRefused, references_of
@@ -38,16 +39,14 @@ from gateway.limits.accounting import (
     when_stored,
     written_by_webdav,
 )
-from gateway.limits.concurrency import RETRY_AFTER
 from gateway.pipeline.dispatch import dispatch
 from gateway.pipeline.exchange import Exchange
-from gateway.pipeline.upload import TOO_LARGE_REASON, Upload, at_most, too_large_text
+from gateway.pipeline.upload import Upload, at_most
 from gateway.status.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
 Answer = web.StreamResponse | None
 Stage = Callable[[Exchange], Awaitable[Answer]]
 
-REALM = 'Basic realm="ns8-rclone-gateway"'
 READ_ONLY = frozenset({"GET", "HEAD"})
 
 
@@ -57,13 +56,13 @@ async def source_address(x: Exchange) -> Answer:
     peer = transport.get_extra_info("peername") if transport else None
     x.outcome.source = peer[0] if peer else None
     if not is_trusted_source(x.source, x.state.networks):
-        return x.refuse(403, "source address not allowed")
+        return x.refuse(Refusal.SOURCE_NOT_ALLOWED)
     return None
 
 
 async def head_size(x: Exchange) -> Answer:
     if head_too_large(x.request):
-        return x.refuse(431, "request head too large")
+        return x.refuse(Refusal.HEAD_TOO_LARGE)
     return None
 
 
@@ -74,7 +73,7 @@ async def operations(x: Exchange) -> Answer:
         return None
     x.outcome.path = raw
     if x.request.method not in READ_ONLY:
-        return _not_allowed()
+        return x.refuse(Refusal.METHOD_NOT_ALLOWED)
     if raw.startswith("/health"):
         status = x.services.node_status()
         return web.json_response(status.document(), status=200 if status.serving else 503)
@@ -87,7 +86,7 @@ async def canonical_target(x: Exchange) -> Answer:
     try:
         x.target = canonicalise(x.request.raw_path)
     except PathError as exc:
-        return x.refuse(400, str(exc), f"bad request target: {exc}")
+        return x.refuse(Refusal.BAD_TARGET, exc)
     return None
 
 
@@ -99,15 +98,14 @@ async def health_probe(x: Exchange) -> Answer:
     uuid = x.target.segments[0]
     if x.services.serving.served_here(uuid) and x.services.serving.healthy_here(uuid):
         return plain(404, "not found")
-    return plain(503, "destination not served here", {"Retry-After": "5"})
+    return x.refuse(Refusal.PROBE_NOT_SERVED)
 
 
 async def credentials(x: Exchange) -> Answer:
     """HTTP Basic against `cluster/acls`; repeated failures slowed, then refused (429)."""
     parsed = parse_basic(x.request.headers.get("Authorization"))
     if parsed is None:
-        return x.refuse(401, "no credentials", "authentication required",
-                        {"WWW-Authenticate": REALM})
+        return x.refuse(Refusal.NO_CREDENTIALS)
     user, password = parsed
     state, throttle, source = x.state, x.services.throttle, x.source or ""
     x.outcome.user = user if user in state.users else "unknown"
@@ -116,14 +114,12 @@ async def credentials(x: Exchange) -> Answer:
     credential = credential_key(user, digest)
     verdict = throttle.check(source, user, now, credential)
     if not verdict.allowed:
-        return x.refuse(429, "too many failed logins", "too many failed logins, retry later",
-                        {"Retry-After": str(verdict.retry_after)})
+        return x.refuse(Refusal.TOO_MANY_FAILED_LOGINS, retry_after=verdict.retry_after)
     if not verify_digest(state.users, user, digest):
-        x.outcome.reason = "bad credentials"
         delay = throttle.failed(source, user, now, credential)
         if delay:
             await asyncio.sleep(delay)
-        return plain(401, "authentication required", {"WWW-Authenticate": REALM})
+        return x.refuse(Refusal.BAD_CREDENTIALS)
     throttle.succeeded(credential)
     x.caller = (node_caller(user) if user.startswith("node/")
                 else module_caller(user, state.module_uuids, state.restore_grants))
@@ -135,12 +131,12 @@ async def node_status(x: Exchange) -> Answer:
     if x.request.raw_path not in ("/status", "/status/"):
         return None
     if not x.caller.is_node:
-        return plain(403, "forbidden: /status is for nodes")
+        return x.refuse(Refusal.NOT_FOR_MODULES)
     if x.request.method == "POST":  # `rclone-gateway status --rescan`
         x.services.insight.scan_all_soon()
         return plain(202, "listing the storage")
     if x.request.method not in READ_ONLY:
-        return plain(405, "method not allowed", {"Allow": "GET, HEAD, POST"})
+        return x.refuse(Refusal.STATUS_METHOD_NOT_ALLOWED)
     report = x.services.insight.report()
     if "text/html" in x.request.headers.get("Accept", ""):
         return web.Response(text=html_page(report), content_type="text/html")
@@ -155,7 +151,7 @@ async def policy(x: Exchange) -> Answer:
     decision = decide(described)
     x.decided(described, decision)
     if not decision.allowed:
-        return plain(403, f"forbidden: {decision.reason}")
+        return x.refuse(Refusal.FORBIDDEN, decision.reason)
     return None
 
 
@@ -165,7 +161,7 @@ async def webdav_references(x: Exchange) -> Answer:
         x.references = references_of(x.described, x.request.headers)
     except HeaderRefused as exc:
         x.outcome.decision, x.outcome.rule = "deny", REFERENCES_RULE
-        return x.refuse(exc.status, exc.reason, exc.text)
+        return x.refuse(exc.refusal, exc.reason)
     return None
 
 
@@ -175,7 +171,7 @@ async def small_objects(x: Exchange) -> Answer:
     if (limit := size_limit(x.described)) is None:
         return None
     if (x.request.content_length or 0) > limit:
-        return x.refuse(413, TOO_LARGE_REASON, too_large_text(limit))
+        return x.refuse(Refusal.TOO_LARGE, limit)
     x.body_transforms.append(at_most(limit))
     return None
 
@@ -198,8 +194,7 @@ async def concurrency_cap(x: Exchange) -> Answer:
     503 at once (restic retries it), never a queue."""
     caller, limits = x.caller, x.services.limits
     if not limits.enter(caller.user, caller.is_node, caller.group):
-        return x.refuse(503, "too many requests in flight", "too many requests in flight; retry",
-                        {"Retry-After": RETRY_AFTER})
+        return x.refuse(Refusal.TOO_MANY_IN_FLIGHT)
     x.at_end.append(lambda _status: limits.leave(caller.user))
     return None
 
@@ -225,8 +220,8 @@ async def storage_quota(x: Exchange) -> Answer:
         module = x.caller.module_id
         # locks come and go with every run, and retention must always run: never refused
         quota = None if module is None or is_lock else limits.quota_of(key, module)
-        if (refusal := limits.check_upload(key, size, quota)) is not None:
-            return x.refuse(refusal.status, refusal.reason, refusal.text)
+        if (refused := limits.check_upload(key, size, quota)) is not None:
+            return x.refuse(refused)
         reserved = size if quota is not None else 0
         transfer = x.outcome.transfer
         lock = where.object_id if is_lock else None
@@ -256,10 +251,6 @@ async def bandwidth(x: Exchange) -> Answer:
         x.body_held = lambda: limits.holds("upload", module)
     x.response_transform = limits.shaping("download", module)
     return None
-
-
-def _not_allowed() -> web.Response:
-    return plain(405, "method not allowed", {"Allow": "GET, HEAD"})
 
 
 STAGES: tuple[Stage, ...] = (

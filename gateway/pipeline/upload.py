@@ -34,7 +34,6 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from enum import Enum, auto
-from typing import Protocol
 
 import aiohttp
 from aiohttp import web
@@ -44,8 +43,9 @@ from backends.kinds import Backend
 from backends.manager import Generation
 from gateway.access.paths import Target
 from gateway.access.policy import REST_MEDIA_TYPE, Request
+from gateway.access.refusals import Notes, Refusal
 from gateway.access.repository import Resource
-from gateway.forwarding.proxy import BodyFilter, BodyRefused, StatusHook, plain
+from gateway.forwarding.proxy import BodyFilter, BodyRefused, StatusHook, plain, refuse
 
 # The name operators' log filters know this from.
 log = logging.getLogger("rclone_gateway.repair")
@@ -54,36 +54,24 @@ EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 # Seconds a repair waits for the full-access child to be back after a crash.
 READY_WAIT = 10.0
 RESTIC_BACKENDS = frozenset({Backend.RESTIC, Backend.RESTIC_APPEND_ONLY})
-PARTIAL = "object left partial by an earlier upload"
-MISMATCH_TEXT = "body does not match the object name (sha256)"
-MISMATCH_REASON = "upload does not match its object name"
-TOO_LARGE_REASON = "object too large for its kind"
 
 # Lets the request body in and gives it to be read here, through the exchange's body
 # transforms (`Upload.verify` among them for a verified upload).
 BodyReader = Callable[[], Awaitable[AsyncIterator[bytes]]]
 
 
-class HasReason(Protocol):
-    reason: str
-
-
 class DigestMismatch(BodyRefused):
     """The body of a verified upload does not hash to the object's name."""
 
     def __init__(self) -> None:
-        super().__init__(400, MISMATCH_TEXT, MISMATCH_REASON)
+        super().__init__(Refusal.DIGEST_MISMATCH)
 
 
 class TooLarge(BodyRefused):
     """The body of an upload went past the most bytes its kind of object may hold."""
 
     def __init__(self, limit: int) -> None:
-        super().__init__(413, too_large_text(limit), TOO_LARGE_REASON)
-
-
-def too_large_text(limit: int) -> str:
-    return f"object too large: at most {limit} bytes for its kind"
+        super().__init__(Refusal.TOO_LARGE, limit)
 
 
 def at_most(limit: int) -> BodyFilter:
@@ -164,16 +152,14 @@ class Upload:
 
     # --- before the body is let in, wherever it goes ---------------------------------------
 
-    def precheck(self, content_length: int | None, notes: HasReason) -> web.Response | None:
+    def precheck(self, content_length: int | None, notes: Notes) -> web.Response | None:
         """A verified upload must say its length; an empty one is checked here and now."""
         if not self.verified:
             return None
         if content_length is None:
-            notes.reason = "upload without Content-Length"
-            return plain(411, "Content-Length required for restic object uploads")
+            return refuse(notes, Refusal.LENGTH_REQUIRED.given())
         if content_length == 0 and not hmac.compare_digest(self.object_id, EMPTY_SHA256):
-            notes.reason = MISMATCH_REASON
-            return plain(400, MISMATCH_TEXT)
+            return refuse(notes, Refusal.DIGEST_MISMATCH.given())
         return None
 
     async def verify(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
@@ -202,7 +188,7 @@ class Upload:
         self._session = generation.session(self.backend)
 
     async def over_existing_object(
-        self, read_body: BodyReader, notes: HasReason
+        self, read_body: BodyReader, notes: Notes
     ) -> web.StreamResponse | None:
         """A verified upload over an object that exists: what the append-only server would
         answer, decided without sending it the body. None when there is no such object."""
@@ -217,16 +203,14 @@ class Upload:
         try:
             same = (repair.outcome is RepairOutcome.COMPLETE
                     and await self._reads_whole(await read_body()))
-        except BodyRefused as refusal:  # not a mismatch: the body stalled, or grew too large
-            notes.reason = refusal.reason
-            return refusal.answer()
+        except BodyRefused as refused:  # not a mismatch: the body stalled, or grew too large
+            return refuse(notes, refused.given)
         if same:
             notes.reason = "object stored already with the same content"
             return plain(200, "object stored already")
-        notes.reason = "object exists already"
-        return plain(403, "forbidden: the object exists already (append-only)")
+        return refuse(notes, Refusal.OBJECT_EXISTS.given())
 
-    def refused_status_hook(self, notes: HasReason) -> StatusHook:
+    def refused_status_hook(self, notes: Notes) -> StatusHook:
         """For forward(): a 403 over an existing object that proves partial becomes a 503."""
 
         async def on_status(status: int) -> web.StreamResponse | None:
@@ -336,9 +320,8 @@ class Upload:
             await asyncio.sleep(every)
 
 
-def _partial_removed(repair: Repair, notes: HasReason) -> web.Response:
-    notes.reason = PARTIAL + repair.note
-    return plain(503, "partial object removed; retry", {"Retry-After": "1"})
+def _partial_removed(repair: Repair, notes: Notes) -> web.Response:
+    return refuse(notes, Refusal.PARTIAL_OBJECT_REMOVED.given(), repair.note)
 
 
 async def _wait_ready(generation: Generation, backend: Backend) -> bool:

@@ -24,6 +24,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from gateway.access.refusals import Refusal, auth_failure_labels
 from gateway.status.model import NodeStatus
 
 NAMESPACE = "rclone_gateway"
@@ -37,8 +38,6 @@ KNOWN_METHODS = frozenset({
 CALLER_GROUPS = frozenset({"node", "module", "anonymous"})
 PROTOCOLS = frozenset({"rest", "webdav"})
 DECISIONS = frozenset({"allow", "deny"})
-# Why a request got 401, as the request pipeline words it -> label value.
-AUTH_FAILURE_REASONS = {"no credentials": "missing", "bad credentials": "invalid"}
 # Restic pack uploads and WebDAV transfers of large files take minutes.
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300,
                     600)
@@ -170,8 +169,8 @@ class GatewayMetrics:
             f"{ns}_auth_failures", "Requests refused with 401, by reason (missing, invalid).",
             ["reason"], registry=self.registry,
         )
-        for reason in AUTH_FAILURE_REASONS.values():
-            self.auth_failures.labels(reason=reason)
+        for label in auth_failure_labels():  # from the table of refusals
+            self.auth_failures.labels(reason=label)
         ProcessCollector(namespace="", registry=self.registry)
         self._children: dict[tuple[str, ...], tuple[Any, Any, Any, Any]] = {}
         self.registry.register(_LiveCollector(health))
@@ -187,7 +186,7 @@ class GatewayMetrics:
         duration: float,
         bytes_in: int,
         bytes_out: int,
-        reason: str,
+        refusal: Refusal | None,
     ) -> None:
         caller = bounded(caller, CALLER_GROUPS, "anonymous")
         protocol = bounded(protocol, PROTOCOLS)
@@ -207,8 +206,9 @@ class GatewayMetrics:
             received.inc(bytes_in)
         if bytes_out:
             sent.inc(bytes_out)
-        if status == 401:
-            self.auth_failures.labels(reason=AUTH_FAILURE_REASONS.get(reason, "other")).inc()
+        if status == 401:  # the gateway's own 401 says why; a peer's passed on does not
+            label = refusal.label if refusal is not None else None
+            self.auth_failures.labels(reason=label or "other").inc()
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
