@@ -30,6 +30,12 @@ RETRYABLE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PROPFIND", "DELETE"})
 # A first body chunk up to this size goes out in one write with the request head.
 COALESCE = 64 * 1024
 HEAD_ALONE_AFTER = 1.0  # seconds a request head waits for the body's first piece
+# What ends a chunked body that failed: no chunk size starts with it. rclone takes a
+# connection that ends between chunks for the end of the body, and stores an upload under
+# its streaming cutoff (100 KiB) as far as it came, even empty; a line it cannot parse
+# fails the upload instead.
+BROKEN_CHUNK = b"x\r\n"
+BROKEN_CHUNK_GRACE = 5.0  # seconds for it to leave before the connection is cut anyway
 _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n]*)?\r\n\Z")
 
 Connector = Callable[[Callable[[], asyncio.Protocol]], Awaitable[tuple[Any, Any]]]
@@ -89,6 +95,9 @@ class _Connection(asyncio.Protocol):
         # wait without a timer (the sender's own waits for the backend to take data have
         # one).
         self.sending = False
+        # A chunked request body has begun and not ended: cutting the connection now must
+        # leave it broken (`BROKEN_CHUNK`), not merely short.
+        self.chunked_body_open = False
         self._waiter: asyncio.Future[None] | None = None
         self._drain: asyncio.Future[None] | None = None
         self._reading_paused = False
@@ -217,9 +226,19 @@ class _Connection(asyncio.Protocol):
             yield chunk
 
     def abort(self) -> None:
+        """Cuts the connection: the backend drops the request it was receiving. A chunked
+        body under way is first ended as broken (`BROKEN_CHUNK`), after what was written."""
         self.closed = True
-        if self.transport is not None:
-            self.transport.abort()
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if not self.chunked_body_open:
+            transport.abort()
+            return
+        self.chunked_body_open = False
+        transport.write(BROKEN_CHUNK)
+        transport.close()  # once what is buffered is out
+        asyncio.get_running_loop().call_later(BROKEN_CHUNK_GRACE, transport.abort)
 
 
 def _expire(future: asyncio.Future[None]) -> None:
@@ -499,6 +518,7 @@ async def _send_request(connection: _Connection, head: bytes, body: AsyncIterato
             chunk = b"%x\r\n%b\r\n" % (len(chunk), chunk)
         if not head_sent:
             head_sent = True
+            connection.chunked_body_open = chunked
             if len(chunk) <= COALESCE:
                 chunk = head + chunk  # one segment for a small upload
             else:
@@ -513,6 +533,7 @@ async def _send_request(connection: _Connection, head: bytes, body: AsyncIterato
         # client, a body transform holding a piece back or a bandwidth limit may take that.
         if not (await asyncio.wait({first}, timeout=HEAD_ALONE_AFTER))[0]:
             head_sent = True
+            connection.chunked_body_open = chunked
             await connection.write(head, timeout)
         chunk = await first
         first = None  # the task keeps its result: not for the whole body
@@ -539,6 +560,7 @@ async def _send_request(connection: _Connection, head: bytes, body: AsyncIterato
     tail = b"0\r\n\r\n" if chunked else b""
     if not head_sent:
         tail = head + tail
+    connection.chunked_body_open = False  # once the end is buffered, it goes out whole
     if tail:
         await connection.write(tail, timeout)
 

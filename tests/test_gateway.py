@@ -590,6 +590,51 @@ def test_aborted_upload_leaves_no_partial_object(env: Env) -> None:
         (499, "client went away", "127.0.0.1")]
 
 
+@pytest.mark.parametrize("sent", [0, 16 * 1024], ids=["no-body", "part-of-it"])
+def test_a_chunked_config_whose_client_goes_away_leaves_nothing(env: Env, sent: int) -> None:
+    """rclone reads an upload of unknown length under 100 KiB whole before it stores it,
+    and takes a connection that ends in the middle of the chunks for the body's end: a
+    chunked `config` cut short was stored as far as it came (empty when the client left
+    after the head, which goes on alone after a second). A chunked body that fails now
+    ends in a chunk rclone cannot parse, which fails the upload."""
+    who = (f"module/chunked{sent + 1}", "chunked-secret")  # a repository of its own
+    module_uuid = str(uuidlib.uuid4())
+    env.cluster.add_user(*who)
+    env.cluster.set_module(who[0].removeprefix("module/"), module_uuid)
+    env.cluster.publish("acl-changed")
+    base = f"/{DEST}/chunked/{module_uuid}"
+    wait_for(lambda: env.request("POST", f"{base}/?create=true", who, rest=True)[0] == 200, 30,
+             "the new module to create its repository")
+    head = (f"POST {base}/config HTTP/1.1\r\nHost: x\r\n"
+            f"Authorization: {basic(*who)}\r\nAccept: {REST_ACCEPT}\r\n"
+            f"Transfer-Encoding: chunked\r\n\r\n").encode()
+    body = b"%x\r\n%b\r\n" % (sent, os.urandom(sent)) if sent else b""
+    config = env.repo_dir / "chunked" / module_uuid / "config"
+
+    def posts() -> list[dict]:
+        return [e for e in access_lines(env)
+                if e["method"] == "POST" and e["path"] == f"{base}/config"]
+
+    with socket.create_connection(("127.0.0.1", env.gateway.port)) as sock:
+        sock.sendall(head + body)
+        time.sleep(2.0)  # the head has gone on alone (after 1 s), and the piece with it
+    wait_for(posts, 30, "the access line of the cut upload")
+    quiet_since: list[float] = []
+
+    def nothing_for_a_while() -> bool:
+        if config.exists() or env.request("HEAD", f"{base}/config", NODE, rest=True)[0] != 404:
+            quiet_since.clear()
+            return False
+        quiet_since[:] = quiet_since or [time.monotonic()]
+        return time.monotonic() - quiet_since[0] >= 2.0
+
+    wait_for(nothing_for_a_while, 30, f"no config left behind ({config.exists()})")
+    assert [e["status"] for e in posts()] == [499]
+    content = os.urandom(1024)  # the module's next try is stored
+    assert env.request("POST", f"{base}/config", who, body=content, rest=True)[0] == 200
+    assert config.read_bytes() == content
+
+
 def test_an_upload_whose_client_pauses_past_the_backends_head_timeout_is_stored(
         env: Env) -> None:
     """rclone drops a connection that sends no request head within 10 s. A module's upload

@@ -17,7 +17,7 @@ import pytest
 import uvloop
 from multidict import CIMultiDict
 
-from backends.client import BodyFailed, HopFailure, NextHopError, UpstreamPool
+from backends.client import BROKEN_CHUNK, BodyFailed, HopFailure, NextHopError, UpstreamPool
 from gateway.forwarding.proxy import NEXT_HOP_REFUSALS, refusal_response
 
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter, "Backend"], Awaitable[None]]
@@ -241,6 +241,48 @@ def test_a_failing_body_aborts_the_upload_short(tmp_path: Path) -> None:
 
     backend = run(script, client, tmp_path)
     assert b"".join(backend.bodies) == b"part"
+
+
+@pytest.mark.parametrize("how", ["body fails", "request cancelled", "pool closed"])
+def test_a_chunked_body_cut_short_ends_in_a_chunk_no_backend_takes_for_its_end(
+        tmp_path: Path, how: str) -> None:
+    """rclone takes a connection that ends between chunks for the end of the body, and
+    stores an upload under 100 KiB as far as it came (even empty). However the body is cut,
+    what was sent of it is followed by a line no chunk size starts with, then the end."""
+    async def script(reader, writer, backend):  # type: ignore[no-untyped-def]
+        await backend.head(reader)
+        received = b""
+        while chunk := await reader.read(1 << 16):
+            received += chunk
+        backend.bodies.append(received)
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"part"
+        if how == "body fails":
+            raise ConnectionResetError("client went away")
+        await asyncio.sleep(30)  # the client goes silent
+        yield b"never"
+
+    async def client(pool: UpstreamPool, backend: Backend) -> None:
+        upload = asyncio.create_task(pool.request("POST", "/r/config", CIMultiDict(), body()))
+        if how == "body fails":
+            with pytest.raises(BodyFailed):
+                await upload
+        else:
+            await asyncio.sleep(0.3)
+            if how == "pool closed":
+                await pool.close()
+            else:
+                upload.cancel()
+            with pytest.raises((asyncio.CancelledError, NextHopError, BodyFailed)):
+                await upload
+        for _ in range(100):
+            if backend.bodies:
+                break
+            await asyncio.sleep(0.05)
+
+    backend = run(script, client, tmp_path)
+    assert backend.bodies == [b"4\r\npart\r\n" + BROKEN_CHUNK]
 
 
 def test_an_early_answer_is_passed_on(tmp_path: Path) -> None:
