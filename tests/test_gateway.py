@@ -316,12 +316,19 @@ def test_restoring_module_reads_granted_repository_only(env: Env, tmp_path: Path
             lambda other: restic(env.repo_url(DOKU_NEW, *other), "snapshots", check=False,
                                  timeout=240),
             others))
+    bases = [f"/{DEST}/{app}/{other_uuid}" for app, other_uuid in others]
+
+    def lines_of(entries: list[dict], base: str) -> list[tuple[str, str, int, str]]:
+        return [(e["method"], e["path"], e["status"], e["decision"]) for e in entries
+                if e.get("user") == DOKU_NEW[0] and e["path"].startswith(base)]
+
+    # an access line is written just after its answer: restic may have exited before
+    wait_for(lambda: all(lines_of(access_lines(env), base) for base in bases), 30,
+             "an access line of restic's requests for each repository")
     entries = access_lines(env)
-    for (app, other_uuid), result in zip(others, results, strict=True):
+    for (app, _), base, result in zip(others, bases, results, strict=True):
         assert result.returncode != 0, (app, result.stdout)
-        base = f"/{DEST}/{app}/{other_uuid}"
-        refused = [(e["method"], e["path"], e["status"], e["decision"]) for e in entries
-                   if e.get("user") == DOKU_NEW[0] and e["path"].startswith(base)]
+        refused = lines_of(entries, base)
         assert refused, f"no request of restic's for {base} reached the gateway"
         assert {(status, decision) for _, _, status, decision in refused} == {(403, "deny")}, \
             refused
