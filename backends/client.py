@@ -249,7 +249,7 @@ def _expire(future: asyncio.Future[None]) -> None:
 class Response:
     """A backend's answer: status and headers read, the body still on the connection."""
 
-    def __init__(self, pool: UpstreamPool, connection: _Connection, status: int, reason: str,
+    def __init__(self, pool: ConnectionPool, connection: _Connection, status: int, reason: str,
                  headers: CIMultiDict[str], framing: str, length: int, keep_alive: bool,
                  timeout: float, sender: asyncio.Task[None] | None) -> None:
         self._pool = pool
@@ -320,7 +320,7 @@ class Response:
         await self.release()
 
 
-class UpstreamPool:
+class ConnectionPool:
     """Keep-alive connections to one backend address."""
 
     def __init__(self, connector: Connector, *, host: str = "backend",
@@ -339,7 +339,7 @@ class UpstreamPool:
         return self._host
 
     @classmethod
-    def unix(cls, path: str, **kwargs: Any) -> UpstreamPool:
+    def unix(cls, path: str, **kwargs: Any) -> ConnectionPool:
         async def connect(factory: Callable[[], asyncio.Protocol]) -> tuple[Any, Any]:
             return await asyncio.get_running_loop().create_unix_connection(factory, path)
 
@@ -347,7 +347,7 @@ class UpstreamPool:
 
     @classmethod
     def tcp(cls, host: str, port: int, local_address: str | None = None,
-            **kwargs: Any) -> UpstreamPool:
+            **kwargs: Any) -> ConnectionPool:
         local = (local_address, 0) if local_address else None
 
         async def connect(factory: Callable[[], asyncio.Protocol]) -> tuple[Any, Any]:

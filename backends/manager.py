@@ -19,7 +19,7 @@ from pathlib import Path
 
 import aiohttp
 
-from backends.client import UpstreamPool
+from backends.client import ConnectionPool
 from backends.kinds import Backend
 from backends.process import RcloneChild, wait_connections_closed
 from backends.rclone_conf import RenderedConfig
@@ -76,7 +76,7 @@ class Generation:
     config: RenderedConfig
     children: dict[Backend, RcloneChild]
     sessions: dict[Backend, aiohttp.ClientSession] = field(default_factory=dict)
-    pools: dict[Backend, UpstreamPool] = field(default_factory=dict)
+    pools: dict[Backend, ConnectionPool] = field(default_factory=dict)
     inflight: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     stopping: bool = False
@@ -100,11 +100,11 @@ class Generation:
             self.sessions[backend] = session
         return session
 
-    def pool(self, backend: Backend) -> UpstreamPool:
+    def pool(self, backend: Backend) -> ConnectionPool:
         """The connections proxied requests take (the session is for the gateway's own)."""
         pool = self.pools.get(backend)
         if pool is None:
-            pool = UpstreamPool.unix(str(self.children[backend].socket_path),
+            pool = ConnectionPool.unix(str(self.children[backend].socket_path),
                                      connect_timeout=CONNECT_TIMEOUT)
             self.pools[backend] = pool
         return pool
@@ -242,7 +242,7 @@ class BackendManager:
         task.add_done_callback(self._tasks.discard)
         return True
 
-    async def _retire_child(self, child: RcloneChild, pool: UpstreamPool | None,
+    async def _retire_child(self, child: RcloneChild, pool: ConnectionPool | None,
                             session: aiohttp.ClientSession | None) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.child_drain_grace

@@ -19,14 +19,14 @@ import sys
 import uvloop
 from aiohttp import web
 
-from backends.client import NextHopError, UpstreamPool
+from backends.client import ConnectionPool, NextHopError
 from gateway.access.paths import PathError, canonicalise
 from gateway.access.refusals import Refusal
 from gateway.forwarding.proxy import NEXT_HOP_REFUSALS, Transfer, forward, refusal_response
 
 
 async def serve(port: int, socket_path: str) -> None:
-    pool = UpstreamPool.unix(socket_path)
+    pool = ConnectionPool.unix(socket_path)
 
     async def handle(request: web.BaseRequest) -> web.StreamResponse:
         try:

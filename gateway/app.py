@@ -45,7 +45,6 @@ from gateway.status.node import NodeStatusReader
 log = logging.getLogger("rclone_gateway")
 
 
-
 class Gateway:
     """The parts of one node's gateway, wired; what the stages use of them (`Services`)."""
 

@@ -17,7 +17,7 @@ import pytest
 import uvloop
 from multidict import CIMultiDict
 
-from backends.client import BROKEN_CHUNK, BodyFailed, HopFailure, NextHopError, UpstreamPool
+from backends.client import BROKEN_CHUNK, BodyFailed, ConnectionPool, HopFailure, NextHopError
 from gateway.forwarding.proxy import NEXT_HOP_REFUSALS, refusal_response
 
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter, "Backend"], Awaitable[None]]
@@ -47,14 +47,14 @@ class Backend:
             writer.close()
 
 
-def run(script: Script, client: Callable[[UpstreamPool, Backend], Awaitable[None]],
+def run(script: Script, client: Callable[[ConnectionPool, Backend], Awaitable[None]],
         tmp_path: Path) -> Backend:
     backend = Backend(script)
     path = str(tmp_path / "backend.sock")
 
     async def main() -> None:
         server = await asyncio.start_unix_server(backend.serve, path)
-        pool = UpstreamPool.unix(path, connect_timeout=2.0)
+        pool = ConnectionPool.unix(path, connect_timeout=2.0)
         try:
             await asyncio.wait_for(client(pool, backend), 10)
         finally:
@@ -89,7 +89,7 @@ async def answer_each(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
         await writer.drain()
 
 
-async def body_of(pool: UpstreamPool, method: str = "GET", target: str = "/x",
+async def body_of(pool: ConnectionPool, method: str = "GET", target: str = "/x",
                   timeout: float = 5.0) -> tuple[int, bytes]:
     async with await pool.request(method, target, CIMultiDict(), timeout=timeout) as response:
         parts = [chunk async for chunk in response.iter_body(7)]
@@ -108,7 +108,7 @@ def test_content_length_answers_reuse_one_connection(tmp_path: Path) -> None:
     async def script(reader, writer, backend):  # type: ignore[no-untyped-def]
         await answer_each(reader, writer, backend, ok(b"0123456789abcdef", b"X-A: 1\r\n"))
 
-    async def client(pool: UpstreamPool, backend: Backend) -> None:
+    async def client(pool: ConnectionPool, backend: Backend) -> None:
         for _ in range(3):
             assert await body_of(pool) == (200, b"0123456789abcdef")
         async with await pool.request("GET", "/y", CIMultiDict()) as response:
@@ -126,7 +126,7 @@ def test_chunked_answer_is_decoded_and_the_connection_kept(tmp_path: Path) -> No
     async def script(reader, writer, backend):  # type: ignore[no-untyped-def]
         await answer_each(reader, writer, backend, answer)
 
-    async def client(pool: UpstreamPool, backend: Backend) -> None:
+    async def client(pool: ConnectionPool, backend: Backend) -> None:
         assert await body_of(pool, "PROPFIND") == (207, b"hello" + b"z" * 26)
         assert await body_of(pool, "PROPFIND") == (207, b"hello" + b"z" * 26)
 
@@ -139,7 +139,7 @@ def test_answer_without_length_runs_to_the_close(tmp_path: Path) -> None:
         writer.write(b"HTTP/1.1 200 OK\r\n\r\nuntil the end")
         await writer.drain()
 
-    async def client(pool: UpstreamPool, backend: Backend) -> None:
+    async def client(pool: ConnectionPool, backend: Backend) -> None:
         assert await body_of(pool) == (200, b"until the end")
         assert await body_of(pool) == (200, b"until the end")
 
@@ -151,7 +151,7 @@ def test_head_and_interim_answers_carry_no_body(tmp_path: Path) -> None:
         await answer_each(reader, writer, backend,
                           b"HTTP/1.1 100 Continue\r\n\r\n" + ok(b"body"))
 
-    async def client(pool: UpstreamPool, backend: Backend) -> None:
+    async def client(pool: ConnectionPool, backend: Backend) -> None:
         async with await pool.request("HEAD", "/x", CIMultiDict()) as response:
             assert (response.status, response.headers["Content-Length"]) == (200, "4")
             assert [c async for c in response.iter_body(1024)] == []
@@ -175,7 +175,7 @@ def test_a_kept_connection_the_backend_closed_is_replaced(tmp_path: Path) -> Non
         writer.write(ok(b"again"))
         await writer.drain()
 
-    async def client(pool: UpstreamPool, backend: Backend) -> None:
+    async def client(pool: ConnectionPool, backend: Backend) -> None:
         assert await body_of(pool) == (200, b"once")
         assert await body_of(pool) == (200, b"again")  # sent again, on a fresh connection
 
@@ -193,7 +193,7 @@ def test_a_request_with_a_body_is_not_sent_again(tmp_path: Path) -> None:
             await backend.head(reader)
             return
 
-    async def client(pool: UpstreamPool, backend: Backend) -> None:
+    async def client(pool: ConnectionPool, backend: Backend) -> None:
         assert await body_of(pool) == (200, b"once")
         with fails(HopFailure.BROKEN):
             await pool.request("PUT", "/f", CIMultiDict(), chunks(b"data"), content_length=4)
@@ -214,7 +214,7 @@ def test_uploads_are_framed_by_length_or_chunked(tmp_path: Path) -> None:
             writer.write(ok(b""))
             await writer.drain()
 
-    async def client(pool: UpstreamPool, backend: Backend) -> None:
+    async def client(pool: ConnectionPool, backend: Backend) -> None:
         for length in (11, None):
             response = await pool.request("PUT", "/f", CIMultiDict(), chunks(b"hello", b" world"),
                                           content_length=length)
@@ -232,7 +232,7 @@ def test_a_failing_body_aborts_the_upload_short(tmp_path: Path) -> None:
         backend.bodies.append(await reader.read(1 << 20))
         backend.bodies.append(await reader.read(1 << 20))  # b"": the connection is gone
 
-    async def client(pool: UpstreamPool, backend: Backend) -> None:
+    async def client(pool: ConnectionPool, backend: Backend) -> None:
         with pytest.raises(BodyFailed) as caught:
             await pool.request("PUT", "/f", CIMultiDict(), chunks(b"part", fail=True),
                                content_length=100)
@@ -263,7 +263,7 @@ def test_a_chunked_body_cut_short_ends_in_a_chunk_no_backend_takes_for_its_end(
         await asyncio.sleep(30)  # the client goes silent
         yield b"never"
 
-    async def client(pool: UpstreamPool, backend: Backend) -> None:
+    async def client(pool: ConnectionPool, backend: Backend) -> None:
         upload = asyncio.create_task(pool.request("POST", "/r/config", CIMultiDict(), body()))
         if how == "body fails":
             with pytest.raises(BodyFailed):
@@ -297,7 +297,7 @@ def test_an_early_answer_is_passed_on(tmp_path: Path) -> None:
             await asyncio.sleep(0.001)
             yield b"x" * 65536
 
-    async def client(pool: UpstreamPool, backend: Backend) -> None:
+    async def client(pool: ConnectionPool, backend: Backend) -> None:
         async with await pool.request("PUT", "/f", CIMultiDict(), endless(),
                                       content_length=1 << 40) as response:
             assert response.status == 413
@@ -322,7 +322,7 @@ def test_silence_and_nonsense_are_errors(tmp_path: Path) -> None:
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort")
         await writer.drain()
 
-    async def client(pool: UpstreamPool, backend: Backend) -> None:
+    async def client(pool: ConnectionPool, backend: Backend) -> None:
         with fails(HopFailure.TIMED_OUT):
             await body_of(pool, target="/silent", timeout=0.2)
         with fails(HopFailure.BROKEN):
@@ -339,7 +339,7 @@ def test_silence_and_nonsense_are_errors(tmp_path: Path) -> None:
 
 def test_no_backend_is_a_connect_failure(tmp_path: Path) -> None:
     async def main() -> None:
-        pool = UpstreamPool.unix(str(tmp_path / "missing.sock"))
+        pool = ConnectionPool.unix(str(tmp_path / "missing.sock"))
         with fails(HopFailure.UNREACHABLE):
             await pool.request("GET", "/", CIMultiDict())
 
@@ -359,7 +359,7 @@ def test_closing_the_pool_cuts_an_upload_in_flight(tmp_path: Path) -> None:
             await asyncio.sleep(0.01)
             yield b"y" * 10
 
-    async def client(pool: UpstreamPool, backend: Backend) -> None:
+    async def client(pool: ConnectionPool, backend: Backend) -> None:
         upload = asyncio.create_task(
             pool.request("PUT", "/f", CIMultiDict(), slow(), content_length=1000))
         await asyncio.sleep(0.2)
@@ -401,7 +401,7 @@ def test_the_answer_wait_starts_once_the_body_is_sent(tmp_path: Path) -> None:
             await asyncio.sleep(0)
             yield b"x" * 65536
 
-    async def client(pool: UpstreamPool, backend: Backend) -> None:
+    async def client(pool: ConnectionPool, backend: Backend) -> None:
         loop = asyncio.get_running_loop()
         # the body takes 1 s, five times the timeout: not a timeout, the answer comes
         async with await pool.request("PUT", "/answers", CIMultiDict(), slowly(10, 0.1),
@@ -442,8 +442,8 @@ def test_each_failure_of_the_next_hop_gets_its_answer(tmp_path: Path) -> None:
             await request
         failures.append(caught.value.kind)
 
-    async def client(pool: UpstreamPool, backend: Backend) -> None:
-        missing = UpstreamPool.unix(str(tmp_path / "missing.sock"))
+    async def client(pool: ConnectionPool, backend: Backend) -> None:
+        missing = ConnectionPool.unix(str(tmp_path / "missing.sock"))
         await failure(missing.request("GET", "/", CIMultiDict()))
         await failure(body_of(pool, target="/silent", timeout=0.2))
         await failure(body_of(pool, target="/garbage"))

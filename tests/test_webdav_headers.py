@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 
-from backends.client import UpstreamPool
+from backends.client import ConnectionPool
 from gateway.access.paths import Target, canonicalise
 from gateway.access.policy import Caller, Request, WireProtocol, decide, module_caller, node_caller
 from gateway.access.refusals import Refusal
@@ -230,9 +230,9 @@ def test_rewrite_leaves_what_names_nothing_here() -> None:
 def test_rewrite_uses_the_host_the_upstream_pool_sends() -> None:
     references = References(canonicalise(f"/{DEST}/x"))
     for pool, authority in (
-        (UpstreamPool.unix("/nonexistent.sock"), "backend"),
-        (UpstreamPool.tcp("10.5.4.2", 4694), "10.5.4.2:4694"),
-        (UpstreamPool.tcp("fd00::2", 4694), "[fd00::2]:4694"),
+        (ConnectionPool.unix("/nonexistent.sock"), "backend"),
+        (ConnectionPool.tcp("10.5.4.2", 4694), "10.5.4.2:4694"),
+        (ConnectionPool.tcp("fd00::2", 4694), "[fd00::2]:4694"),
     ):
         headers: CIMultiDict[str] = CIMultiDict()
         rewrite_references(headers, references, pool.host)

@@ -23,7 +23,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from backends.client import BodyFailed, HopFailure, NextHopError, UpstreamPool
+from backends.client import BodyFailed, ConnectionPool, HopFailure, NextHopError
 from backends.destinations import Destination
 from backends.rclone_conf import Placement
 from backends.tasks import cancel_and_wait
@@ -291,7 +291,7 @@ class PeerGateways:
         self._session_address: str | None = None
         self._task: asyncio.Task[None] | None = None
         self._closing: list[aiohttp.ClientSession] = []
-        self._pools: dict[tuple[str, str], UpstreamPool] = {}
+        self._pools: dict[tuple[str, str], ConnectionPool] = {}
 
     @property
     def own_address(self) -> str | None:
@@ -317,12 +317,12 @@ class PeerGateways:
             self._session_address = address
         return self._session
 
-    def _pool(self, peer: Peer, own_address: str) -> UpstreamPool:
+    def _pool(self, peer: Peer, own_address: str) -> ConnectionPool:
         """Connections to `peer` for forwarded requests, leaving from `own_address`."""
         key = (own_address, peer.address)
         pool = self._pools.get(key)
         if pool is None:
-            pool = UpstreamPool.tcp(peer.address, PEER_PORT, local_address=own_address,
+            pool = ConnectionPool.tcp(peer.address, PEER_PORT, local_address=own_address,
                                     keepalive=PEER_KEEPALIVE)
             self._pools[key] = pool
         return pool

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from aiohttp import StreamReader, web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from backends.client import HopFailure, NextHopError, UpstreamPool, header_tokens
+from backends.client import ConnectionPool, HopFailure, NextHopError, header_tokens
 from gateway.access.paths import Target
 from gateway.access.refusals import Notes, Refusal, Refused, record
 from gateway.access.webdav_headers import References, rewrite_references
@@ -123,7 +123,7 @@ def request_headers(incoming: CIMultiDict[str]) -> CIMultiDict[str]:
 
 
 BodyFilter = Callable[[AsyncIterator[bytes]], AsyncIterator[bytes]]
-# The X-Gateway-Backend value of a response, fixed or derived from the upstream's headers.
+# The X-Gateway-Backend value of a response, fixed or derived from the next hop's headers.
 BackendLabel = str | Callable[[CIMultiDictProxy[str]], str]
 # Sees the backend's status before anything is sent; a response it returns is sent instead.
 StatusHook = Callable[[int], Awaitable[web.StreamResponse | None]]
@@ -244,7 +244,7 @@ async def request_body(request: web.BaseRequest, transfer: Transfer,
 async def forward(
     request: web.BaseRequest,
     target: Target,
-    pool: UpstreamPool,
+    pool: ConnectionPool,
     backend_label: BackendLabel,
     transfer: Transfer,
     body_filter: BodyFilter | None = None,
@@ -278,27 +278,27 @@ async def forward(
         data = request_body(request, transfer, body_held)
         if body_filter is not None:
             data = body_filter(data)
-    upstream = await pool.request(
+    hop_answer = await pool.request(
         request.method, target.path_and_query, headers, data,
         content_length=request.content_length, timeout=backend_timeout,
     )
-    async with upstream:
-        if upstream.status in refuse_statuses:
-            raise NextHopError(HopFailure.DECLINED, f"answered {upstream.status}",
-                               upstream.status)
-        if on_status is not None and (instead := await on_status(upstream.status)):
+    async with hop_answer:
+        if hop_answer.status in refuse_statuses:
+            raise NextHopError(HopFailure.DECLINED, f"answered {hop_answer.status}",
+                               hop_answer.status)
+        if on_status is not None and (instead := await on_status(hop_answer.status)):
             return instead
-        response = _ProxyResponse(status=upstream.status, reason=upstream.reason or None)
-        named = _connection_tokens(upstream.headers)
-        for key, value in upstream.headers.items():
+        response = _ProxyResponse(status=hop_answer.status, reason=hop_answer.reason or None)
+        named = _connection_tokens(hop_answer.headers)
+        for key, value in hop_answer.headers.items():
             lower = key.lower()
             if lower not in RESPONSE_DROP and lower not in named:
                 response.headers.add(key, value)
         response.headers["X-Gateway-Backend"] = (
-            backend_label if isinstance(backend_label, str) else backend_label(upstream.headers)
+            backend_label if isinstance(backend_label, str) else backend_label(hop_answer.headers)
         )
         await response.prepare(request)
-        chunks = upstream.iter_body(CHUNK)
+        chunks = hop_answer.iter_body(CHUNK)
         if response_filter is not None:
             chunks = response_filter(chunks)
         try:
