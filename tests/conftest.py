@@ -1,13 +1,19 @@
 from __future__ import annotations
 
 import os
-import signal
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness import RESTIC_BINARIES, Cluster, GatewayProcess, RedisServer
+from harness import (
+    RESTIC_BINARIES,
+    Cluster,
+    GatewayProcess,
+    RedisServer,
+    fresh_cluster,
+    stop_gateways,
+)
+from identities import NODE_ID
 
 # In CI, and wherever the suite runs as root (as `make test` does on a node), the machine is
 # expected to run every test: a skip there hides a test that could have failed.
@@ -68,20 +74,17 @@ def redis_server() -> Iterator[RedisServer]:
 
 @pytest.fixture
 def cluster(redis_server: RedisServer) -> Iterator[Cluster]:
-    client = redis_server.client()
-    seeded = Cluster(client)
-    seeded.flush()
-    try:
+    with fresh_cluster(redis_server) as seeded:
         yield seeded
-    finally:
-        client.close()
 
 
 @pytest.fixture
 def gateway_factory(redis_server: RedisServer, tmp_path: Path):
+    """Starts gateways on the test's Redis; at the end stops them, and a process of theirs
+    that outlives them fails the test."""
     started: list[GatewayProcess] = []
 
-    def start_gateway(node_id: str | int = "1", *, redis_url: str | None = None,
+    def start_gateway(node_id: str | int = NODE_ID, *, redis_url: str | None = None,
                       workdir: Path | None = None, **kwargs) -> GatewayProcess:
         workdir = workdir or tmp_path / f"gateway{len(started)}"
         gateway = GatewayProcess.start(redis_url or redis_server.url, node_id, workdir, **kwargs)
@@ -91,13 +94,7 @@ def gateway_factory(redis_server: RedisServer, tmp_path: Path):
     try:
         yield start_gateway
     finally:
-        for gateway in started:
-            gateway.stop(signal.SIGTERM, timeout=20)
-            if killed := gateway.kill_leftovers():
-                warnings.warn(
-                    f"gateway {gateway.pid} left children {killed} behind (killed)",
-                    stacklevel=1,
-                )
+        stop_gateways(*started)
 
 
 @pytest.fixture(params=sorted(RESTIC_BINARIES))

@@ -7,6 +7,7 @@ test run leaves nothing behind.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import base64
 import contextlib
@@ -22,16 +23,20 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 import redis
+from identities import NODE_ID
 from netns import inside, netns_exec
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT = 60.0
+WAIT_TIMEOUT = 30.0  # wait_for's deadline when a test names none
+
+T = TypeVar("T")
 
 _live: dict[int, subprocess.Popen] = {}
 
@@ -59,6 +64,35 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+def wait_for(predicate: Callable[[], T], what: str | Callable[[], str],
+             timeout: float = WAIT_TIMEOUT, *, interval: float = 0.1,
+             gateway: GatewayProcess | None = None) -> T:
+    """Calls `predicate` every `interval` s until it returns something true, and returns
+    that. After `timeout` s the test fails, waiting for `what`: a callable is asked then, to
+    tell the state it found; `gateway`: its log's tail is shown too."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            described = what() if callable(what) else what
+            tail = f"\n--- gateway log ---\n{gateway.log_text()[-4000:]}" if gateway else ""
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {described}{tail}")
+        time.sleep(interval)
+
+
+async def wait_until(predicate: Callable[[], object], what: str,
+                     timeout: float = WAIT_TIMEOUT, *, interval: float = 0.01) -> None:
+    """wait_for in a coroutine, for a test whose server runs in its own event loop: the
+    loop goes on while it waits."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        await asyncio.sleep(interval)
 
 
 def basic(user: str, password: str) -> str:
@@ -242,10 +276,13 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return self.db_url(0)
 
-    def client(self) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port, db=0, decode_responses=True)
+    def db_url(self, db: int) -> str:
+        return f"redis://127.0.0.1:{self.port}/{db}"
+
+    def client(self, db: int = 0) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port, db=db, decode_responses=True)
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -701,6 +738,47 @@ class GatewayProcess:
                 pass
         self.leftover_pids = []
         return killed
+
+
+def stop_gateways(*gateways: GatewayProcess, sig: int = signal.SIGTERM,
+                  timeout: float = 20) -> list[int | None]:
+    """Stops each gateway (`sig`, SIGKILL after `timeout` s) and kills the processes of its
+    that outlive it; then any such process fails the test. Returns the exit codes."""
+    codes: list[int | None] = []
+    leftovers: dict[int, list[int]] = {}
+    for gateway in gateways:
+        codes.append(gateway.stop(sig, timeout))
+        if killed := gateway.kill_leftovers():
+            leftovers[gateway.pid] = killed
+    assert not leftovers, f"processes outlived their gateway (now killed): {leftovers}"
+    return codes
+
+
+@contextlib.contextmanager
+def running_gateway(redis_url: str, workdir: Path | str, node_id: str | int = NODE_ID,
+                    **kwargs) -> Iterator[GatewayProcess]:
+    """A gateway (GatewayProcess.start's arguments) for the block; stop_gateways after it."""
+    gateway = GatewayProcess.start(redis_url, node_id, workdir, **kwargs)
+    try:
+        yield gateway
+    finally:
+        stop_gateways(gateway)
+
+
+@contextlib.contextmanager
+def fresh_cluster(redis_server: RedisServer, db: int = 0) -> Iterator[Cluster]:
+    """The cluster's keys in database `db` of `redis_server`, empty at the start of the
+    block and at its end."""
+    client = redis_server.client(db)
+    cluster = Cluster(client)
+    cluster.flush()
+    try:
+        yield cluster
+    finally:
+        try:
+            cluster.flush()
+        finally:
+            client.close()
 
 
 # --------------------------------------------------------------------------- restic
