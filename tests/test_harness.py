@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import socket
 import threading
@@ -7,7 +8,16 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from harness import Cluster, RedisServer, basic, free_port, raw_request, restic
+from harness import (
+    Cluster,
+    RedisServer,
+    basic,
+    free_port,
+    raw_request,
+    restic,
+    wait_for,
+    wait_until,
+)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -107,3 +117,18 @@ def test_restic_runs_the_real_client(tmp_path) -> None:
     assert restic(repo, "snapshots", "--json").stdout.strip() == "[]"
     failed = restic(repo, "snapshots", password="wrong", check=False)
     assert failed.returncode != 0
+
+
+def test_wait_for_returns_the_first_true_value_or_fails_saying_what_it_waited_for() -> None:
+    values = iter([0, "", None, "found", "later"])
+    assert wait_for(lambda: next(values), "a value", 5, interval=0.01) == "found"
+    looks: list[int] = []
+    with pytest.raises(AssertionError) as failed:  # `what` is asked when the time is up
+        wait_for(lambda: looks.append(1), lambda: f"the state after {len(looks)} looks", 0.2,
+                 interval=0.01)
+    assert len(looks) >= 2
+    assert (f"timed out after 0.2 s waiting for the state after {len(looks)} looks"
+            in str(failed.value))
+    with pytest.raises(AssertionError, match=r"waiting for nothing"):
+        asyncio.run(wait_until(lambda: False, "nothing", 0.1))
+

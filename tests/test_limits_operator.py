@@ -11,17 +11,24 @@ import json
 import os
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from harness import Cluster, GatewayProcess, RedisServer, send_request
+from harness import (
+    Cluster,
+    GatewayProcess,
+    RedisServer,
+    fresh_cluster,
+    running_gateway,
+    send_request,
+    wait_for,
+)
+from identities import NODE
 from prometheus_client.parser import text_string_to_metric_families
 
 DEST = "4c1e0000-8f8b-4c43-a1d3-7f3f5f7c1a07"
-NODE = ("node/1", "limits-node-secret")
 MODULE = ("module/nextcloud1", "limits-module-secret")
 MODULE_UUID = "4c1e1111-2f87-4e7b-9a34-0a1d9f9e4b07"
 BASE = f"/{DEST}/nextcloud/{MODULE_UUID}"
@@ -64,30 +71,14 @@ class Env:
 
 @pytest.fixture
 def env(redis_server: RedisServer, tmp_path: Path) -> Iterator[Env]:
-    client = redis_server.client()
-    cluster = Cluster(client)
-    cluster.flush()
-    cluster.add_user(*NODE)
-    cluster.add_user(*MODULE)
-    cluster.set_module("nextcloud1", MODULE_UUID)
-    cluster.set_node_vpn(1, "10.5.4.1")
-    cluster.add_destination(DEST, provider="cluster", url="webdav:http://10.5.4.1:4694")
-    gateway = GatewayProcess.start(redis_server.url, "1", tmp_path)
-    try:
-        yield Env(gateway, cluster, redis_server.url)
-    finally:
-        gateway.stop()
-        left = gateway.kill_leftovers()
-        client.close()
-        assert not left, f"the gateway left children behind: {left}"
-
-
-def wait_for(predicate: Callable[[], object], what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
+    with fresh_cluster(redis_server) as cluster:
+        cluster.add_user(*NODE)
+        cluster.add_user(*MODULE)
+        cluster.set_module("nextcloud1", MODULE_UUID)
+        cluster.set_node_vpn(1, "10.5.4.1")
+        cluster.add_destination(DEST, provider="cluster", url="webdav:http://10.5.4.1:4694")
+        with running_gateway(redis_server.url, tmp_path) as gateway:
+            yield Env(gateway, cluster, redis_server.url)
 
 
 def quota_entry(env: Env) -> dict:

@@ -24,14 +24,12 @@ from urllib.parse import parse_qs
 
 import pytest
 from faultproxy import FaultProxy, SeenRequest
-from harness import RESTIC_BINARIES, Cluster, GatewayProcess, restic, send_request
+from harness import RESTIC_BINARIES, Cluster, GatewayProcess, restic, send_request, wait_for
+from identities import NODE, TRAEFIK, TRAEFIK_UUID
 from remotes import RCLONE, S3Storage, SftpStorage
 
 from backends.remote_check import check_remote
 
-NODE = ("node/1", "node-secret-1")
-TRAEFIK = ("module/traefik1", "traefik-secret")
-TRAEFIK_UUID = "5c1d6c1e-2f87-4e7b-9a34-0a1d9f9e4b01"
 S3_DEST = "5e000001-4c1a-4e2b-9d3c-0a0b0c0d0e01"
 SFTP_DEST = "5f000001-4c1a-4e2b-9d3c-0a0b0c0d0e02"
 RESTIC_NEW = RESTIC_BINARIES["restic-0.18"]
@@ -114,16 +112,6 @@ def start_node(cluster: Cluster, gateway_factory: Callable[..., GatewayProcess]
     return start
 
 
-def poll(predicate: Callable[[], bool], deadline: float, what: Callable[[], str]) -> float:
-    """Waits until `predicate()` (every 0.1 s) up to the monotonic `deadline`; returns the
-    time it became true."""
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what()}")
-        time.sleep(0.1)
-    return time.monotonic()
-
-
 def quiet(proxy: FaultProxy, for_seconds: float = 3.0, at_most: float = 30.0) -> None:
     """Waits until the storage has seen no request for `for_seconds` (the start check and
     the first storage scan are over)."""
@@ -177,7 +165,7 @@ def test_an_idle_healthy_remote_is_probed_at_most_once_a_minute(
     proxy = s3.proxy()
     s3.destination(cluster, S3_DEST, proxy)
     node = start_node()
-    poll(node.scanned, time.monotonic() + 60, lambda: "the start's storage scan to end")
+    wait_for(node.scanned, "the start's storage scan to end", 60)
     quiet(proxy)
     start = time.monotonic()
     time.sleep(IDLE_WINDOW)
@@ -216,15 +204,19 @@ def test_a_remote_that_goes_down_is_found_within_seconds_and_found_back(
         failing = Pending(node, "GET", config, rest=True)
         sent = time.monotonic()
         failing.start()
-        found_down = poll(lambda: node.served(S3_DEST) != "here", sent + FOUND_DOWN_WITHIN,
-                          lambda: f"the remote found down: {node.health()['destinations']}")
+        wait_for(lambda: node.served(S3_DEST) != "here",
+                 lambda: f"the remote found down: {node.health()['destinations']}",
+                 sent + FOUND_DOWN_WITHIN - time.monotonic())
+        found_down = time.monotonic()
         time.sleep(dark_after_found)
     finally:
         proxy.blackhole = False
         proxy.refuse = False
     back = time.monotonic()
-    found_back = poll(lambda: node.served(S3_DEST) == "here", back + FOUND_BACK_WITHIN,
-                      lambda: f"the remote found back: {node.health()['destinations']}")
+    wait_for(lambda: node.served(S3_DEST) == "here",
+             lambda: f"the remote found back: {node.health()['destinations']}",
+             back + FOUND_BACK_WITHIN - time.monotonic())
+    found_back = time.monotonic()
     failing.join(120)
     print(f"\n{fault} ({dark_after_found:g} s more): found down {found_down - sent:.1f} s "
           f"after the first request that failed there, found back {found_back - back:.1f} s "
@@ -258,7 +250,7 @@ def test_long_transfers_bring_no_probe_forward(
     node = start_node()
     repo_path = f"/{S3_DEST}/traefik/{uuidlib.uuid4()}"
     restic(node.repo(NODE, S3_DEST, repo_path.rsplit("/", 1)[1]), "init", binary=RESTIC_NEW)
-    poll(node.scanned, time.monotonic() + 60, lambda: "the start's storage scan to end")
+    wait_for(node.scanned, "the start's storage scan to end", 60)
     quiet(proxy)
     data = os.urandom(TRANSFER_SIZE)
     name = hashlib.sha256(data).hexdigest()
@@ -295,7 +287,7 @@ def test_an_upload_under_way_is_not_given_up_when_a_probe_fails(
     node = start_node()
     repo_path = f"/{S3_DEST}/traefik/{uuidlib.uuid4()}"
     restic(node.repo(NODE, S3_DEST, repo_path.rsplit("/", 1)[1]), "init", binary=RESTIC_NEW)
-    poll(node.scanned, time.monotonic() + 60, lambda: "the start's storage scan to end")
+    wait_for(node.scanned, "the start's storage scan to end", 60)
     quiet(proxy)
     data = os.urandom(2 * TRANSFER_SIZE)
     name = hashlib.sha256(data).hexdigest()
@@ -321,8 +313,9 @@ def test_an_upload_under_way_is_not_given_up_when_a_probe_fails(
         try:
             # rclone answers 500 to a REST HEAD of a directory: the probe is brought forward
             node.request("HEAD", f"/{S3_DEST}/", rest=True)
-            found_down = poll(lambda: node.served(S3_DEST) != "here", time.monotonic() + 10,
-                              lambda: f"the remote found down: {node.health()['destinations']}")
+            wait_for(lambda: node.served(S3_DEST) != "here",
+                     lambda: f"the remote found down: {node.health()['destinations']}", 10)
+            found_down = time.monotonic()
         finally:
             proxy.refuse = False
         under_way = uploading.is_alive()
@@ -362,9 +355,9 @@ def test_restic_018_works_against_a_slow_s3_remote(
         durations[name] = time.monotonic() - started
         return result.stdout
 
-    poll(lambda: node.request("GET", f"/{S3_DEST}/traefik/{module_uuid}/config", TRAEFIK,
-                              rest=True)[0] == 404, time.monotonic() + 10,
-         lambda: "the module's new repository to be its own")
+    wait_for(lambda: node.request("GET", f"/{S3_DEST}/traefik/{module_uuid}/config", TRAEFIK,
+                                  rest=True)[0] == 404,
+             "the module's new repository to be its own", 10)
     timed("init", module_repo, "init")
     timed("backup", module_repo, "backup", str(data))
     (data / "file0.bin").write_bytes(os.urandom(200_000))
@@ -410,7 +403,7 @@ def listing_through_a_slow_link(s3: S3Storage, cluster: Cluster,
     proxy = s3.proxy()
     s3.destination(cluster, S3_DEST, proxy)
     node = start_node()
-    poll(node.scanned, time.monotonic() + 120, lambda: "the start's storage scan to end")
+    wait_for(node.scanned, "the start's storage scan to end", 120)
     quiet(proxy)
     proxy.bandwidth = SLOW_LISTING_RATE
     started = time.monotonic()
@@ -437,9 +430,9 @@ def test_restic_backs_up_and_restores_through_an_sftp_remote(
     module_uuid = str(uuidlib.uuid4())
     cluster.set_module("traefik1", module_uuid)
     cluster.publish("acl-changed")
-    poll(lambda: node.request("GET", f"/{SFTP_DEST}/traefik/{module_uuid}/config", TRAEFIK,
-                              rest=True)[0] == 404, time.monotonic() + 10,
-         lambda: "the module's new repository to be its own")
+    wait_for(lambda: node.request("GET", f"/{SFTP_DEST}/traefik/{module_uuid}/config", TRAEFIK,
+                                  rest=True)[0] == 404,
+             "the module's new repository to be its own", 10)
     repo = node.repo(TRAEFIK, SFTP_DEST, module_uuid)
     data = make_files(tmp_path / "data", count=4, size=300_000)
     restic(repo, "init", binary=restic_binary)
@@ -509,7 +502,7 @@ def test_a_new_destination_whose_base_directory_is_not_there_yet_lists_as_empty(
         dest = "5f7e0000-8f8b-4c43-a1d3-7f3f5f7c1a0e"
         base = storage.destination(cluster, dest, storage.proxy(), basepath="not-yet")
         assert not base.exists()
-        cluster.add_user("node/1", "node-secret")
+        cluster.add_user(*NODE)
         gateway = gateway_factory()
         deadline = time.monotonic() + 60
         while "storage scan: " not in gateway.log_text():
