@@ -11,6 +11,8 @@ import asyncio
 import atexit
 import base64
 import contextlib
+import errno
+import fcntl
 import hashlib
 import http.client
 import json
@@ -60,10 +62,50 @@ def _kill_everything_left() -> None:
             proc.wait()
 
 
+def _ports_below_the_ephemeral_range() -> range:
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    return range(max(1024, low - 12000), low)
+
+
+# Ports for the servers the tests start, handed out in turn by every test process of this
+# user on the machine (the xdist workers of a run, other runs): the file holds the last one
+# handed out, under a lock. Before, the kernel's choice of a free port (bind to port 0) was
+# random among the ephemeral ports: two processes, or one asking twice before the first
+# port was bound, got the same port now and then (2000 choices held about 130 repeats),
+# and a client's outgoing connection could take it too. Below the ephemeral range, in
+# turn, a port comes back only after the whole range was handed out.
+PORT_RANGE = _ports_below_the_ephemeral_range()
+PORT_REGISTRY = Path(tempfile.gettempdir()) / f"rclone-gateway-tests-{os.getuid()}.port"
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+    """A TCP port free on `host` now that no test process handed out lately (see
+    PORT_RANGE); the caller's server binds it."""
+    with open(PORT_REGISTRY, "a+") as registry:
+        fcntl.flock(registry, fcntl.LOCK_EX)
+        registry.seek(0)
+        try:
+            last = int(registry.read().strip())
+        except ValueError:
+            last = PORT_RANGE.start + os.getpid() % len(PORT_RANGE)
+        for step in range(1, len(PORT_RANGE) + 1):
+            port = PORT_RANGE[(last - PORT_RANGE.start + step) % len(PORT_RANGE)]
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                try:
+                    sock.bind((host, port))
+                except OSError as exc:
+                    if exc.errno == errno.EADDRINUSE:
+                        continue  # in use, or held by a connection that was closed
+                    raise
+            registry.seek(0)
+            registry.truncate()
+            registry.write(f"{port}\n")
+            registry.flush()
+            return port
+    raise RuntimeError(f"no free port in {PORT_RANGE} on {host}")
 
 
 def wait_for(predicate: Callable[[], T], what: str | Callable[[], str],
@@ -159,6 +201,26 @@ def wait_listening(host: str, port: int, proc: subprocess.Popen, *, netns: str |
             time.sleep(0.05)
         finally:
             sock.close()
+
+
+_short_dirs: list[Path] = []
+
+
+def short_dir(prefix: str) -> Path:
+    """A new directory with a short path, removed when the test process ends: the path of
+    a unix socket holds at most 107 bytes, and a test's tmp_path under xdist
+    (/tmp/pytest-of-<user>/pytest-<n>/popen-gw<i>/<test>/) leaves too few of them for the
+    sockets of a gateway's children (gen-<n>/restic-append-only.sock)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    _short_dirs.append(path)
+    return path
+
+
+@atexit.register
+def _remove_short_dirs() -> None:  # registered last, run first: the processes go before
+    _kill_everything_left()
+    for path in _short_dirs:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _stop_popen(proc: subprocess.Popen, sig: int, timeout: float) -> int:
@@ -537,7 +599,8 @@ class GatewayProcess:
     """`python -m gateway serve` as a child; use GatewayProcess.start(...)."""
 
     def __init__(self, argv: list[str], env: dict[str, str], workdir: Path,
-                 host: str, port: int, netns: str | None = None):
+                 host: str, port: int, netns: str | None = None,
+                 runtime_dir: Path | None = None):
         self.argv = argv
         self.netns = netns  # the network namespace it runs in (None: the test's own)
         self.env = env
@@ -545,7 +608,7 @@ class GatewayProcess:
         self.host = host
         self.port = port
         self.local_repo = workdir / "repo"
-        self.runtime_dir = workdir / "run"
+        self.runtime_dir = runtime_dir or workdir / "run"
         self.log_path = workdir / "gateway.log"
         self.proc: subprocess.Popen | None = None
         self.leftover_pids: list[int] = []
@@ -558,13 +621,14 @@ class GatewayProcess:
               netns: str | None = None) -> GatewayProcess:
         workdir = Path(workdir).resolve()
         port = free_port() if port is None else port
+        runtime_dir = short_dir("rgw-run-")
         prefix = netns_exec(netns) if netns else []
         argv = [*prefix, sys.executable, "-m", "gateway", "serve",
                 "--listen", f"{listen_host}:{port}",
                 "--redis-url", redis_url,
                 "--node-id", str(node_id),
                 "--local-repo", str(workdir / "repo"),
-                "--runtime-dir", str(workdir / "run"),
+                "--runtime-dir", str(runtime_dir),
                 *extra_args]
         full_env = dict(os.environ)
         full_env["PYTHONPATH"] = os.pathsep.join(
@@ -576,7 +640,7 @@ class GatewayProcess:
             else:
                 full_env[key] = value
         connect_host = "127.0.0.1" if listen_host in ("0.0.0.0", "", "::") else listen_host
-        gateway = cls(argv, full_env, workdir, connect_host, port, netns)
+        gateway = cls(argv, full_env, workdir, connect_host, port, netns, runtime_dir)
         gateway._launch()
         return gateway
 
@@ -750,6 +814,8 @@ def stop_gateways(*gateways: GatewayProcess, sig: int = signal.SIGTERM,
         codes.append(gateway.stop(sig, timeout))
         if killed := gateway.kill_leftovers():
             leftovers[gateway.pid] = killed
+        if gateway.runtime_dir in _short_dirs:
+            shutil.rmtree(gateway.runtime_dir, ignore_errors=True)
     assert not leftovers, f"processes outlived their gateway (now killed): {leftovers}"
     return codes
 

@@ -3,12 +3,16 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 from harness import (
+    PORT_RANGE,
     Cluster,
     RedisServer,
     basic,
@@ -131,4 +135,18 @@ def test_wait_for_returns_the_first_true_value_or_fails_saying_what_it_waited_fo
             in str(failed.value))
     with pytest.raises(AssertionError, match=r"waiting for nothing"):
         asyncio.run(wait_until(lambda: False, "nothing", 0.1))
+
+
+def test_free_port_never_hands_out_a_port_twice_to_processes_asking_at_once() -> None:
+    """As the xdist workers of a run, or two runs, do. The kernel's choice of a free port
+    repeated itself about 130 times in 2000 choices."""
+    tests = Path(__file__).resolve().parent
+    code = (f"import sys; sys.path.insert(0, {str(tests)!r}); import harness; "
+            "print(*(harness.free_port() for _ in range(300)))")
+    askers = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+              for _ in range(3)]
+    ports = [int(port) for asker in askers for port in asker.communicate(timeout=60)[0].split()]
+    assert all(asker.returncode == 0 for asker in askers)
+    assert len(ports) == len(set(ports)) == 900
+    assert all(port in PORT_RANGE for port in ports)
 

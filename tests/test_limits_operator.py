@@ -20,6 +20,7 @@ from harness import (
     Cluster,
     GatewayProcess,
     RedisServer,
+    free_port,
     fresh_cluster,
     running_gateway,
     send_request,
@@ -125,7 +126,9 @@ def test_limits_set_writes_the_keys_the_gateway_applies_and_show_prints_them(env
     assert env.cli("limits", "set", "concurrency", "node", "none").returncode == 0
     assert redis.hget("rclone-gateway/concurrency", "node") is None
     wait_for(lambda: env.limits()["concurrency"]["node_cap"] is None, "the node cap removed")
-    down = env.cli("limits", "show", "--url", f"http://127.0.0.1:{env.gateway.port + 1}")
+    # a port nothing listens on: free_port() hands it to no other test either (the port
+    # after the gateway's was handed to the next gateway of the suite, in parallel)
+    down = env.cli("limits", "show", "--url", f"http://127.0.0.1:{free_port()}")
     assert down.returncode == 3
 
 
