@@ -145,7 +145,9 @@ class Mesh:
                 self.topology.blackhole(f"n{node}", STORAGE_HOST, on=False)
             for node in nodes:
                 if node in self.gateways and self.gateways[node].proc.poll() is None:
-                    self.wait_served(node, REMOTE, ("here", None), timeout=30)
+                    # both reach the storage host: its proxy, in the node's namespace, too
+                    for dest in (REMOTE, LINKED):
+                        self.wait_served(node, dest, ("here", None), timeout=30)
 
 
 def start_in(namespace: str, argv: list[str], log: Path) -> subprocess.Popen:
