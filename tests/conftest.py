@@ -51,16 +51,19 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter,
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "image: runs the built container image; only with "
                             "`-m image` (`make image-test`)")
+    config.addinivalue_line("markers", "serial: measures durations, rates or memory that "
+                            "other tests running beside it would change: `make test` runs "
+                            "these alone, after the others (`-m serial`)")
 
 
+@pytest.hookimpl(trylast=True)  # after the shuffle and after -m
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    # The image tests need `make image` first: left out unless -m asks for them.
-    if config.option.markexpr:
-        return
-    image = [item for item in items if item.get_closest_marker("image")]
-    if image:
-        config.hook.pytest_deselected(items=image)
-        items[:] = [item for item in items if not item.get_closest_marker("image")]
+    # The image tests need `make image` first: left out unless -m names them.
+    if "image" not in (config.option.markexpr or ""):
+        image = [item for item in items if item.get_closest_marker("image")]
+        if image:
+            config.hook.pytest_deselected(items=image)
+            items[:] = [item for item in items if not item.get_closest_marker("image")]
 
 
 @pytest.fixture(scope="session")

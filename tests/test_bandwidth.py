@@ -174,6 +174,7 @@ def mib(value: float) -> str:
 PEAK_GROWTH_BOUND_MIB = 40
 
 
+@pytest.mark.serial  # the gateway's peak RSS during the upload
 def test_an_upload_never_goes_faster_than_its_module_limit_and_streams(
         limits: Env) -> None:
     env, module = limits, "traefik1"
@@ -198,6 +199,7 @@ def test_an_upload_never_goes_faster_than_its_module_limit_and_streams(
         f"gateway peak RSS {peak:.0f} MiB during the upload, {rss_before:.0f} MiB before")
 
 
+@pytest.mark.serial  # the shares of two uploads, which load beside them skews
 def test_modules_under_a_shared_gateway_limit_get_even_shares(limits: Env) -> None:
     env, modules = limits, ("dokuwiki1", "mail1")
     for module in modules:
@@ -316,6 +318,7 @@ def test_a_download_never_goes_faster_than_the_gateway_limit(limits: Env) -> Non
         f"the 16 MiB/s limit allows ({needed:.0f} s); limit reported: {reported}")
 
 
+@pytest.mark.serial  # the rest of the upload timed against the new rate, 2x margin
 def test_a_limit_changed_in_redis_applies_to_the_upload_running(limits: Env) -> None:
     env, module = limits, "samba1"
     env.create_repository(module)

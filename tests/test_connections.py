@@ -240,6 +240,7 @@ def test_connection_cap_answers_503_without_a_request_handler(start_gateway: Sta
     run(scenario())
 
 
+@pytest.mark.serial  # the cut comes between 0.4 and 3 s after a 0.5 s timeout
 def test_incomplete_headers_are_cut_after_header_timeout(start_gateway: StartGateway) -> None:
     gateway = start_gateway(header_timeout=0.5)
 
@@ -365,6 +366,7 @@ def test_keep_alive_serves_requests_then_closes_when_idle(start_gateway: StartGa
     run(scenario())
 
 
+@pytest.mark.serial  # latencies under 3 s while dribblers are held
 @uvloop_only
 def test_header_dribblers_do_not_delay_legitimate_requests(start_gateway: StartGateway) -> None:
     # The dribblers and the measured client share this process with the server's thread:

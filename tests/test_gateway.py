@@ -654,6 +654,7 @@ def _file_sha256(path: Path) -> str:
 PEAK_RSS_BOUND_MIB = 110
 
 
+@pytest.mark.serial  # a bound on the gateway's peak RSS
 def test_one_gib_upload_streams_in_flat_memory(env: Env) -> None:
     size = 1024 * 1024 * 1024
     block_size = 1024 * 1024

@@ -608,6 +608,7 @@ class Upload(threading.Thread):
         return digest.hexdigest()
 
 
+@pytest.mark.serial  # the exit within 7 s of SIGTERM with a 4 s grace
 def test_sigterm_finishes_in_flight_within_grace_and_leaves_no_partial_object(
         live: Live) -> None:
     gateway = live.start_gateway("sigterm")

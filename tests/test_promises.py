@@ -691,6 +691,7 @@ def _tcp_open(host: str, port: int) -> bool:
 # --------------------------------------------------------------------------- restarting
 
 
+@pytest.mark.serial  # answers timed against the child's 4.5 s first backoff
 def test_a_restarting_backend_is_waited_for_then_503_with_retry_after(tmp_path: Path) -> None:
     """docs/operations.md: a request for a backend that is restarting waits for it up to
     5 s, then gets 503 with `Retry-After` rather than hanging.

@@ -178,8 +178,15 @@ def test_an_idle_healthy_remote_is_probed_at_most_once_a_minute(
     assert len(seen) <= 3, seen
 
 
+# A dark link is found down within the issue's 10 s, 8.1 s measured on an idle machine:
+# that margin is for the gateway, not for other tests' load (marker `serial`). Resets are
+# found in 0.1 s.
+DARK = pytest.mark.serial
+
+
 @pytest.mark.parametrize(("fault", "dark_after_found"),
-                         [("blackhole", 0.0), ("blackhole", 2.5), ("reset", 0.0)])
+                         [pytest.param("blackhole", 0.0, marks=DARK),
+                          pytest.param("blackhole", 2.5, marks=DARK), ("reset", 0.0)])
 def test_a_remote_that_goes_down_is_found_within_seconds_and_found_back(
         s3: S3Storage, cluster: Cluster, start_node: Callable[..., Node], fault: str,
         dark_after_found: float) -> None:

@@ -610,6 +610,7 @@ print(json.dumps({"waited": [closed[i] - opened[i] for i in sorted(closed)],
 """
 
 
+@pytest.mark.serial  # latencies against a baseline taken just before
 def test_300_slow_header_connections_are_dropped_and_do_not_delay_others(
     env: Env, bob_repo: str
 ) -> None:

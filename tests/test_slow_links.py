@@ -376,6 +376,7 @@ def held_state(env: Env, uploads: list[HeldUpload]) -> tuple[int, int, int]:
     return in_flight, reserved, partial
 
 
+@pytest.mark.serial  # a bound on the peak RSS and on the time to clean up
 def test_shaped_uploads_hold_little_memory_and_leave_at_once(env: Env) -> None:
     """50 uploads under a 1M shared upload limit: the gateway's peak RSS stays under
     100 MiB; then every client resets its connection at once, and within 2 s no slot, no
