@@ -54,6 +54,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "serial: measures durations, rates or memory that "
                             "other tests running beside it would change: `make test` runs "
                             "these alone, after the others (`-m serial`)")
+    config.addinivalue_line("markers", "long(seconds): lasts about that long, mostly "
+                            "waiting; the parallel pass starts it first")
 
 
 @pytest.hookimpl(trylast=True)  # after the shuffle and after -m
@@ -64,6 +66,48 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if image:
             config.hook.pytest_deselected(items=image)
             items[:] = [item for item in items if not item.get_closest_marker("image")]
+    workerinput = getattr(config, "workerinput", None)  # an xdist worker's
+    if workerinput is not None and workerinput.get("dist") == "worksteal":
+        _long_tests_first(items, int(workerinput["workercount"]))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node) -> None:  # xdist's main process, for each worker
+    node.workerinput["dist"] = node.config.getoption("dist")  # a worker's own says "no"
+
+
+def _long_tests_first(items: list[pytest.Item], workers: int) -> None:
+    """xdist's worksteal hands each worker a run of the collection, the runs in turn, and
+    an idle worker takes half of the tail of the longest queue: a test of minutes that
+    comes late in a run makes the whole pass wait for it. The tests marked `long` go to the
+    heads of the runs instead, the longest first, each to the run with the fewest seconds
+    so far. Every worker computes the same order (it is a function of the shuffled
+    collection and of the worker count): xdist checks that they agree."""
+    def seconds(item: pytest.Item) -> float:
+        marker = item.get_closest_marker("long")
+        return float(marker.args[0]) if marker is not None else 0.0
+
+    long = sorted((item for item in items if seconds(item)), key=seconds, reverse=True)
+    if not long or workers < 2:
+        return
+    rest = [item for item in items if not seconds(item)]
+    sizes, left = [], len(items)  # the runs as worksteal cuts them
+    for worker in range(workers):
+        sizes.append(left // (workers - worker))
+        left -= sizes[-1]
+    heads: list[list[pytest.Item]] = [[] for _ in range(workers)]
+    planned = [0.0] * workers
+    for item in long:
+        worker = min((w for w in range(workers) if len(heads[w]) < sizes[w]),
+                     key=lambda w: planned[w])
+        heads[worker].append(item)
+        planned[worker] += seconds(item)
+    ordered: list[pytest.Item] = []
+    for worker in range(workers):
+        take = sizes[worker] - len(heads[worker])
+        ordered += heads[worker] + rest[:take]
+        rest = rest[take:]
+    items[:] = ordered
 
 
 @pytest.fixture(scope="session")

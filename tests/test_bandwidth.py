@@ -245,6 +245,7 @@ def test_modules_under_a_shared_gateway_limit_get_even_shares(limits: Env) -> No
         f"shares {shares} of {[mib(m) for m in moved_each]} in {window:.1f} s")
 
 
+@pytest.mark.long(45)
 def test_a_schedule_switching_the_limit_off_lifts_it_mid_upload(limits: Env) -> None:
     env, module = limits, "ldap1"
     env.create_repository(module)

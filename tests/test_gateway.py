@@ -212,6 +212,7 @@ def changes(before: dict[str, str], after: dict[str, str]) -> dict[str, list[str
     }
 
 
+@pytest.mark.long(60)
 def test_refused_restic_operations_leave_repositories_unchanged(env: Env, tmp_path: Path) -> None:
     """forget and prune as a module, and a backup into a granted repository, all fail.
 

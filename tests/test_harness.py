@@ -11,6 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from conftest import _long_tests_first
 from harness import (
     PORT_RANGE,
     Cluster,
@@ -150,3 +151,23 @@ def test_free_port_never_hands_out_a_port_twice_to_processes_asking_at_once() ->
     assert len(ports) == len(set(ports)) == 900
     assert all(port in PORT_RANGE for port in ports)
 
+
+def test_long_tests_go_to_the_heads_of_the_runs_worksteal_hands_out() -> None:
+    class Item:
+        def __init__(self, name: str, seconds: float = 0.0) -> None:
+            self.name, self.seconds = name, seconds
+
+        def get_closest_marker(self, name: str) -> pytest.Mark | None:
+            return pytest.mark.long(self.seconds).mark if self.seconds else None
+
+    items = [Item(f"t{i}") for i in range(20)]
+    for position, seconds in ((3, 30.0), (17, 150.0), (9, 100.0), (12, 60.0), (0, 50.0)):
+        items[position].seconds = seconds
+    ordered = list(items)
+    _long_tests_first(ordered, 3)  # type: ignore[arg-type]
+    assert sorted(i.name for i in ordered) == sorted(i.name for i in items)
+    runs = [ordered[0:6], ordered[6:13], ordered[13:20]]  # 20 // 3, 14 // 2, 7
+    assert [[i.seconds for i in run if i.seconds] for run in runs] == [
+        [150.0], [100.0, 30.0], [60.0, 50.0]]
+    assert all(run[0].seconds for run in runs)
+    assert [i.name for i in ordered if not i.seconds] == [i.name for i in items if not i.seconds]

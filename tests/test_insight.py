@@ -218,6 +218,7 @@ def test_status_is_for_nodes_only(env: Env) -> None:
     assert env.request("GET", "/status")[0] == 401
 
 
+@pytest.mark.long(25)
 def test_the_status_page_in_a_browser_marks_the_stale_repository(
         env: Env, tmp_path: Path) -> None:
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -443,6 +443,7 @@ def test_added_destination_is_served_and_broken_ones_do_not_stop_the_others(
              "the extra destinations to go", 20)
 
 
+@pytest.mark.long(45)
 def test_backup_runs_through_20_destination_changes_and_sighups(live: Live) -> None:
     """256 MiB, throttled to at least 36 s, while the destinations change 20 times."""
     module_uuid = str(uuidlib.uuid4())
@@ -492,6 +493,7 @@ def test_backup_runs_through_20_destination_changes_and_sighups(live: Live) -> N
     live.cluster.publish("acl-changed")
 
 
+@pytest.mark.long(20)
 def test_backup_survives_redis_stopped_for_10s(live: Live) -> None:
     module_uuid = str(uuidlib.uuid4())
     repo = new_repository(live, module_uuid)
@@ -529,6 +531,7 @@ def test_backup_survives_redis_stopped_for_10s(live: Live) -> None:
     live.cluster.publish("acl-changed")
 
 
+@pytest.mark.long(20)
 def test_killed_children_are_restarted_during_a_backup(live: Live) -> None:
     module_uuid = str(uuidlib.uuid4())
     repo = new_repository(live, module_uuid)

@@ -529,6 +529,7 @@ def containerfile_instructions(path: Path) -> list[tuple[str, str]]:
     return out
 
 
+@pytest.mark.long(20)
 def test_container_install_steps_give_a_working_command(tmp_path: Path) -> None:
     containerfile = REPO_ROOT / "containers" / "Containerfile"
     steps = containerfile_instructions(containerfile)

@@ -257,6 +257,7 @@ def expect_continue_upload(env: Env, who: tuple[str, str], path: str,
 # --------------------------------------------------------------------------- the scenario
 
 
+@pytest.mark.long(65)
 def test_a_module_over_its_quota_fails_keeps_its_backup_and_runs_again_after_the_node_prunes(
         env: Env, tmp_path: Path) -> None:
     module = "traefik1"
@@ -591,6 +592,7 @@ def test_restic_init_backup_and_unlock_pass_the_size_limit(env: Env, tmp_path: P
 # --------------------------------------------------------------------------- whole repositories
 
 
+@pytest.mark.long(60)
 def test_a_repository_the_node_deletes_or_moves_whole_holds_nothing_after(
         env: Env, tmp_path: Path) -> None:
     """Issue "Real links and real storage", 8: after a node's WebDAV DELETE of a repository

@@ -158,6 +158,7 @@ class Pending(threading.Thread):
 IDLE_WINDOW = 150.0  # 2.5 minutes at the default cadence
 
 
+@pytest.mark.long(155)
 def test_an_idle_healthy_remote_is_probed_at_most_once_a_minute(
         s3: S3Storage, cluster: Cluster, start_node: Callable[..., Node]) -> None:
     """Remote storage is billed per request: while healthy, one cheap request a minute
@@ -246,6 +247,7 @@ def probes_among(requests: list[SeenRequest], bucket: str) -> list[SeenRequest]:
     return [r for r in requests if is_probe(r)]
 
 
+@pytest.mark.long(30)
 def test_long_transfers_bring_no_probe_forward(
         s3: S3Storage, cluster: Cluster, start_node: Callable[..., Node]) -> None:
     """An upload whose body flows for seconds and a download that streams for seconds are
@@ -284,6 +286,7 @@ def test_long_transfers_bring_no_probe_forward(
     assert probes == [], probes
 
 
+@pytest.mark.long(25)
 def test_an_upload_under_way_is_not_given_up_when_a_probe_fails(
         s3: S3Storage, cluster: Cluster, start_node: Callable[..., Node]) -> None:
     """Its body is gone: it cannot be sent again, so a probe that finds the storage
@@ -339,6 +342,7 @@ def test_an_upload_under_way_is_not_given_up_when_a_probe_fails(
 # --------------------------------------------------------------------------- slow remote
 
 
+@pytest.mark.long(35)
 def test_restic_018_works_against_a_slow_s3_remote(
         s3: S3Storage, cluster: Cluster, start_node: Callable[..., Node],
         tmp_path: Path) -> None:
@@ -387,6 +391,7 @@ LISTED_OBJECTS = 20_000
 SLOW_LISTING_RATE = 100_000  # bytes per second
 
 
+@pytest.mark.long(100)
 def test_a_listing_whose_first_byte_comes_after_30_s_is_answered(
         cluster: Cluster, start_node: Callable[..., Node], tmp_path: Path) -> None:
     # A storage of its own, started once the objects are there: `rclone serve s3` keeps

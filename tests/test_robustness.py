@@ -153,6 +153,7 @@ def test_webdav_child_stays_idle_and_prompt_after_a_node_webdav_mix(env: Env) ->
 # --------------------------------------------------------------------------- 2: one 500
 
 
+@pytest.mark.long(20)
 def test_backend_500s_do_not_take_the_destination_away(env: Env, tmp_path: Path) -> None:
     module_uuid = str(uuidlib.uuid4())
     env.cluster.set_module("traefik2", module_uuid)

@@ -221,6 +221,7 @@ def rss_kib(pid: int, field: str) -> int:
 # --------------------------------------------------------------------------- tests
 
 
+@pytest.mark.long(68)
 def test_slow_clients_are_stored_byte_for_byte(env: Env) -> None:
     """A node's 64 MiB WebDAV PUT at 1 MB/s, a module's 40 MiB restic object at 1 MB/s
     and a 16 MiB object under a 256K module limit: each takes a minute or more, far
