@@ -1,13 +1,19 @@
 from __future__ import annotations
 
 import os
-import signal
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness import RESTIC_BINARIES, Cluster, GatewayProcess, RedisServer
+from harness import (
+    RESTIC_BINARIES,
+    Cluster,
+    GatewayProcess,
+    RedisServer,
+    fresh_cluster,
+    stop_gateways,
+)
+from identities import NODE_ID
 
 # In CI, and wherever the suite runs as root (as `make test` does on a node), the machine is
 # expected to run every test: a skip there hides a test that could have failed.
@@ -45,16 +51,63 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter,
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "image: runs the built container image; only with "
                             "`-m image` (`make image-test`)")
+    config.addinivalue_line("markers", "serial: measures durations, rates or memory that "
+                            "other tests running beside it would change: `make test` runs "
+                            "these alone, after the others (`-m serial`)")
+    config.addinivalue_line("markers", "long(seconds): lasts about that long, mostly "
+                            "waiting; the parallel pass starts it first")
 
 
+@pytest.hookimpl(trylast=True)  # after the shuffle and after -m
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    # The image tests need `make image` first: left out unless -m asks for them.
-    if config.option.markexpr:
+    # The image tests need `make image` first: left out unless -m names them.
+    if "image" not in (config.option.markexpr or ""):
+        image = [item for item in items if item.get_closest_marker("image")]
+        if image:
+            config.hook.pytest_deselected(items=image)
+            items[:] = [item for item in items if not item.get_closest_marker("image")]
+    workerinput = getattr(config, "workerinput", None)  # an xdist worker's
+    if workerinput is not None and workerinput.get("dist") == "worksteal":
+        _long_tests_first(items, int(workerinput["workercount"]))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node) -> None:  # xdist's main process, for each worker
+    node.workerinput["dist"] = node.config.getoption("dist")  # a worker's own says "no"
+
+
+def _long_tests_first(items: list[pytest.Item], workers: int) -> None:
+    """xdist's worksteal hands each worker a run of the collection, the runs in turn, and
+    an idle worker takes half of the tail of the longest queue: a test of minutes that
+    comes late in a run makes the whole pass wait for it. The tests marked `long` go to the
+    heads of the runs instead, the longest first, each to the run with the fewest seconds
+    so far. Every worker computes the same order (it is a function of the shuffled
+    collection and of the worker count): xdist checks that they agree."""
+    def seconds(item: pytest.Item) -> float:
+        marker = item.get_closest_marker("long")
+        return float(marker.args[0]) if marker is not None else 0.0
+
+    long = sorted((item for item in items if seconds(item)), key=seconds, reverse=True)
+    if not long or workers < 2:
         return
-    image = [item for item in items if item.get_closest_marker("image")]
-    if image:
-        config.hook.pytest_deselected(items=image)
-        items[:] = [item for item in items if not item.get_closest_marker("image")]
+    rest = [item for item in items if not seconds(item)]
+    sizes, left = [], len(items)  # the runs as worksteal cuts them
+    for worker in range(workers):
+        sizes.append(left // (workers - worker))
+        left -= sizes[-1]
+    heads: list[list[pytest.Item]] = [[] for _ in range(workers)]
+    planned = [0.0] * workers
+    for item in long:
+        worker = min((w for w in range(workers) if len(heads[w]) < sizes[w]),
+                     key=lambda w: planned[w])
+        heads[worker].append(item)
+        planned[worker] += seconds(item)
+    ordered: list[pytest.Item] = []
+    for worker in range(workers):
+        take = sizes[worker] - len(heads[worker])
+        ordered += heads[worker] + rest[:take]
+        rest = rest[take:]
+    items[:] = ordered
 
 
 @pytest.fixture(scope="session")
@@ -68,20 +121,17 @@ def redis_server() -> Iterator[RedisServer]:
 
 @pytest.fixture
 def cluster(redis_server: RedisServer) -> Iterator[Cluster]:
-    client = redis_server.client()
-    seeded = Cluster(client)
-    seeded.flush()
-    try:
+    with fresh_cluster(redis_server) as seeded:
         yield seeded
-    finally:
-        client.close()
 
 
 @pytest.fixture
 def gateway_factory(redis_server: RedisServer, tmp_path: Path):
+    """Starts gateways on the test's Redis; at the end stops them, and a process of theirs
+    that outlives them fails the test."""
     started: list[GatewayProcess] = []
 
-    def start_gateway(node_id: str | int = "1", *, redis_url: str | None = None,
+    def start_gateway(node_id: str | int = NODE_ID, *, redis_url: str | None = None,
                       workdir: Path | None = None, **kwargs) -> GatewayProcess:
         workdir = workdir or tmp_path / f"gateway{len(started)}"
         gateway = GatewayProcess.start(redis_url or redis_server.url, node_id, workdir, **kwargs)
@@ -91,13 +141,7 @@ def gateway_factory(redis_server: RedisServer, tmp_path: Path):
     try:
         yield start_gateway
     finally:
-        for gateway in started:
-            gateway.stop(signal.SIGTERM, timeout=20)
-            if killed := gateway.kill_leftovers():
-                warnings.warn(
-                    f"gateway {gateway.pid} left children {killed} behind (killed)",
-                    stacklevel=1,
-                )
+        stop_gateways(*started)
 
 
 @pytest.fixture(params=sorted(RESTIC_BINARIES))

@@ -7,9 +7,12 @@ test run leaves nothing behind.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import base64
 import contextlib
+import errno
+import fcntl
 import hashlib
 import http.client
 import json
@@ -22,16 +25,20 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 import redis
+from identities import NODE_ID
 from netns import inside, netns_exec
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT = 60.0
+WAIT_TIMEOUT = 30.0  # wait_for's deadline when a test names none
+
+T = TypeVar("T")
 
 _live: dict[int, subprocess.Popen] = {}
 
@@ -55,10 +62,79 @@ def _kill_everything_left() -> None:
             proc.wait()
 
 
+def _ports_below_the_ephemeral_range() -> range:
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    return range(max(1024, low - 12000), low)
+
+
+# Ports for the servers the tests start, handed out in turn by every test process of this
+# user on the machine (the xdist workers of a run, other runs): the file holds the last one
+# handed out, under a lock. Before, the kernel's choice of a free port (bind to port 0) was
+# random among the ephemeral ports: two processes, or one asking twice before the first
+# port was bound, got the same port now and then (2000 choices held about 130 repeats),
+# and a client's outgoing connection could take it too. Below the ephemeral range, in
+# turn, a port comes back only after the whole range was handed out.
+PORT_RANGE = _ports_below_the_ephemeral_range()
+PORT_REGISTRY = Path(tempfile.gettempdir()) / f"rclone-gateway-tests-{os.getuid()}.port"
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+    """A TCP port free on `host` now that no test process handed out lately (see
+    PORT_RANGE); the caller's server binds it."""
+    with open(PORT_REGISTRY, "a+") as registry:
+        fcntl.flock(registry, fcntl.LOCK_EX)
+        registry.seek(0)
+        try:
+            last = int(registry.read().strip())
+        except ValueError:
+            last = PORT_RANGE.start + os.getpid() % len(PORT_RANGE)
+        for step in range(1, len(PORT_RANGE) + 1):
+            port = PORT_RANGE[(last - PORT_RANGE.start + step) % len(PORT_RANGE)]
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                try:
+                    sock.bind((host, port))
+                except OSError as exc:
+                    if exc.errno == errno.EADDRINUSE:
+                        continue  # in use, or held by a connection that was closed
+                    raise
+            registry.seek(0)
+            registry.truncate()
+            registry.write(f"{port}\n")
+            registry.flush()
+            return port
+    raise RuntimeError(f"no free port in {PORT_RANGE} on {host}")
+
+
+def wait_for(predicate: Callable[[], T], what: str | Callable[[], str],
+             timeout: float = WAIT_TIMEOUT, *, interval: float = 0.1,
+             gateway: GatewayProcess | None = None) -> T:
+    """Calls `predicate` every `interval` s until it returns something true, and returns
+    that. After `timeout` s the test fails, waiting for `what`: a callable is asked then, to
+    tell the state it found; `gateway`: its log's tail is shown too."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            described = what() if callable(what) else what
+            tail = f"\n--- gateway log ---\n{gateway.log_text()[-4000:]}" if gateway else ""
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {described}{tail}")
+        time.sleep(interval)
+
+
+async def wait_until(predicate: Callable[[], object], what: str,
+                     timeout: float = WAIT_TIMEOUT, *, interval: float = 0.01) -> None:
+    """wait_for in a coroutine, for a test whose server runs in its own event loop: the
+    loop goes on while it waits."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        await asyncio.sleep(interval)
 
 
 def basic(user: str, password: str) -> str:
@@ -125,6 +201,26 @@ def wait_listening(host: str, port: int, proc: subprocess.Popen, *, netns: str |
             time.sleep(0.05)
         finally:
             sock.close()
+
+
+_short_dirs: list[Path] = []
+
+
+def short_dir(prefix: str) -> Path:
+    """A new directory with a short path, removed when the test process ends: the path of
+    a unix socket holds at most 107 bytes, and a test's tmp_path under xdist
+    (/tmp/pytest-of-<user>/pytest-<n>/popen-gw<i>/<test>/) leaves too few of them for the
+    sockets of a gateway's children (gen-<n>/restic-append-only.sock)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    _short_dirs.append(path)
+    return path
+
+
+@atexit.register
+def _remove_short_dirs() -> None:  # registered last, run first: the processes go before
+    _kill_everything_left()
+    for path in _short_dirs:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _stop_popen(proc: subprocess.Popen, sig: int, timeout: float) -> int:
@@ -242,10 +338,13 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return self.db_url(0)
 
-    def client(self) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port, db=0, decode_responses=True)
+    def db_url(self, db: int) -> str:
+        return f"redis://127.0.0.1:{self.port}/{db}"
+
+    def client(self, db: int = 0) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port, db=db, decode_responses=True)
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -500,7 +599,8 @@ class GatewayProcess:
     """`python -m gateway serve` as a child; use GatewayProcess.start(...)."""
 
     def __init__(self, argv: list[str], env: dict[str, str], workdir: Path,
-                 host: str, port: int, netns: str | None = None):
+                 host: str, port: int, netns: str | None = None,
+                 runtime_dir: Path | None = None):
         self.argv = argv
         self.netns = netns  # the network namespace it runs in (None: the test's own)
         self.env = env
@@ -508,7 +608,7 @@ class GatewayProcess:
         self.host = host
         self.port = port
         self.local_repo = workdir / "repo"
-        self.runtime_dir = workdir / "run"
+        self.runtime_dir = runtime_dir or workdir / "run"
         self.log_path = workdir / "gateway.log"
         self.proc: subprocess.Popen | None = None
         self.leftover_pids: list[int] = []
@@ -521,13 +621,14 @@ class GatewayProcess:
               netns: str | None = None) -> GatewayProcess:
         workdir = Path(workdir).resolve()
         port = free_port() if port is None else port
+        runtime_dir = short_dir("rgw-run-")
         prefix = netns_exec(netns) if netns else []
         argv = [*prefix, sys.executable, "-m", "gateway", "serve",
                 "--listen", f"{listen_host}:{port}",
                 "--redis-url", redis_url,
                 "--node-id", str(node_id),
                 "--local-repo", str(workdir / "repo"),
-                "--runtime-dir", str(workdir / "run"),
+                "--runtime-dir", str(runtime_dir),
                 *extra_args]
         full_env = dict(os.environ)
         full_env["PYTHONPATH"] = os.pathsep.join(
@@ -539,7 +640,7 @@ class GatewayProcess:
             else:
                 full_env[key] = value
         connect_host = "127.0.0.1" if listen_host in ("0.0.0.0", "", "::") else listen_host
-        gateway = cls(argv, full_env, workdir, connect_host, port, netns)
+        gateway = cls(argv, full_env, workdir, connect_host, port, netns, runtime_dir)
         gateway._launch()
         return gateway
 
@@ -701,6 +802,49 @@ class GatewayProcess:
                 pass
         self.leftover_pids = []
         return killed
+
+
+def stop_gateways(*gateways: GatewayProcess, sig: int = signal.SIGTERM,
+                  timeout: float = 20) -> list[int | None]:
+    """Stops each gateway (`sig`, SIGKILL after `timeout` s) and kills the processes of its
+    that outlive it; then any such process fails the test. Returns the exit codes."""
+    codes: list[int | None] = []
+    leftovers: dict[int, list[int]] = {}
+    for gateway in gateways:
+        codes.append(gateway.stop(sig, timeout))
+        if killed := gateway.kill_leftovers():
+            leftovers[gateway.pid] = killed
+        if gateway.runtime_dir in _short_dirs:
+            shutil.rmtree(gateway.runtime_dir, ignore_errors=True)
+    assert not leftovers, f"processes outlived their gateway (now killed): {leftovers}"
+    return codes
+
+
+@contextlib.contextmanager
+def running_gateway(redis_url: str, workdir: Path | str, node_id: str | int = NODE_ID,
+                    **kwargs) -> Iterator[GatewayProcess]:
+    """A gateway (GatewayProcess.start's arguments) for the block; stop_gateways after it."""
+    gateway = GatewayProcess.start(redis_url, node_id, workdir, **kwargs)
+    try:
+        yield gateway
+    finally:
+        stop_gateways(gateway)
+
+
+@contextlib.contextmanager
+def fresh_cluster(redis_server: RedisServer, db: int = 0) -> Iterator[Cluster]:
+    """The cluster's keys in database `db` of `redis_server`, empty at the start of the
+    block and at its end."""
+    client = redis_server.client(db)
+    cluster = Cluster(client)
+    cluster.flush()
+    try:
+        yield cluster
+    finally:
+        try:
+            cluster.flush()
+        finally:
+            client.close()
 
 
 # --------------------------------------------------------------------------- restic

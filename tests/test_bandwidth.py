@@ -23,17 +23,18 @@ from harness import (
     REST_ACCEPT,
     Blob,
     BlobUpload,
-    Cluster,
     GatewayProcess,
     ModuleRepositories,
     RedisServer,
     basic,
+    fresh_cluster,
+    running_gateway,
     send_request,
 )
+from identities import MODULE_PASSWORD as PASSWORD
+from identities import NODE
 
 DEST = "b0a1d000-8f8b-4c43-a1d3-7f3f5f7c1a01"
-NODE = ("node/1", "node-secret-1")
-PASSWORD = "module-secret"
 MODULES = {  # module id -> (app, uuid); one per test, none shared
     "traefik1": ("traefik", "b0a11111-2f87-4e7b-9a34-0a1d9f9e4b01"),
     "dokuwiki1": ("dokuwiki", "b0a12222-2f87-4e7b-9a34-0a1d9f9e4b02"),
@@ -87,24 +88,16 @@ class Env(ModuleRepositories):
 @pytest.fixture(scope="module")
 def env(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     workdir = tmp_path_factory.mktemp("bandwidth")
-    client = redis_server.client()
-    cluster = Cluster(client)
-    cluster.flush()
-    cluster.add_user(*NODE)
-    for module, (_, module_uuid) in MODULES.items():
-        cluster.add_user(f"module/{module}", PASSWORD)
-        cluster.set_module(module, module_uuid)
-    cluster.set_node_vpn(1, "10.5.4.1")
-    cluster.add_destination(DEST, provider="cluster", url="webdav:http://10.5.4.1:4694",
-                            name="local disk")
-    gateway = GatewayProcess.start(redis_server.url, "1", workdir)
-    try:
-        yield Env(gateway, cluster)
-    finally:
-        gateway.stop()
-        left = gateway.kill_leftovers()
-        client.close()
-        assert not left, f"the gateway left children behind: {left}"
+    with fresh_cluster(redis_server) as cluster:
+        cluster.add_user(*NODE)
+        for module, (_, module_uuid) in MODULES.items():
+            cluster.add_user(f"module/{module}", PASSWORD)
+            cluster.set_module(module, module_uuid)
+        cluster.set_node_vpn(1, "10.5.4.1")
+        cluster.add_destination(DEST, provider="cluster", url="webdav:http://10.5.4.1:4694",
+                                name="local disk")
+        with running_gateway(redis_server.url, workdir) as gateway:
+            yield Env(gateway, cluster)
 
 
 @pytest.fixture
@@ -181,6 +174,7 @@ def mib(value: float) -> str:
 PEAK_GROWTH_BOUND_MIB = 40
 
 
+@pytest.mark.serial  # the gateway's peak RSS during the upload
 def test_an_upload_never_goes_faster_than_its_module_limit_and_streams(
         limits: Env) -> None:
     env, module = limits, "traefik1"
@@ -205,6 +199,7 @@ def test_an_upload_never_goes_faster_than_its_module_limit_and_streams(
         f"gateway peak RSS {peak:.0f} MiB during the upload, {rss_before:.0f} MiB before")
 
 
+@pytest.mark.serial  # the shares of two uploads, which load beside them skews
 def test_modules_under_a_shared_gateway_limit_get_even_shares(limits: Env) -> None:
     env, modules = limits, ("dokuwiki1", "mail1")
     for module in modules:
@@ -250,6 +245,7 @@ def test_modules_under_a_shared_gateway_limit_get_even_shares(limits: Env) -> No
         f"shares {shares} of {[mib(m) for m in moved_each]} in {window:.1f} s")
 
 
+@pytest.mark.long(45)
 def test_a_schedule_switching_the_limit_off_lifts_it_mid_upload(limits: Env) -> None:
     env, module = limits, "ldap1"
     env.create_repository(module)
@@ -323,6 +319,7 @@ def test_a_download_never_goes_faster_than_the_gateway_limit(limits: Env) -> Non
         f"the 16 MiB/s limit allows ({needed:.0f} s); limit reported: {reported}")
 
 
+@pytest.mark.serial  # the rest of the upload timed against the new rate, 2x margin
 def test_a_limit_changed_in_redis_applies_to_the_upload_running(limits: Env) -> None:
     env, module = limits, "samba1"
     env.create_repository(module)

@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable, Iterator
 import pytest
 import uvloop
 from aiohttp import web
+from harness import wait_until
 
 from gateway.edge.admission import GuardedProtocolFactory, guarded_protocol_factory
 
@@ -16,6 +17,7 @@ DOWNLOAD_CHUNK = 64 * 1024
 DOWNLOAD_CHUNKS = 10
 DOWNLOAD_PAUSE = 0.15
 FINISH_LATE = 0.5
+SOON = 3.0  # seconds: a connection the gateway holds or ends, counted
 
 
 async def handle(request: web.BaseRequest) -> web.StreamResponse:
@@ -186,13 +188,6 @@ async def read_until_closed(reader: asyncio.StreamReader, timeout: float) -> byt
         return b"<reset>"
 
 
-async def wait_for(predicate: Callable[[], bool], timeout: float = 3.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
-
-
 async def close(writer: asyncio.StreamWriter) -> None:
     writer.close()
     with contextlib.suppress(ConnectionError):
@@ -208,7 +203,7 @@ def test_connection_cap_answers_503_without_a_request_handler(start_gateway: Sta
 
     async def scenario() -> None:
         admitted = [await connect(gateway) for _ in range(3)]
-        await wait_for(lambda: gateway.count == 3)
+        await wait_until(lambda: gateway.count == 3, "3 connections open", SOON)
 
         reader, writer = await connect(gateway)
         writer.write(request_bytes())
@@ -232,19 +227,20 @@ def test_connection_cap_answers_503_without_a_request_handler(start_gateway: Sta
             assert (await read_response(reader))[0] == 200
         for _, writer in admitted:
             await close(writer)
-        await wait_for(lambda: gateway.count == 0)
+        await wait_until(lambda: gateway.count == 0, "no connection open", SOON)
 
         # room again once they are gone
         reader, writer = await connect(gateway)
         writer.write(request_bytes())
         assert (await read_response(reader))[0] == 200
         await close(writer)
-        await wait_for(lambda: gateway.count == 0)
+        await wait_until(lambda: gateway.count == 0, "no connection open", SOON)
         assert gateway.server.handlers_created == 4
 
     run(scenario())
 
 
+@pytest.mark.serial  # the cut comes between 0.4 and 3 s after a 0.5 s timeout
 def test_incomplete_headers_are_cut_after_header_timeout(start_gateway: StartGateway) -> None:
     gateway = start_gateway(header_timeout=0.5)
 
@@ -272,7 +268,7 @@ def test_incomplete_headers_are_cut_after_header_timeout(start_gateway: StartGat
         assert b"\r\nConnection: close\r\n" in partial_received
         assert 0.4 < silent_elapsed < 3.0
         assert silent_received == b""
-        await wait_for(lambda: gateway.count == 0)
+        await wait_until(lambda: gateway.count == 0, "no connection open", SOON)
         assert gateway.factory is not None and gateway.factory.timed_out == 2
 
     run(scenario())
@@ -365,11 +361,12 @@ def test_keep_alive_serves_requests_then_closes_when_idle(start_gateway: StartGa
             status, _, body = await read_response(reader)
             assert (status, body) == (200, expected)
         await close(writer)
-        await wait_for(lambda: gateway.count == 0)
+        await wait_until(lambda: gateway.count == 0, "no connection open", SOON)
 
     run(scenario())
 
 
+@pytest.mark.serial  # latencies under 3 s while dribblers are held
 @uvloop_only
 def test_header_dribblers_do_not_delay_legitimate_requests(start_gateway: StartGateway) -> None:
     # The dribblers and the measured client share this process with the server's thread:
@@ -401,7 +398,7 @@ def test_header_dribblers_do_not_delay_legitimate_requests(start_gateway: StartG
     async def scenario() -> None:
         stop = asyncio.Event()
         tasks = [asyncio.create_task(dribble(stop)) for _ in range(dribblers)]
-        await wait_for(lambda: gateway.count >= dribblers, timeout=5.0)
+        await wait_until(lambda: gateway.count >= dribblers, "the dribblers connected", 5.0)
         latencies = []
         for _ in range(8):
             latencies.append(await legitimate())
@@ -410,7 +407,7 @@ def test_header_dribblers_do_not_delay_legitimate_requests(start_gateway: StartG
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
         assert max(latencies) < 3.0, latencies
-        await wait_for(lambda: gateway.count == 0)
+        await wait_until(lambda: gateway.count == 0, "no connection open", SOON)
         assert gateway.factory is not None and gateway.factory.timed_out == 0
 
     run(scenario())

@@ -11,7 +11,7 @@ import random
 import socket
 import time
 import uuid as uuidlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,25 +23,31 @@ from harness import (
     GatewayProcess,
     RedisServer,
     basic,
+    fresh_cluster,
     raw_request,
     restic,
+    running_gateway,
     send_request,
+    wait_for,
+)
+from identities import (
+    DEST,
+    DOKUWIKI,
+    DOKUWIKI_UUID,
+    LDAP,
+    LDAP_UUID,
+    MAIL,
+    MAIL_UUID,
+    NODE,
+    REMOTE_DEST,
+    TRAEFIK,
+    TRAEFIK_UUID,
 )
 
-DEST = "0d2b7ab6-8f8b-4c43-a1d3-7f3f5f7c1a01"
-REMOTE_DEST = "3f9c0e55-1b2a-4d6e-9f70-aa11bb22cc33"
 PEER_DEST = "6a6a6a6a-1b2a-4d6e-9f70-aa11bb22cc33"
-NODE = ("node/1", "node-secret-1")
-TRAEFIK = ("module/traefik1", "traefik-secret")
-TRAEFIK_UUID = "5c1d6c1e-2f87-4e7b-9a34-0a1d9f9e4b01"
-DOKU_OLD = ("module/dokuwiki1", "doku1-secret")
-DOKU_OLD_UUID = "9e2f4d10-3c55-4b0d-8f4e-5a6b7c8d9e02"
+DOKU_OLD, DOKU_OLD_UUID = DOKUWIKI, DOKUWIKI_UUID  # the first of two, see DOKU_NEW
 DOKU_NEW = ("module/dokuwiki2", "doku2-secret")
 DOKU_NEW_UUID = "11112222-3c55-4b0d-8f4e-5a6b7c8d9e03"
-MAIL = ("module/mail1", "mail-secret")
-MAIL_UUID = "a1a1a1a1-0000-4000-8000-000000000001"
-LDAP = ("module/ldap1", "ldap-secret")
-LDAP_UUID = "b2b2b2b2-0000-4000-8000-000000000002"
 WIKI_OLD = ("module/wiki1", "wiki1-secret")
 WIKI_OLD_UUID = "c3c3c3c3-0000-4000-8000-000000000003"
 WIKI_NEW = ("module/wiki2", "wiki2-secret")
@@ -94,54 +100,36 @@ def env(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> 
     workdir = tmp_path_factory.mktemp("gw")
     remote_dir = workdir / "remote-storage"
     remote_dir.mkdir()
-    client = redis_server.client()
-    cluster = Cluster(client)
-    cluster.flush()
-    for who in (NODE, TRAEFIK, DOKU_OLD, DOKU_NEW, MAIL, LDAP, WIKI_OLD, WIKI_NEW, RETAIN, APPEND,
-                UPLOAD):
-        cluster.add_user(*who)
-    for who, module_uuid in ((MAIL, MAIL_UUID), (LDAP, LDAP_UUID), (WIKI_OLD, WIKI_OLD_UUID),
-                             (WIKI_NEW, WIKI_NEW_UUID), (RETAIN, RETAIN_UUID),
-                             (APPEND, APPEND_UUID), (UPLOAD, UPLOAD_UUID)):
-        cluster.set_module(who[0].removeprefix("module/"), module_uuid)
-    cluster.grant_restore(WIKI_NEW_UUID, WIKI_OLD_UUID)
-    cluster.add_user(OFF_USER[0], OFF_USER[1], enabled=False)
-    cluster.add_user(NOPASS_USER[0], None, nopass=True)
-    cluster.set_module("traefik1", TRAEFIK_UUID)
-    cluster.set_module("dokuwiki1", DOKU_OLD_UUID)
-    cluster.set_module("dokuwiki2", DOKU_NEW_UUID)
-    cluster.set_module("nextcloud1", str(uuidlib.uuid4()))
-    cluster.set_module("samba1", str(uuidlib.uuid4()))
-    cluster.grant_restore(DOKU_NEW_UUID, DOKU_OLD_UUID)
-    cluster.set_node_vpn(1, "10.5.4.1")
-    cluster.set_node_vpn(2, "10.5.4.2")
-    cluster.set_network("10.5.4.0/24")
-    cluster.add_destination(DEST, provider="cluster", url="webdav:http://10.5.4.1:4694",
-                            name="local")
-    cluster.add_destination(
-        REMOTE_DEST, provider="rclone", url="rclone:local", name="remote",
-        basepath=str(remote_dir),
-        rclone_conf=f"[{REMOTE_DEST}]\ntype = local\n",
-    )
-    cluster.add_destination(PEER_DEST, provider="cluster", url="webdav:http://10.5.4.2:4694")
-    gateway = GatewayProcess.start(redis_server.url, "1", workdir)
-    try:
-        yield Env(gateway, cluster, remote_dir)
-    finally:
-        gateway.stop()
-        leftovers = gateway.kill_leftovers()
-        client.close()
-        assert not leftovers, f"processes outlived the gateway: {leftovers}"
-
-
-def wait_for(predicate: Callable[[], object], timeout: float, what: str,
-             interval: float = 0.05) -> object:
-    """Polls `predicate` until it returns something true (returned); fails after `timeout` s."""
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        assert time.monotonic() < deadline, f"timed out after {timeout:.0f} s waiting for {what}"
-        time.sleep(interval)
-    return value
+    with fresh_cluster(redis_server) as cluster:
+        for who in (NODE, TRAEFIK, DOKU_OLD, DOKU_NEW, MAIL, LDAP, WIKI_OLD, WIKI_NEW, RETAIN,
+                    APPEND, UPLOAD):
+            cluster.add_user(*who)
+        for who, module_uuid in ((MAIL, MAIL_UUID), (LDAP, LDAP_UUID), (WIKI_OLD, WIKI_OLD_UUID),
+                                 (WIKI_NEW, WIKI_NEW_UUID), (RETAIN, RETAIN_UUID),
+                                 (APPEND, APPEND_UUID), (UPLOAD, UPLOAD_UUID)):
+            cluster.set_module(who[0].removeprefix("module/"), module_uuid)
+        cluster.grant_restore(WIKI_NEW_UUID, WIKI_OLD_UUID)
+        cluster.add_user(OFF_USER[0], OFF_USER[1], enabled=False)
+        cluster.add_user(NOPASS_USER[0], None, nopass=True)
+        cluster.set_module("traefik1", TRAEFIK_UUID)
+        cluster.set_module("dokuwiki1", DOKU_OLD_UUID)
+        cluster.set_module("dokuwiki2", DOKU_NEW_UUID)
+        cluster.set_module("nextcloud1", str(uuidlib.uuid4()))
+        cluster.set_module("samba1", str(uuidlib.uuid4()))
+        cluster.grant_restore(DOKU_NEW_UUID, DOKU_OLD_UUID)
+        cluster.set_node_vpn(1, "10.5.4.1")
+        cluster.set_node_vpn(2, "10.5.4.2")
+        cluster.set_network("10.5.4.0/24")
+        cluster.add_destination(DEST, provider="cluster", url="webdav:http://10.5.4.1:4694",
+                                name="local")
+        cluster.add_destination(
+            REMOTE_DEST, provider="rclone", url="rclone:local", name="remote",
+            basepath=str(remote_dir),
+            rclone_conf=f"[{REMOTE_DEST}]\ntype = local\n",
+        )
+        cluster.add_destination(PEER_DEST, provider="cluster", url="webdav:http://10.5.4.2:4694")
+        with running_gateway(redis_server.url, workdir) as gateway:
+            yield Env(gateway, cluster, remote_dir)
 
 
 def access_lines(env: Env) -> list[dict]:
@@ -161,7 +149,7 @@ def move_module(env: Env, who: tuple[str, str], to_uuid: str, from_uuid: str) ->
     env.cluster.set_module(who[0].removeprefix("module/"), to_uuid)
     env.cluster.publish("acl-changed")
     wait_for(lambda: (repo_status(env, who, to_uuid), repo_status(env, who, from_uuid))
-             == (200, 403), 30, f"{who[0]} to own {to_uuid} instead of {from_uuid}")
+             == (200, 403), f"{who[0]} to own {to_uuid} instead of {from_uuid}", 30)
 
 
 @contextlib.contextmanager
@@ -224,6 +212,7 @@ def changes(before: dict[str, str], after: dict[str, str]) -> dict[str, list[str
     }
 
 
+@pytest.mark.long(60)
 def test_refused_restic_operations_leave_repositories_unchanged(env: Env, tmp_path: Path) -> None:
     """forget and prune as a module, and a backup into a granted repository, all fail.
 
@@ -472,7 +461,7 @@ REPO = f"/{DEST}/traefik/{TRAEFIK_UUID}"
         (OFF_USER, "GET", "/", False, {401}),
         (NOPASS_USER, "GET", "/", False, {401}),
         (("module/ghost1", "x"), "GET", "/", False, {401}),
-        (("node/1", "wrong"), "GET", "/", False, {401}),
+        ((NODE[0], "wrong"), "GET", "/", False, {401}),
         (("admin", "x"), "GET", "/", False, {401}),
         (None, "GET", f"{REPO}/config", True, {401}),
         (NODE, "GET", f"/{PEER_DEST}/x/y/config", True, {503}),
@@ -487,7 +476,7 @@ def test_callers(env: Env, who, method: str, path: str, rest: bool, expected: se
 
 
 def test_no_password_or_authorization_reaches_the_log(env: Env) -> None:
-    env.request("GET", "/", ("node/1", "wrong-password-xyz"))
+    env.request("GET", "/", (NODE[0], "wrong-password-xyz"))
     log = env.gateway.log_text()
     for secret in (NODE[1], TRAEFIK[1], "wrong-password-xyz", basic(*NODE)):
         assert secret not in log
@@ -551,8 +540,8 @@ def test_new_module_authenticates_after_acl_event_without_backend_restart(env: E
     env.cluster.add_user(*who)
     env.cluster.set_module("wiki7", str(uuidlib.uuid4()))
     env.cluster.publish("acl-changed")
-    wait_for(lambda: env.request("PROPFIND", "/", who, headers={"Depth": "0"})[0] == 207, 30,
-             "the new module to authenticate")
+    wait_for(lambda: env.request("PROPFIND", "/", who, headers={"Depth": "0"})[0] == 207,
+             "the new module to authenticate", 30)
     assert env.gateway.rclone_serve_pids() == before
 
 
@@ -585,10 +574,10 @@ def test_aborted_upload_leaves_no_partial_object(env: Env) -> None:
     with socket.create_connection(("127.0.0.1", env.gateway.port)) as sock:
         sock.sendall(head + content[: len(content) // 2])
         # the upload is under way: the backend has started writing the object
-        wait_for(lambda: any(size > 0 for size in partial_sizes()), 30,
-                 "the partial object to be written")
-    wait_for(posts, 30, "the access line of the aborted upload")
-    wait_for(lambda: not partial_sizes(), 30, "the partial object to be removed")
+        wait_for(lambda: any(size > 0 for size in partial_sizes()),
+                 "the partial object to be written", 30)
+    wait_for(posts, "the access line of the aborted upload", 30)
+    wait_for(lambda: not partial_sizes(), "the partial object to be removed", 30)
     assert env.request("HEAD", f"{base}/config", NODE, rest=True)[0] == 200
     assert not stored_object(env, "traefik", module_uuid, "data", object_id).exists()
     status, _, _ = env.request("HEAD", f"{base}/data/{object_id}", NODE, rest=True)
@@ -718,6 +707,7 @@ def _file_sha256(path: Path) -> str:
 PEAK_RSS_BOUND_MIB = 110
 
 
+@pytest.mark.serial  # a bound on the gateway's peak RSS
 def test_one_gib_upload_streams_in_flat_memory(env: Env) -> None:
     size = 1024 * 1024 * 1024
     block_size = 1024 * 1024

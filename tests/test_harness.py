@@ -1,13 +1,28 @@
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
-from harness import Cluster, RedisServer, basic, free_port, raw_request, restic
+from conftest import _long_tests_first
+from harness import (
+    PORT_RANGE,
+    Cluster,
+    RedisServer,
+    basic,
+    free_port,
+    raw_request,
+    restic,
+    wait_for,
+    wait_until,
+)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -107,3 +122,52 @@ def test_restic_runs_the_real_client(tmp_path) -> None:
     assert restic(repo, "snapshots", "--json").stdout.strip() == "[]"
     failed = restic(repo, "snapshots", password="wrong", check=False)
     assert failed.returncode != 0
+
+
+def test_wait_for_returns_the_first_true_value_or_fails_saying_what_it_waited_for() -> None:
+    values = iter([0, "", None, "found", "later"])
+    assert wait_for(lambda: next(values), "a value", 5, interval=0.01) == "found"
+    looks: list[int] = []
+    with pytest.raises(AssertionError) as failed:  # `what` is asked when the time is up
+        wait_for(lambda: looks.append(1), lambda: f"the state after {len(looks)} looks", 0.2,
+                 interval=0.01)
+    assert len(looks) >= 2
+    assert (f"timed out after 0.2 s waiting for the state after {len(looks)} looks"
+            in str(failed.value))
+    with pytest.raises(AssertionError, match=r"waiting for nothing"):
+        asyncio.run(wait_until(lambda: False, "nothing", 0.1))
+
+
+def test_free_port_never_hands_out_a_port_twice_to_processes_asking_at_once() -> None:
+    """As the xdist workers of a run, or two runs, do. The kernel's choice of a free port
+    repeated itself about 130 times in 2000 choices."""
+    tests = Path(__file__).resolve().parent
+    code = (f"import sys; sys.path.insert(0, {str(tests)!r}); import harness; "
+            "print(*(harness.free_port() for _ in range(300)))")
+    askers = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+              for _ in range(3)]
+    ports = [int(port) for asker in askers for port in asker.communicate(timeout=60)[0].split()]
+    assert all(asker.returncode == 0 for asker in askers)
+    assert len(ports) == len(set(ports)) == 900
+    assert all(port in PORT_RANGE for port in ports)
+
+
+def test_long_tests_go_to_the_heads_of_the_runs_worksteal_hands_out() -> None:
+    class Item:
+        def __init__(self, name: str, seconds: float = 0.0) -> None:
+            self.name, self.seconds = name, seconds
+
+        def get_closest_marker(self, name: str) -> pytest.Mark | None:
+            return pytest.mark.long(self.seconds).mark if self.seconds else None
+
+    items = [Item(f"t{i}") for i in range(20)]
+    for position, seconds in ((3, 30.0), (17, 150.0), (9, 100.0), (12, 60.0), (0, 50.0)):
+        items[position].seconds = seconds
+    ordered = list(items)
+    _long_tests_first(ordered, 3)  # type: ignore[arg-type]
+    assert sorted(i.name for i in ordered) == sorted(i.name for i in items)
+    runs = [ordered[0:6], ordered[6:13], ordered[13:20]]  # 20 // 3, 14 // 2, 7
+    assert [[i.seconds for i in run if i.seconds] for run in runs] == [
+        [150.0], [100.0, 30.0], [60.0, 50.0]]
+    assert all(run[0].seconds for run in runs)
+    assert [i.name for i in ordered if not i.seconds] == [i.name for i in items if not i.seconds]

@@ -29,12 +29,12 @@ import subprocess
 import threading
 import time
 import uuid as uuidlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from harness import REPO_ROOT, Cluster, RedisServer, basic, restic
+from harness import REPO_ROOT, Cluster, RedisServer, basic, restic, wait_for
 
 pytestmark = pytest.mark.image
 
@@ -185,14 +185,6 @@ def container_processes(gateway_pid: int) -> dict[int, int]:
                 found.add(pid)
                 changed = True
     return {pid: start for pid in found if (start := _start_time(pid)) is not None}
-
-
-def wait_for(predicate: Callable[[], object], timeout: float, what: str) -> object:
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        assert time.monotonic() < deadline, f"timed out after {timeout:.0f} s waiting for {what}"
-        time.sleep(0.2)
-    return value
 
 
 def request(method: str, path: str, who: tuple[str, str] | None = None,
@@ -410,7 +402,7 @@ def test_the_unit_runs_the_image(node: Node, tmp_path: Path) -> None:
         basepath="/srv/repo/offsite", rclone_conf=f"[{NEW_DEST}]\ntype = local\n")
     node.run("ExecReload")
     wait_for(lambda: health().get("destinations", {}).get(NEW_DEST, {}).get("state") == "ok",
-             60, "the new destination to be served after the reload")
+             "the new destination to be served after the reload", 60)
     new_repo = repo_url(MODULE, NEW_DEST)
     restic(new_repo, "init")
     restic(new_repo, "backup", str(data))
@@ -426,7 +418,7 @@ def test_the_unit_runs_the_image(node: Node, tmp_path: Path) -> None:
     upload.start()
     assert upload.half_sent.wait(30)
     # /health counts itself among the requests in flight
-    wait_for(lambda: health().get("inflight", 0) >= 2, 30, "the upload to be in flight")
+    wait_for(lambda: health().get("inflight", 0) >= 2, "the upload to be in flight", 30)
     stopping = time.monotonic()
     node.run("ExecStop", timeout=seconds(settings["TimeoutStopSec"][0]) + 30)
     stop_took = time.monotonic() - stopping

@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -24,20 +24,23 @@ from harness import (
     Cluster,
     GatewayProcess,
     RedisServer,
+    fresh_cluster,
     restic,
     restic_process,
+    running_gateway,
     send_request,
+    wait_for,
 )
+from identities import MODULE_PASSWORD as PASSWORD
+from identities import NODE
 
 DEST = "1a5e0000-8f8b-4c43-a1d3-7f3f5f7c1a01"
-NODE = ("node/1", "node-secret-1")
 MODULES = {  # user -> (module id, uuid)
     "module/traefik1": ("traefik1", "1a5e1111-2f87-4e7b-9a34-0a1d9f9e4b01"),
     "module/dokuwiki1": ("dokuwiki1", "1a5e2222-2f87-4e7b-9a34-0a1d9f9e4b02"),
     "module/mail1": ("mail1", "1a5e3333-2f87-4e7b-9a34-0a1d9f9e4b03"),
     "module/ldap1": ("ldap1", "1a5e4444-2f87-4e7b-9a34-0a1d9f9e4b04"),
 }
-PASSWORD = "module-secret"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCREENSHOT = REPO_ROOT / "docs" / "status-page.png"
 
@@ -97,32 +100,16 @@ class Env:
 @pytest.fixture(scope="module")
 def env(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     workdir = tmp_path_factory.mktemp("insight")
-    client = redis_server.client()
-    cluster = Cluster(client)
-    cluster.flush()
-    cluster.add_user(*NODE)
-    for user, (module_id, module_uuid) in MODULES.items():
-        cluster.add_user(user, PASSWORD)
-        cluster.set_module(module_id, module_uuid)
-    cluster.set_node_vpn(1, "10.5.4.1")
-    cluster.add_destination(DEST, provider="cluster", url="webdav:http://10.5.4.1:4694",
-                            name="local disk")
-    gateway = GatewayProcess.start(redis_server.url, "1", workdir)
-    try:
-        yield Env(gateway, cluster, workdir)
-    finally:
-        gateway.stop()
-        left = gateway.kill_leftovers()
-        client.close()
-        assert not left, f"the gateway left children behind: {left}"
-
-
-def wait_for(predicate: Callable[[], object], timeout: float, what: Callable[[], str]) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what()}")
-        time.sleep(0.2)
+    with fresh_cluster(redis_server) as cluster:
+        cluster.add_user(*NODE)
+        for user, (module_id, module_uuid) in MODULES.items():
+            cluster.add_user(user, PASSWORD)
+            cluster.set_module(module_id, module_uuid)
+        cluster.set_node_vpn(1, "10.5.4.1")
+        cluster.add_destination(DEST, provider="cluster", url="webdav:http://10.5.4.1:4694",
+                                name="local disk")
+        with running_gateway(redis_server.url, workdir) as gateway:
+            yield Env(gateway, cluster, workdir)
 
 
 def backup(env: Env, user: str, tmp_path: Path, size: int = 200_000) -> dict:
@@ -153,8 +140,8 @@ def test_figures_after_a_backup_agree_everywhere_and_come_back_after_a_restart(
     started, ended = restic_time(snapshot) - 1.0, time.time() + 1.0
     on_disk = env.stored_on_disk(user)
     # the scan after the backup is debounced: wait for it
-    wait_for(lambda: env.repo(user)["stored_bytes"] == on_disk, 60,
-             lambda: f"stored bytes {env.repo(user)['stored_bytes']} == {on_disk} on disk")
+    wait_for(lambda: env.repo(user)["stored_bytes"] == on_disk,
+             lambda: f"stored bytes {env.repo(user)['stored_bytes']} == {on_disk} on disk", 60)
     repo = env.repo(user)
     assert started <= repo["last_snapshot_at"] <= ended, (repo, snapshot)
     assert repo["snapshots"] == 1 and repo["objects"]["snapshots"] == 1
@@ -175,8 +162,8 @@ def test_figures_after_a_backup_agree_everywhere_and_come_back_after_a_restart(
     env.gateway.restart()
     env.gateway.proc.send_signal(signal.SIGUSR1)  # list the storage now (it does at start too)
     wait_for(lambda: any(r["uuid"] == MODULES[user][1] and r["stored_bytes"] == on_disk
-                         for r in env.status()["repositories"]), 60,
-             lambda: f"the scan after the restart: {env.status()['repositories']}")
+                         for r in env.status()["repositories"]),
+             lambda: f"the scan after the restart: {env.status()['repositories']}", 60)
     again = env.repo(user)
     # from the storage alone now: the snapshot file's time
     assert started <= again["last_snapshot_at"] <= ended, (again, snapshot)
@@ -192,26 +179,26 @@ def test_a_lock_left_by_a_killed_restic_ages_and_goes_when_the_node_removes_it(
         assert proc.stdin is not None
         proc.stdin.write(os.urandom(1 << 20))
         proc.stdin.flush()
-        wait_for(lambda: env.repo(user)["locks"] >= 1, 60, lambda: "restic's lock")
+        wait_for(lambda: env.repo(user)["locks"] >= 1, "restic's lock", 60)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
     first = env.repo(user)["oldest_lock_age"]
-    wait_for(lambda: env.repo(user)["oldest_lock_age"] >= first + 1.5, 20,
-             lambda: "the lock to age")
+    wait_for(lambda: env.repo(user)["oldest_lock_age"] >= first + 1.5,
+             "the lock to age", 20)
     assert env.metric("rclone_gateway_repository_oldest_lock_age_seconds", "mail1") >= 1
     # the node removes the lock (restic unlock: its process is gone, so it is stale)
     node_url = env.url(user).replace(f"{user.replace('/', '%2F')}:{PASSWORD}",
                                      f"{NODE[0].replace('/', '%2F')}:{NODE[1]}")
     restic(node_url, "unlock")
-    wait_for(lambda: env.repo(user)["locks"] == 0, 20, lambda: "the lock to go")
+    wait_for(lambda: env.repo(user)["locks"] == 0, "the lock to go", 20)
     assert env.metric("rclone_gateway_repository_oldest_lock_age_seconds", "mail1") == 0
 
 
 def test_free_space_of_a_local_destination_is_that_of_its_disk(env: Env) -> None:
     wait_for(lambda: any(d["uuid"] == DEST and d["free_bytes"] is not None
-                         for d in env.status()["destinations"]), 60,
-             lambda: f"the free space: {env.status()['destinations']}")
+                         for d in env.status()["destinations"]),
+             lambda: f"the free space: {env.status()['destinations']}", 60)
     # the disk is measured around a listing asked for now: other writers on the machine
     # (a test run beside this one) move it between two readings
     before = os.statvfs(env.gateway.local_repo)
@@ -231,6 +218,7 @@ def test_status_is_for_nodes_only(env: Env) -> None:
     assert env.request("GET", "/status")[0] == 401
 
 
+@pytest.mark.long(25)
 def test_the_status_page_in_a_browser_marks_the_stale_repository(
         env: Env, tmp_path: Path) -> None:
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -25,13 +25,16 @@ from harness import (
     GatewayProcess,
     RedisServer,
     basic,
+    fresh_cluster,
     restic,
     send_request,
+    stop_gateways,
+    wait_for,
 )
+from identities import MODULE_PASSWORD, NODE, NODE_ID
 
 DEST = "13d00000-8f8b-4c43-a1d3-7f3f5f7c1a01"
-NODE = ("node/1", "node-secret-1")
-MODULE = ("module/traefik1", "module-secret")
+MODULE = ("module/traefik1", MODULE_PASSWORD)
 MODULE_ID, MODULE_UUID, APP = "traefik1", "13d01111-2f87-4e7b-9a34-0a1d9f9e4b01", "traefik"
 REPO = f"/{DEST}/{APP}/{MODULE_UUID}"
 CONCURRENCY = "rclone-gateway/concurrency"
@@ -155,49 +158,35 @@ class Env:
 def start(redis_server: RedisServer, tmp_path: Path) -> Iterator[Callable[..., Env]]:
     """Starts a gateway of its own with these Limits keys in Redis, the module's repository
     initialised."""
-    client = redis_server.client()
-    cluster = Cluster(client)
-    cluster.flush()
     envs: list[Env] = []
+    with fresh_cluster(redis_server) as cluster:
 
-    def start_gateway(extra_args: tuple[str, ...] = (), **hashes: dict[str, str]) -> Env:
-        cluster.add_user(*NODE)
-        cluster.add_user(*MODULE)
-        cluster.set_module(MODULE_ID, MODULE_UUID)
-        cluster.set_node_vpn(1, "10.5.4.1")
-        cluster.add_destination(DEST, provider="cluster", url="webdav:http://10.5.4.1:4694",
-                                name="local disk")
-        keys = {"concurrency": CONCURRENCY, "bwlimit": BWLIMIT, "quota": QUOTA}
-        for name, mapping in hashes.items():
-            client.hset(keys[name], mapping=mapping)
-        gateway = GatewayProcess.start(redis_server.url, "1", tmp_path / "gateway",
-                                       extra_args=extra_args)
-        env = Env(gateway, cluster)
-        envs.append(env)
-        user, password = MODULE
-        restic(f"rest:http://{user.replace('/', '%2F')}:{password}@127.0.0.1:"
-               f"{gateway.port}{REPO}/", "init")
-        return env
+        def start_gateway(extra_args: tuple[str, ...] = (), **hashes: dict[str, str]) -> Env:
+            cluster.add_user(*NODE)
+            cluster.add_user(*MODULE)
+            cluster.set_module(MODULE_ID, MODULE_UUID)
+            cluster.set_node_vpn(1, "10.5.4.1")
+            cluster.add_destination(DEST, provider="cluster", url="webdav:http://10.5.4.1:4694",
+                                    name="local disk")
+            keys = {"concurrency": CONCURRENCY, "bwlimit": BWLIMIT, "quota": QUOTA}
+            for name, mapping in hashes.items():
+                cluster.r.hset(keys[name], mapping=mapping)
+            gateway = GatewayProcess.start(redis_server.url, NODE_ID, tmp_path / "gateway",
+                                           extra_args=extra_args)
+            env = Env(gateway, cluster)
+            envs.append(env)
+            user, password = MODULE
+            restic(f"rest:http://{user.replace('/', '%2F')}:{password}@127.0.0.1:"
+                   f"{gateway.port}{REPO}/", "init")
+            return env
 
-    try:
-        yield start_gateway
-    finally:
-        for env in envs:
-            for held in env.held:
-                held.close()
-            env.gateway.stop()
-            left = env.gateway.kill_leftovers()
-            assert not left, f"the gateway left children behind: {left}"
-        client.close()
-
-
-def wait_for(predicate: Callable[[], object], what: Callable[[], str],
-             timeout: float = DEADLINE, pause: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what()}")
-        time.sleep(pause)
+        try:
+            yield start_gateway
+        finally:
+            for env in envs:
+                for held in env.held:
+                    held.close()
+            stop_gateways(*(env.gateway for env in envs))
 
 
 def until_status(env: Env, who: tuple[str, str], wanted: int) -> float:
@@ -213,7 +202,7 @@ def until_status(env: Env, who: tuple[str, str], wanted: int) -> float:
         return status == wanted
 
     wait_for(answered, lambda: f"a {wanted} for {who[0]} (answers: {sorted(set(seen))})",
-             pause=0.005)
+             interval=0.005)
     return time.monotonic() - started
 
 
@@ -439,7 +428,7 @@ def test_a_limits_key_of_the_wrong_redis_type_stops_nothing_else(
             doc = health(env)[1]
             return (doc["redis"]["last_sync"] or 0) >= published_at and doc["redis"]["connected"]
         wait_for(synced, lambda: f"a read of Redis after the publish: {health(env)[1]['redis']}",
-                 pause=0.01)
+                 interval=0.01)
         return time.time() - published_at
 
     def warnings_about(key: str) -> list[str]:

@@ -11,17 +11,25 @@ import json
 import os
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from harness import Cluster, GatewayProcess, RedisServer, send_request
+from harness import (
+    Cluster,
+    GatewayProcess,
+    RedisServer,
+    free_port,
+    fresh_cluster,
+    running_gateway,
+    send_request,
+    wait_for,
+)
+from identities import NODE
 from prometheus_client.parser import text_string_to_metric_families
 
 DEST = "4c1e0000-8f8b-4c43-a1d3-7f3f5f7c1a07"
-NODE = ("node/1", "limits-node-secret")
 MODULE = ("module/nextcloud1", "limits-module-secret")
 MODULE_UUID = "4c1e1111-2f87-4e7b-9a34-0a1d9f9e4b07"
 BASE = f"/{DEST}/nextcloud/{MODULE_UUID}"
@@ -64,30 +72,14 @@ class Env:
 
 @pytest.fixture
 def env(redis_server: RedisServer, tmp_path: Path) -> Iterator[Env]:
-    client = redis_server.client()
-    cluster = Cluster(client)
-    cluster.flush()
-    cluster.add_user(*NODE)
-    cluster.add_user(*MODULE)
-    cluster.set_module("nextcloud1", MODULE_UUID)
-    cluster.set_node_vpn(1, "10.5.4.1")
-    cluster.add_destination(DEST, provider="cluster", url="webdav:http://10.5.4.1:4694")
-    gateway = GatewayProcess.start(redis_server.url, "1", tmp_path)
-    try:
-        yield Env(gateway, cluster, redis_server.url)
-    finally:
-        gateway.stop()
-        left = gateway.kill_leftovers()
-        client.close()
-        assert not left, f"the gateway left children behind: {left}"
-
-
-def wait_for(predicate: Callable[[], object], what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
+    with fresh_cluster(redis_server) as cluster:
+        cluster.add_user(*NODE)
+        cluster.add_user(*MODULE)
+        cluster.set_module("nextcloud1", MODULE_UUID)
+        cluster.set_node_vpn(1, "10.5.4.1")
+        cluster.add_destination(DEST, provider="cluster", url="webdav:http://10.5.4.1:4694")
+        with running_gateway(redis_server.url, tmp_path) as gateway:
+            yield Env(gateway, cluster, redis_server.url)
 
 
 def quota_entry(env: Env) -> dict:
@@ -134,7 +126,9 @@ def test_limits_set_writes_the_keys_the_gateway_applies_and_show_prints_them(env
     assert env.cli("limits", "set", "concurrency", "node", "none").returncode == 0
     assert redis.hget("rclone-gateway/concurrency", "node") is None
     wait_for(lambda: env.limits()["concurrency"]["node_cap"] is None, "the node cap removed")
-    down = env.cli("limits", "show", "--url", f"http://127.0.0.1:{env.gateway.port + 1}")
+    # a port nothing listens on: free_port() hands it to no other test either (the port
+    # after the gateway's was handed to the next gateway of the suite, in parallel)
+    down = env.cli("limits", "show", "--url", f"http://127.0.0.1:{free_port()}")
     assert down.returncode == 3
 
 

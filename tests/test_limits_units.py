@@ -12,10 +12,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from datetime import datetime, timedelta
 
 import pytest
+from harness import wait_until
+from identities import TRAEFIK_UUID
 
 from gateway.access.repository import RepositoryKey
 from gateway.cluster.state import RawLimits
@@ -52,13 +54,6 @@ def at(day: str, hour: int, minute: int, second: float = 0.0) -> datetime:
 
 def run(scenario: Awaitable[object]) -> object:
     return asyncio.run(scenario)  # type: ignore[arg-type]
-
-
-async def wait_for(predicate: Callable[[], bool], timeout: float = DEADLINE) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
 
 
 def warnings_of(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -774,7 +769,8 @@ def test_the_shaper_follows_its_clock_across_a_slot_boundary() -> None:
             await asyncio.sleep(0.25)  # the follower woke (its clock still before 08:00)
             assert shaper.rate("upload") is None
             now[0] = at("mon", 8, 0, 0.5)
-            await wait_for(lambda: shaper.rate("upload") == 10 * MiB)
+            await wait_until(lambda: shaper.rate("upload") == 10 * MiB,
+                             "the 08:00 rate in force", DEADLINE)
         finally:
             await shaper.close()
 
@@ -793,7 +789,8 @@ def test_a_new_schedule_wakes_the_follower_to_its_next_boundary() -> None:
             shaper.configure({"upload": parse_schedule("08:00,10M 19:00,off")})
             assert shaper.rate("upload") is None
             now[0] = at("mon", 8, 0, 0.5)
-            await wait_for(lambda: shaper.rate("upload") == 10 * MiB)
+            await wait_until(lambda: shaper.rate("upload") == 10 * MiB,
+                             "the 08:00 rate in force", DEADLINE)
         finally:
             await shaper.close()
 
@@ -912,7 +909,7 @@ def test_a_nodes_metadata_file_beside_a_repository_is_no_repository() -> None:
     # A node's PUT of <uuid>.json was taken for a write into a repository named so, which
     # the storage scan then listed and /status showed as a stale repository.
     limiter = Limiter(lambda: None)
-    dest, app, uuid = "d" * 8, "traefik", "1a5e1111-2f87-4e7b-9a34-0a1d9f9e4b01"
+    dest, app, uuid = "d" * 8, "traefik", TRAEFIK_UUID
     gone, written = limiter.webdav_written("PUT", (dest, app, f"{uuid}.json"), None)
     assert (gone, written) == ([], [])
     _, written = limiter.webdav_written("PUT", (dest, app, uuid, "data", "ab", "x"), None)

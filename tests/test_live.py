@@ -27,17 +27,16 @@ from harness import (
     GatewayProcess,
     RedisServer,
     basic,
+    fresh_cluster,
     restic,
+    stop_gateways,
     stop_process,
+    wait_for,
 )
+from identities import DEST, NODE, NODE_ID, REMOTE_DEST, TRAEFIK, TRAEFIK_UUID
 
 from backends.remote_check import RemoteHealth, error_summary, section_secrets
 
-DEST = "0d2b7ab6-8f8b-4c43-a1d3-7f3f5f7c1a01"
-REMOTE_DEST = "3f9c0e55-1b2a-4d6e-9f70-aa11bb22cc33"
-NODE = ("node/1", "node-secret-1")
-TRAEFIK = ("module/traefik1", "traefik-secret")
-TRAEFIK_UUID = "5c1d6c1e-2f87-4e7b-9a34-0a1d9f9e4b01"
 S3_SECRET = "s3-secret-Zq8Xv4Lm2Np7"
 SFTP_PASSWORD = "sftp-password-Hq3Tb9"
 MiB = 1024 * 1024
@@ -69,16 +68,6 @@ def health(gateway: GatewayProcess) -> dict:
     document = json.loads(body)
     document["http_status"] = status
     return document
-
-
-def wait_for(what: str, predicate, timeout: float = 30.0, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(interval)
 
 
 def backend_pids(gateway: GatewayProcess) -> dict[str, int]:
@@ -215,7 +204,7 @@ class Live:
         return subset
 
     def start_gateway(self, name: str, *extra: str) -> GatewayProcess:
-        return GatewayProcess.start(self.redis.url, "1", self.workdir / name,
+        return GatewayProcess.start(self.redis.url, NODE_ID, self.workdir / name,
                                     extra_args=[*GATEWAY_ARGS, *extra])
 
     def local_destination(self, uuid: str, name: str) -> Path:
@@ -234,27 +223,22 @@ class Live:
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     """One gateway for the tests that do not kill it, on a Redis of its own (it gets stopped)."""
     workdir = tmp_path_factory.mktemp("live")
-    redis_server = RedisServer(workdir / "redis")
-    client = redis_server.client()
-    cluster = Cluster(client)
-    cluster.add_user(*NODE)
-    cluster.add_user(*TRAEFIK)
-    cluster.set_module("traefik1", TRAEFIK_UUID)
-    cluster.set_node_vpn(1, "10.5.4.1")
-    cluster.add_destination(DEST, provider="cluster", url="webdav:http://10.5.4.1:4694",
-                            name="local")
-    data = make_data(workdir / "data", 256 * MiB)
-    live = Live(redis_server, cluster, None, workdir, data)  # type: ignore[arg-type]
-    live.local_destination(REMOTE_DEST, "remote")
-    live.gateway = live.start_gateway("gateway")
-    try:
-        yield live
-    finally:
-        live.gateway.stop()
-        leftovers = live.gateway.kill_leftovers()
-        client.close()
-        redis_server.stop()
-        assert not leftovers, f"processes outlived the gateway: {leftovers}"
+    with RedisServer(workdir / "redis") as redis_server, \
+            fresh_cluster(redis_server) as cluster:
+        cluster.add_user(*NODE)
+        cluster.add_user(*TRAEFIK)
+        cluster.set_module("traefik1", TRAEFIK_UUID)
+        cluster.set_node_vpn(1, "10.5.4.1")
+        cluster.add_destination(DEST, provider="cluster", url="webdav:http://10.5.4.1:4694",
+                                name="local")
+        data = make_data(workdir / "data", 256 * MiB)
+        live = Live(redis_server, cluster, None, workdir, data)  # type: ignore[arg-type]
+        live.local_destination(REMOTE_DEST, "remote")
+        live.gateway = live.start_gateway("gateway")
+        try:
+            yield live
+        finally:
+            stop_gateways(live.gateway)
 
 
 # --------------------------------------------------------------------------- pure parts
@@ -352,7 +336,8 @@ def test_acl_change_applies_at_once_without_backend_restart(live: Live) -> None:
     time.sleep(0.5)
     assert status_of(live, quiet) == 401 and status_of(live, who) == 207
     live.gateway.proc.send_signal(signal.SIGHUP)
-    wait_for("SIGHUP to apply the quiet change", lambda: status_of(live, quiet) == 207, 3, 0.05)
+    wait_for(lambda: status_of(live, quiet) == 207, "SIGHUP to apply the quiet change", 3,
+             interval=0.05)
     assert status_of(live, who) == 401
     assert backend_pids(live.gateway) == {
         n: b["pid"] for n, b in before["backends"].items()}
@@ -365,8 +350,8 @@ def new_repository(live: Live, module_uuid: str) -> str:
     live.cluster.set_module("traefik1", module_uuid)
     live.cluster.publish("acl-changed")
     config = f"/{DEST}/traefik/{module_uuid}/config"
-    wait_for("the module's new uuid", lambda: get(
-        live.gateway, config, TRAEFIK, method="HEAD", rest=True)[0] == 404, 5, 0.05)
+    wait_for(lambda: get(live.gateway, config, TRAEFIK, method="HEAD", rest=True)[0] == 404,
+             "the module's new uuid", 5, interval=0.05)
     repo = repo_url(live.gateway, TRAEFIK, "traefik", module_uuid)
     restic(repo, "init")
     return repo
@@ -409,7 +394,7 @@ def test_added_destination_is_served_and_broken_ones_do_not_stop_the_others(
                 return None
             return document
 
-        document = wait_for("the new destinations to settle", settled, 30)
+        document = wait_for(settled, "the new destinations to settle", 30)
         assert document["status"] == "ok" and document["http_status"] == 200
         destinations = document["destinations"]
         assert "connect" in destinations[sftp]["error"], destinations[sftp]
@@ -430,8 +415,8 @@ def test_added_destination_is_served_and_broken_ones_do_not_stop_the_others(
             assert get(live.gateway, f"/{broken}/x.json", NODE)[0] == 503
 
         # the broken ones are retried, with growing delays
-        wait_for("a second check of the unreachable remote",
-                 lambda: health(live.gateway)["destinations"][sftp].get("attempts", 0) >= 2, 20)
+        wait_for(lambda: health(live.gateway)["destinations"][sftp].get("attempts", 0) >= 2,
+                 "a second check of the unreachable remote", 20)
 
         # once its configuration is fixed, a broken destination is served too
         fixed_dir = live.workdir / "storage-fixed"
@@ -440,8 +425,8 @@ def test_added_destination_is_served_and_broken_ones_do_not_stop_the_others(
                                      basepath=str(fixed_dir),
                                      rclone_conf=f"[{bogus}]\ntype = local\n")
         live.cluster.publish("backup-destination-changed")
-        wait_for("the fixed destination to be served", lambda: health(
-            live.gateway)["destinations"][bogus]["state"] == "ok", 20)
+        wait_for(lambda: health(live.gateway)["destinations"][bogus]["state"] == "ok",
+                 "the fixed destination to be served", 20)
         assert get(live.gateway, f"/{bogus}/x.json", NODE, method="PUT",
                    body=b"1")[0] in (200, 201, 204)
         assert (fixed_dir / "x.json").read_bytes() == b"1"
@@ -454,10 +439,11 @@ def test_added_destination_is_served_and_broken_ones_do_not_stop_the_others(
         for uuid in (added, sftp, s3, bogus):
             live.cluster.remove_destination(uuid)
         live.cluster.publish("backup-destination-changed")
-    wait_for("the extra destinations to go", lambda: set(
-        health(live.gateway)["destinations"]) == {DEST, REMOTE_DEST}, 20)
+    wait_for(lambda: set(health(live.gateway)["destinations"]) == {DEST, REMOTE_DEST},
+             "the extra destinations to go", 20)
 
 
+@pytest.mark.long(45)
 def test_backup_runs_through_20_destination_changes_and_sighups(live: Live) -> None:
     """256 MiB, throttled to at least 36 s, while the destinations change 20 times."""
     module_uuid = str(uuidlib.uuid4())
@@ -487,7 +473,7 @@ def test_backup_runs_through_20_destination_changes_and_sighups(live: Live) -> N
             live.cluster.publish("backup-destination-changed")
             if change % 5 == 4:
                 live.gateway.proc.send_signal(signal.SIGHUP)
-            wait_for(f"reload {change + 1}", lambda b=before: live.reloads() > b, 30, 0.05)
+            wait_for(lambda b=before: live.reloads() > b, f"reload {change + 1}", 30, interval=0.05)
         changes_done = time.monotonic()
         assert backup.is_alive(), "the backup ended before the changes did: test is void"
     finally:
@@ -501,12 +487,13 @@ def test_backup_runs_through_20_destination_changes_and_sighups(live: Live) -> N
     assert traffic.count > 100 and traffic.failures == []
     assert server_errors_in_log(live.gateway, offset) == []
     check_clean(repo)
-    wait_for("old generations to be stopped",
-             lambda: len(live.gateway.rclone_serve_pids()) == 3, 30)
+    wait_for(lambda: len(live.gateway.rclone_serve_pids()) == 3,
+             "old generations to be stopped", 30)
     live.cluster.set_module("traefik1", TRAEFIK_UUID)
     live.cluster.publish("acl-changed")
 
 
+@pytest.mark.long(20)
 def test_backup_survives_redis_stopped_for_10s(live: Live) -> None:
     module_uuid = str(uuidlib.uuid4())
     repo = new_repository(live, module_uuid)
@@ -518,8 +505,9 @@ def test_backup_survives_redis_stopped_for_10s(live: Live) -> None:
     stop_process(redis_pid)
     stopped = time.monotonic()
     try:
-        document = wait_for("health to say degraded", lambda: (
-            d if (d := health(live.gateway))["status"] == "degraded" else None), 8, 0.2)
+        document = wait_for(lambda: (
+            d if (d := health(live.gateway))["status"] == "degraded" else None),
+            "health to say degraded", 8, interval=0.2)
         assert document["http_status"] == 200 and document["redis"]["connected"] is False
         # still serving, with the configuration it had
         assert status_of(live, NODE) == 207
@@ -527,13 +515,14 @@ def test_backup_survives_redis_stopped_for_10s(live: Live) -> None:
         assert backup.is_alive(), "the backup ended before Redis came back: test is void"
     finally:
         os.kill(redis_pid, signal.SIGCONT)
-    wait_for("health to say ok again", lambda: health(live.gateway)["status"] == "ok", 15, 0.2)
+    wait_for(lambda: health(live.gateway)["status"] == "ok", "health to say ok again", 15,
+             interval=0.2)
     # events are followed again
     who = ("module/wiki8", "wiki8-secret")
     live.cluster.add_user(*who)
     live.cluster.set_module("wiki8", str(uuidlib.uuid4()))
     live.cluster.publish("acl-changed")
-    wait_for("an event after the pause", lambda: status_of(live, who) == 207, 5, 0.05)
+    wait_for(lambda: status_of(live, who) == 207, "an event after the pause", 5, interval=0.05)
     backup.assert_clean()
     assert server_errors_in_log(live.gateway, offset) == []
     check_clean(repo)
@@ -542,6 +531,7 @@ def test_backup_survives_redis_stopped_for_10s(live: Live) -> None:
     live.cluster.publish("acl-changed")
 
 
+@pytest.mark.long(20)
 def test_killed_children_are_restarted_during_a_backup(live: Live) -> None:
     module_uuid = str(uuidlib.uuid4())
     repo = new_repository(live, module_uuid)
@@ -551,9 +541,9 @@ def test_killed_children_are_restarted_during_a_backup(live: Live) -> None:
     for name in ("restic-append-only", "restic", "webdav"):
         old = backend_pids(live.gateway)[name]
         os.kill(old, signal.SIGKILL)
-        wait_for(f"{name} to be restarted", lambda n=name, o=old: (
+        wait_for(lambda n=name, o=old: (
             (b := health(live.gateway)["backends"][n])["state"] == "running"
-            and b["pid"] not in (None, o)), 15, 0.1)
+            and b["pid"] not in (None, o)), f"{name} to be restarted", 15)
         time.sleep(1)
     assert backup.is_alive(), "the backup ended before the kills did: test is void"
     backup.join(600)
@@ -621,6 +611,7 @@ class Upload(threading.Thread):
         return digest.hexdigest()
 
 
+@pytest.mark.serial  # the exit within 7 s of SIGTERM with a 4 s grace
 def test_sigterm_finishes_in_flight_within_grace_and_leaves_no_partial_object(
         live: Live) -> None:
     gateway = live.start_gateway("sigterm")

@@ -23,7 +23,7 @@ import socket
 import subprocess
 import time
 import uuid as uuidlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,8 +40,12 @@ from harness import (
     restic,
     restic_process,
     send_request,
+    stop_gateways,
+    wait_for,
     wait_listening,
 )
+from identities import TRAEFIK, TRAEFIK_UUID
+from identities import node as node_user
 from netns import Topology, inside, netns_exec, unavailable_reason
 
 REASON = unavailable_reason()
@@ -56,15 +60,9 @@ HOSTED_BY_2 = "aa000002-1b2a-4d6e-9f70-aa11bb22cc33"
 REMOTE = "bb000020-1b2a-4d6e-9f70-aa11bb22cc33"
 LINKED = "cc000020-1b2a-4d6e-9f70-aa11bb22cc33"  # the same storage, through each node's link
 LINK_PORT = 9000
-TRAEFIK = ("module/traefik1", "traefik-secret")
-TRAEFIK_UUID = "5c1d6c1e-2f87-4e7b-9a34-0a1d9f9e4b01"
 S3_KEY = "MESHACCESSKEY"
 S3_SECRET = "mesh-storage-secret-5b1f"
 RCLONE = str(Path(__file__).resolve().parent.parent / ".venv" / "bin" / "rclone")
-
-
-def node_user(node: int) -> tuple[str, str]:
-    return (f"node/{node}", f"node-secret-{node}")
 
 
 @dataclass
@@ -107,9 +105,9 @@ class Mesh:
 
     def wait_served(self, node: int, dest: str, expected: tuple[str, str | None],
                     timeout: float = 20) -> None:
-        wait_for(lambda: self.served(node, dest) == expected, timeout,
+        wait_for(lambda: self.served(node, dest) == expected,
                  lambda: f"node{node} serving {dest} as {expected}: "
-                         f"{self.health(node)['destinations'][dest]}")
+                         f"{self.health(node)['destinations'][dest]}", timeout)
 
     def repo(self, node: int, who: tuple[str, str], dest: str,
              app: str = "traefik", module_uuid: str = TRAEFIK_UUID) -> str:
@@ -147,15 +145,9 @@ class Mesh:
                 self.topology.blackhole(f"n{node}", STORAGE_HOST, on=False)
             for node in nodes:
                 if node in self.gateways and self.gateways[node].proc.poll() is None:
-                    self.wait_served(node, REMOTE, ("here", None), timeout=30)
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float, what: Callable[[], str]) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what()}")
-        time.sleep(0.1)
+                    # both reach the storage host: its proxy, in the node's namespace, too
+                    for dest in (REMOTE, LINKED):
+                        self.wait_served(node, dest, ("here", None), timeout=30)
 
 
 def start_in(namespace: str, argv: list[str], log: Path) -> subprocess.Popen:
@@ -240,18 +232,18 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
         for node in NODES:
             wait_for(lambda node=node: all(p["reachable"] and "ok" in p["destinations"].values()
                                            for p in mesh.health(node)["peers"].values()),
-                     20, lambda node=node: f"node{node} to see its peers: "
-                                           f"{mesh.health(node)['peers']}")
+                     lambda node=node: f"node{node} to see its peers: "
+                                       f"{mesh.health(node)['peers']}", 20)
         yield mesh
     finally:
-        for gateway in mesh.gateways.values():
-            gateway.stop(signal.SIGTERM, timeout=20)
-            gateway.kill_leftovers()
-        for link in mesh.links.values():
-            link.close()
-        for proc in services:
-            _stop_popen(proc, signal.SIGTERM, 10)
-        topology.destroy()
+        try:
+            stop_gateways(*mesh.gateways.values())
+        finally:
+            for link in mesh.links.values():
+                link.close()
+            for proc in services:
+                _stop_popen(proc, signal.SIGTERM, 10)
+            topology.destroy()
 
 
 # --------------------------------------------------------------------------- tests
@@ -289,8 +281,8 @@ def test_a_forwarded_backup_is_recorded_once_by_the_node_that_serves_it(
         cluster.set_module("traefik4", module_uuid, node_id=1)
         cluster.publish("acl-changed")
     wait_for(lambda: mesh.request(1, "GET", f"/{HOSTED_BY_2}/traefik/{module_uuid}/config",
-                                  who, rest=True)[0] == 404, 10,
-             lambda: "the new module user to be known")
+                                  who, rest=True)[0] == 404,
+             "the new module user to be known", 10)
     repo = mesh.repo(1, who, HOSTED_BY_2, module_uuid=module_uuid)
     mesh.restic(1, repo, "init")
     mesh.restic(1, repo, "backup", str(make_files(tmp_path / "data", count=2, size=50_000)))
@@ -344,8 +336,8 @@ def test_limits_apply_once_on_the_node_that_serves(mesh: Mesh) -> None:
         cluster.r.hset("rclone-gateway/bwlimit", "module/traefik5/upload", "4M")
         cluster.publish("backup-limits-changed")
     try:
-        wait_for(lambda: waited(1) == 0.0 and waited(2) == 0.0, 10,
-                 lambda: f"the limit in force on both nodes: {waited(1)}, {waited(2)}")
+        wait_for(lambda: waited(1) == 0.0 and waited(2) == 0.0,
+                 lambda: f"the limit in force on both nodes: {waited(1)}, {waited(2)}", 10)
         assert mesh.request(1, "POST", f"{base}/?create=true", who, rest=True)[0] == 200
         content = os.urandom(8 * 1024 * 1024)  # 2 s at 4 MiB/s
         path = f"{base}/data/{hashlib.sha256(content).hexdigest()}"
@@ -353,15 +345,15 @@ def test_limits_apply_once_on_the_node_that_serves(mesh: Mesh) -> None:
         assert waited(2) >= 1.0, waited(2)
         assert waited(1) == 0.0
 
-        wait_for(lambda: (quota_entry(2) or {}).get("used_bytes") == len(content), 30,
-                 lambda: f"node 2 to count the upload: {quota_entry(2)}")
+        wait_for(lambda: (quota_entry(2) or {}).get("used_bytes") == len(content),
+                 lambda: f"node 2 to count the upload: {quota_entry(2)}", 30)
         assert quota_entry(1) is None  # node 1 stores nothing of it
         with mesh.cluster() as cluster:
             cluster.r.hset(f"rclone-gateway/quota/{HOSTED_BY_2}", "traefik5",
                            str(len(content) + 1000))
             cluster.publish("backup-limits-changed")
-        wait_for(lambda: (quota_entry(2) or {}).get("quota_bytes") == len(content) + 1000, 10,
-                 lambda: f"the quota in force on node 2: {quota_entry(2)}")
+        wait_for(lambda: (quota_entry(2) or {}).get("quota_bytes") == len(content) + 1000,
+                 lambda: f"the quota in force on node 2: {quota_entry(2)}", 10)
         more = os.urandom(5000)
         over = f"{base}/data/{hashlib.sha256(more).hexdigest()}"
         status, headers, _ = mesh.request(1, "POST", over, who, rest=True, body=more)
@@ -370,7 +362,7 @@ def test_limits_apply_once_on_the_node_that_serves(mesh: Mesh) -> None:
         def refused() -> list[tuple[int, str]]:  # node 2's access line is written after
             return [(e["status"], e["reason"]) for e in mesh.access(2) if e["path"] == over]
 
-        wait_for(lambda: bool(refused()), 10, lambda: "node 2's access line of the 507")
+        wait_for(lambda: bool(refused()), "node 2's access line of the 507", 10)
         assert refused() == [(507, "over quota")]
     finally:
         with mesh.cluster() as cluster:
@@ -396,11 +388,12 @@ def test_an_upload_cut_short_through_a_peer_leaves_nothing(mesh: Mesh) -> None:
     def cut() -> list[dict]:
         return [e for e in mesh.access(1) if e["path"] == path]
 
-    wait_for(lambda: bool(cut()), 10, lambda: f"node 1 to log the cut upload: {cut()}")
+    wait_for(lambda: bool(cut()), lambda: f"node 1 to log the cut upload: {cut()}", 10)
     assert (cut()[0]["status"], cut()[0]["reason"]) == (499, "client went away")
     stored = mesh.gateways[2].local_repo / "traefik" / TRAEFIK_UUID / "data"
-    wait_for(lambda: not list(stored.rglob(object_id + "*")), 5,
-             lambda: f"node 2 to drop the partial object: {list(stored.rglob(object_id + '*'))}")
+    wait_for(lambda: not list(stored.rglob(object_id + "*")),
+             lambda: f"node 2 to drop the partial object: {list(stored.rglob(object_id + '*'))}",
+             5)
     status, _, _ = mesh.request(1, "HEAD", path, TRAEFIK, rest=True)
     assert status == 404
 
@@ -445,8 +438,8 @@ def test_a_node_that_loses_its_route_to_a_remote_backs_up_through_a_peer(
         cluster.set_module("traefik6", module_uuid, node_id=1)
         cluster.publish("acl-changed")
     wait_for(lambda: mesh.request(1, "GET", f"/{LINKED}/traefik/{module_uuid}/config",
-                                  who, rest=True)[0] == 404, 10,
-             lambda: "the new module user to be known")
+                                  who, rest=True)[0] == 404,
+             "the new module user to be known", 10)
     assert mesh.served(1, LINKED) == ("here", None)
     repo = mesh.repo(1, who, LINKED, module_uuid=module_uuid)
     data = make_files(tmp_path / "data", count=4, size=300_000)
@@ -512,8 +505,8 @@ def test_killed_peer_moves_requests_to_the_next_one(mesh: Mesh) -> None:
         with mesh.storage_unreachable_from(1):
             mesh.wait_served(1, REMOTE, ("peer", "node2"))
             known = f"/{HOSTED_BY_2}/traefik/{module_uuid}/config"  # known on nodes 1 and 2
-            wait_for(lambda: mesh.request(1, "GET", known, who, rest=True)[0] == 404, 10,
-                     lambda: "the new module user to be known")
+            wait_for(lambda: mesh.request(1, "GET", known, who, rest=True)[0] == 404,
+                     "the new module user to be known", 10)
             mesh.restic(1, repo, "init")
 
             backup = restic_process(repo, "backup", "--stdin", "--stdin-filename", "big.bin",
@@ -522,9 +515,9 @@ def test_killed_peer_moves_requests_to_the_next_one(mesh: Mesh) -> None:
                 assert backup.stdin is not None
                 backup.stdin.write(os.urandom(16 << 20))
                 backup.stdin.flush()
-                wait_for(lambda: uploads(2) >= 1, 60, lambda: "node 2 to store a pack")
-                wait_for(lambda: mesh.health(2)["inflight"] == 1, 10,  # /health counts itself
-                         lambda: "node 2 to be idle")
+                wait_for(lambda: uploads(2) >= 1, "node 2 to store a pack", 60)
+                wait_for(lambda: mesh.health(2)["inflight"] == 1,  # /health counts itself
+                         "node 2 to be idle", 10)
                 seen_by_3 = len(mesh.access(3))
                 node2.stop(signal.SIGKILL, timeout=5)
                 # at once, before any probe could tell: the request moves on by itself
@@ -568,8 +561,8 @@ def test_backup_right_after_a_cluster_boot(mesh: Mesh, tmp_path: Path) -> None:
         # a probe interval longer than the test: node 1 probes node 2 once, at its start
         node1.argv = [*argv, "--probe-interval", "600"]
         node1._launch()
-        wait_for(lambda: mesh.health(1)["peers"]["node2"]["reachable"] is False, 20,
-                 lambda: f"node 1 to find node 2 down: {mesh.health(1)['peers']}")
+        wait_for(lambda: mesh.health(1)["peers"]["node2"]["reachable"] is False,
+                 lambda: f"node 1 to find node 2 down: {mesh.health(1)['peers']}", 20)
         node2._launch()
         repo = mesh.repo(1, who, HOSTED_BY_2, module_uuid=module_uuid)
         mesh.restic(1, repo, "init")
@@ -654,7 +647,7 @@ def test_access_policy_holds_through_a_peer(mesh: Mesh, tmp_path: Path) -> None:
             wait_for(lambda: any(e["user"] == TRAEFIK[0] and e["method"] == "DELETE"
                                  and e["path"].endswith(snapshot) and e["status"] == 403
                                  for e in mesh.access(1)[seen:]),
-                     60, lambda: "restic forget to try deleting the snapshot")
+                     "restic forget to try deleting the snapshot", 60)
         finally:
             _stop_popen(forget, signal.SIGINT, 20)
         assert forget.returncode != 0

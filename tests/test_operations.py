@@ -38,8 +38,10 @@ from harness import (
     RedisServer,
     basic,
     free_port,
+    fresh_cluster,
     raw_request,
     restic,
+    running_gateway,
     send_request,
     sha256_hex,
 )
@@ -120,48 +122,42 @@ def ops(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> 
     crypt_storage = workdir / "crypt-storage"
     crypt_storage.mkdir()
     # A database of its own: other modules flush database 0 between their tests.
-    redis_url = redis_server.url.rsplit("/", 1)[0] + "/5"
-    client = redis.Redis(host="127.0.0.1", port=redis_server.port, db=5, decode_responses=True)
-    cluster = Cluster(client)
-    cluster.flush()
-    for who in (NODE, TRAEFIK, MAIL):
-        cluster.add_user(*who)
-    cluster.set_module("traefik1", TRAEFIK_UUID)
-    cluster.set_module("mail1", MAIL_UUID)
-    cluster.set_node_vpn(1, "10.9.0.1")
-    cluster.set_network("10.9.0.0/24")
-    cluster.add_destination(LOCAL_DEST, provider="cluster", url="webdav:http://10.9.0.1:4694",
-                            name="local disk")
-    obscured = [
-        subprocess.run([rclone_exe(), "obscure", p], capture_output=True, text=True,
-                       check=True).stdout.strip()
-        for p in CRYPT_PASSWORDS
-    ]
-    crypt_section = (f"[{CRYPT_DEST}]\ntype = crypt\nremote = {crypt_storage}\n"
-                     f"password = {obscured[0]}\npassword2 = {obscured[1]}\n")
-    cluster.add_destination(CRYPT_DEST, provider="rclone", url="rclone:crypt", name="encrypted",
-                            rclone_conf=crypt_section)
+    redis_url = redis_server.db_url(5)
+    with fresh_cluster(redis_server, db=5) as cluster:
+        for who in (NODE, TRAEFIK, MAIL):
+            cluster.add_user(*who)
+        cluster.set_module("traefik1", TRAEFIK_UUID)
+        cluster.set_module("mail1", MAIL_UUID)
+        cluster.set_node_vpn(1, "10.9.0.1")
+        cluster.set_network("10.9.0.0/24")
+        cluster.add_destination(LOCAL_DEST, provider="cluster",
+                                url="webdav:http://10.9.0.1:4694", name="local disk")
+        obscured = [
+            subprocess.run([rclone_exe(), "obscure", p], capture_output=True, text=True,
+                           check=True).stdout.strip()
+            for p in CRYPT_PASSWORDS
+        ]
+        crypt_section = (f"[{CRYPT_DEST}]\ntype = crypt\nremote = {crypt_storage}\n"
+                         f"password = {obscured[0]}\npassword2 = {obscured[1]}\n")
+        cluster.add_destination(CRYPT_DEST, provider="rclone", url="rclone:crypt",
+                                name="encrypted", rclone_conf=crypt_section)
 
-    log_path = workdir / "gw" / "gateway.log"
-    log_path.parent.mkdir()
-    log_path.touch()
-    stat = log_path.stat()
-    notify_dir = Path(tempfile.mkdtemp(prefix="ops-notify-", dir="/tmp"))
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(str(notify_dir / "notify"))
-    env = {"JOURNAL_STREAM": f"{stat.st_dev}:{stat.st_ino}",
-           "NOTIFY_SOCKET": str(notify_dir / "notify")}
-    gateway = GatewayProcess.start(redis_url, "1", workdir / "gw", env=env)
-    try:
-        yield Ops(gateway, cluster, redis_url, notify, crypt_section, crypt_storage, obscured)
-    finally:
-        gateway.stop()
-        leftovers = gateway.kill_leftovers()
-        notify.close()
-        shutil.rmtree(notify_dir, ignore_errors=True)
-        cluster.flush()
-        client.close()
-        assert not leftovers, f"processes outlived the gateway: {leftovers}"
+        log_path = workdir / "gw" / "gateway.log"
+        log_path.parent.mkdir()
+        log_path.touch()
+        stat = log_path.stat()
+        notify_dir = Path(tempfile.mkdtemp(prefix="ops-notify-", dir="/tmp"))
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            notify.bind(str(notify_dir / "notify"))
+            env = {"JOURNAL_STREAM": f"{stat.st_dev}:{stat.st_ino}",
+                   "NOTIFY_SOCKET": str(notify_dir / "notify")}
+            with running_gateway(redis_url, workdir / "gw", env=env) as gateway:
+                yield Ops(gateway, cluster, redis_url, notify, crypt_section, crypt_storage,
+                          obscured)
+        finally:
+            notify.close()
+            shutil.rmtree(notify_dir, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- metrics
@@ -534,6 +530,7 @@ def containerfile_instructions(path: Path) -> list[tuple[str, str]]:
     return out
 
 
+@pytest.mark.long(20)
 def test_container_install_steps_give_a_working_command(tmp_path: Path) -> None:
     containerfile = REPO_ROOT / "containers" / "Containerfile"
     steps = containerfile_instructions(containerfile)

@@ -1,6 +1,7 @@
 """The policy of spec section 4, as a table: (caller, protocol, method, path) -> decision."""
 
 import pytest
+from identities import DEST, DOKUWIKI_UUID, FOREIGN_UUID, NODE_ID, TRAEFIK, TRAEFIK_UUID
 
 from gateway.access.paths import canonicalise
 from gateway.access.policy import (
@@ -16,16 +17,13 @@ from gateway.access.policy import (
     size_limit,
 )
 
-DEST = "0d2b7ab6-8f8b-4c43-a1d3-7f3f5f7c1a01"
-OWN = "5c1d6c1e-2f87-4e7b-9a34-0a1d9f9e4b01"
-GRANTED = "9e2f4d10-3c55-4b0d-8f4e-5a6b7c8d9e02"
-OTHER = "77777777-3c55-4b0d-8f4e-5a6b7c8d9e03"
+OWN, GRANTED, OTHER = TRAEFIK_UUID, DOKUWIKI_UUID, FOREIGN_UUID
 ID = "a" * 64
 
 MODULE = module_caller(
-    "module/traefik1", {"traefik1": OWN}, {OWN: GRANTED}
+    TRAEFIK[0], {"traefik1": OWN}, {OWN: GRANTED}
 )
-NODE = node_caller("node/1")
+NODE = node_caller(f"node/{NODE_ID}")
 NO_UUID = module_caller("module/ghost1", {}, {})
 
 REPO = f"/{DEST}/traefik/{OWN}"

@@ -48,6 +48,9 @@ from harness import (
     basic,
     free_port,
     send_request,
+    stop_gateways,
+    stop_process,
+    wait_for,
 )
 
 from gateway.status.metrics import live_families
@@ -63,20 +66,6 @@ DEADLINE = 60.0  # generous: the machine may be busy with other test runs
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def wait_for(what: str, check: Callable[[], object], timeout: float = DEADLINE,
-             interval: float = 0.1, gateway: GatewayProcess | None = None) -> object:
-    """Polls `check` until it returns something true; fails with `what` after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            tail = f"\n--- gateway log ---\n{gateway.log_text()[-4000:]}" if gateway else ""
-            pytest.fail(f"not within {timeout:.0f} s: {what}{tail}")
-        time.sleep(interval)
 
 
 def request(gateway: GatewayProcess, method: str, path: str, who: tuple[str, str] | None = None,
@@ -132,9 +121,7 @@ def stopped_cleanly(gateway: GatewayProcess) -> Iterator[GatewayProcess]:
     try:
         yield gateway
     finally:
-        code = gateway.stop(signal.SIGTERM, timeout=45)
-        leftovers = gateway.kill_leftovers()
-        assert not leftovers, f"gateway {gateway.pid} left children {leftovers} behind"
+        [code] = stop_gateways(gateway, timeout=45)
         assert code == 0, f"gateway exited with {code}\n{gateway.log_text()[-3000:]}"
 
 
@@ -421,7 +408,9 @@ def test_silent_backend_gets_504_after_the_backend_timeout(tmp_path: Path) -> No
                                 "--liveness-interval", "600")
         with stopped_cleanly(gateway):
             pid = child_pid(gateway, "restic")
-            os.kill(pid, signal.SIGSTOP)  # alive, connections accepted, never an answer
+            # alive, connections accepted, never an answer: once every thread is stopped
+            # (right after the signal, a loaded machine let rclone answer with a 404)
+            stop_process(pid)
             try:
                 started = time.monotonic()
                 status, headers, reply = request(gateway, "GET", repo_path(dest, "/config"),
@@ -435,9 +424,9 @@ def test_silent_backend_gets_504_after_the_backend_timeout(tmp_path: Path) -> No
             assert 1.5 <= took < 15, took
             # the child stayed: the same one serves once it runs again
             assert child_pid(gateway, "restic") == pid
-            wait_for("the child answers again", lambda: request(
+            wait_for(lambda: request(
                 gateway, "GET", repo_path(dest, "/config"), NODE, rest=True)[0] == 404,
-                gateway=gateway)
+                "the child answers again", DEADLINE, gateway=gateway)
 
 
 # --------------------------------------------------------------------------- resync
@@ -461,8 +450,8 @@ def test_periodic_resync_picks_up_a_change_nobody_announced(tmp_path: Path) -> N
             written = time.monotonic()
             # Polled on /health, not with the new credentials: failed logins would be
             # throttled, and the throttle is not what this test is about.
-            wait_for("the unannounced destination is on /health",
-                     lambda: added in health(gateway).get("destinations", {}),
+            wait_for(lambda: added in health(gateway).get("destinations", {}),
+                     "the unannounced destination is on /health",
                      timeout=20, gateway=gateway)
             assert time.monotonic() - written < 20  # the default interval is 60 s
             assert request(gateway, "PROPFIND", "/", newcomer,
@@ -653,7 +642,7 @@ def test_sighup_checks_a_failed_remote_again_at_once(tmp_path: Path) -> None:
                 def entry() -> dict:
                     return health(gateway).get("destinations", {}).get(dest, {})
 
-                wait_for("the remote fails its check", lambda: entry().get("attempts"),
+                wait_for(lambda: entry().get("attempts"), "the remote fails its check", DEADLINE,
                          gateway=gateway)
                 # Let the backoff grow well past what the rest needs (SIGHUPs speed it up).
                 deadline = time.monotonic() + 120
@@ -661,7 +650,7 @@ def test_sighup_checks_a_failed_remote_again_at_once(tmp_path: Path) -> None:
                     assert time.monotonic() < deadline, entry()
                     attempts = entry()["attempts"]
                     os.kill(gateway.pid, signal.SIGHUP)
-                    wait_for("another check", lambda a=attempts: entry().get("attempts", 0) > a,
+                    wait_for(lambda a=attempts: entry().get("attempts", 0) > a, "another check",
                              timeout=40, gateway=gateway)
                 assert entry()["served"] == "no", entry()
 
@@ -671,13 +660,13 @@ def test_sighup_checks_a_failed_remote_again_at_once(tmp_path: Path) -> None:
                      str(served_dir), "--addr", f"127.0.0.1:{port}"],
                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL, process_group=0)
-                wait_for("the storage answers", lambda: _tcp_open("127.0.0.1", port))
+                wait_for(lambda: _tcp_open("127.0.0.1", port), "the storage answers", DEADLINE)
                 retry_in = entry()["retry_in"]
                 assert retry_in >= 15, entry()
                 hup = time.monotonic()
                 os.kill(gateway.pid, signal.SIGHUP)
-                wait_for("the destination is served after SIGHUP",
-                         lambda: entry().get("served") == "here",
+                wait_for(lambda: entry().get("served") == "here",
+                         "the destination is served after SIGHUP",
                          timeout=retry_in - 3, gateway=gateway)
                 assert time.monotonic() - hup < retry_in - 3
                 assert entry()["state"] == "ok"
@@ -702,6 +691,7 @@ def _tcp_open(host: str, port: int) -> bool:
 # --------------------------------------------------------------------------- restarting
 
 
+@pytest.mark.serial  # answers timed against the child's 4.5 s first backoff
 def test_a_restarting_backend_is_waited_for_then_503_with_retry_after(tmp_path: Path) -> None:
     """docs/operations.md: a request for a backend that is restarting waits for it up to
     5 s, then gets 503 with `Retry-After` rather than hanging.
@@ -718,9 +708,9 @@ def test_a_restarting_backend_is_waited_for_then_503_with_retry_after(tmp_path: 
             for _attempt in range(6):
                 pid = child_pid(gateway, "restic")
                 os.kill(pid, signal.SIGKILL)
-                wait_for("the child is seen restarting", lambda: health(gateway).get(
+                wait_for(lambda: health(gateway).get(
                     "backends", {}).get("restic", {}).get("state") != "running",
-                    interval=0.01, gateway=gateway)
+                    "the child is seen restarting", DEADLINE, interval=0.01, gateway=gateway)
                 started = time.monotonic()
                 status, headers, _ = request(gateway, "GET", config, NODE, rest=True,
                                              timeout=60)
@@ -736,8 +726,8 @@ def test_a_restarting_backend_is_waited_for_then_503_with_retry_after(tmp_path: 
                 if _attempt == 0:
                     assert took < 4.5, answers  # back within its first backoff
             assert answers[-1][0] == 503, answers
-            wait_for("the child is back and serving", lambda: request(
-                gateway, "GET", config, NODE, rest=True)[0] == 404, gateway=gateway)
+            wait_for(lambda: request(gateway, "GET", config, NODE, rest=True)[0] == 404,
+                     "the child is back and serving", DEADLINE, gateway=gateway)
 
 
 # --------------------------------------------------------------------------- environment
@@ -945,7 +935,7 @@ def test_a_body_part_sent_to_one_peer_is_never_sent_to_another(tmp_path: Path) -
                     return all(peers.get(n, {}).get("destinations", {}).get(dest) == "ok"
                                for n in ("node2", "node3"))
 
-                wait_for("both peers probed as serving the destination", both_probed,
+                wait_for(both_probed, "both peers probed as serving the destination", DEADLINE,
                          gateway=gateway)
                 assert health(gateway)["destinations"][dest]["peer"] == "node2"
 
@@ -1015,9 +1005,8 @@ def test_destination_up_leaves_out_destinations_served_by_a_peer(shared: Shared)
     """docs/operations.md: `rclone_gateway_destination_up` covers the destinations this
     node serves or fails to serve; those another node serves for it are left out."""
     gateway = shared.gateway
-    wait_for("the offsite destination is served through node 2",
-             lambda: health(gateway)["destinations"][shared.peer_dest].get("served") == "peer",
-             gateway=gateway)
+    wait_for(lambda: health(gateway)["destinations"][shared.peer_dest].get("served") == "peer",
+             "the offsite destination is served through node 2", DEADLINE, gateway=gateway)
     entry = health(gateway)["destinations"][shared.peer_dest]
     assert entry["state"] == "forwarded" and entry["peer"] == "node2", entry
     status, _, text = request(gateway, "GET", "/metrics")

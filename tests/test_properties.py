@@ -7,6 +7,15 @@ from urllib.parse import unquote_to_bytes
 
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from identities import (
+    DEST,
+    DOKUWIKI_UUID,
+    FOREIGN_UUID,
+    NODE_ID,
+    REMOTE_DEST,
+    TRAEFIK,
+    TRAEFIK_UUID,
+)
 from yarl import URL
 
 from gateway.access.paths import MAX_SEGMENT_BYTES, PathError, Target, canonicalise
@@ -89,10 +98,8 @@ def test_any_clean_segment_list_round_trips(segments: list[str], slash: bool) ->
 
 # --------------------------------------------------------------------------- policy
 
-DESTS = ["0d2b7ab6-8f8b-4c43-a1d3-7f3f5f7c1a01", "3f9c0e55-1b2a-4d6e-9f70-aa11bb22cc33"]
-OWN = "5c1d6c1e-2f87-4e7b-9a34-0a1d9f9e4b01"
-GRANTED = "9e2f4d10-3c55-4b0d-8f4e-5a6b7c8d9e02"
-FOREIGN = "77777777-3c55-4b0d-8f4e-5a6b7c8d9e03"
+DESTS = [DEST, REMOTE_DEST]
+OWN, GRANTED, FOREIGN = TRAEFIK_UUID, DOKUWIKI_UUID, FOREIGN_UUID
 IDS = ["a" * 64, "0123456789abcdef" * 4, "A" * 64, "a" * 63]
 VOCABULARY = st.sampled_from([
     *DESTS, "traefik", "dokuwiki", "traefik1", OWN, GRANTED, FOREIGN, f"{OWN}.json",
@@ -122,8 +129,8 @@ METHODS = st.one_of(METHODS, METHODS, METHODS,
                     st.text("ABCDEFGHIJKLMNOPQRSTUVWXYZ", min_size=1, max_size=8))
 READS = frozenset({"GET", "HEAD", "OPTIONS", "PROPFIND"})
 MODULES = st.sampled_from([
-    *[module_caller("module/traefik1", {"traefik1": OWN}, {OWN: GRANTED})] * 4,
-    module_caller("module/traefik1", {"traefik1": OWN}, {}),
+    *[module_caller(TRAEFIK[0], {"traefik1": OWN}, {OWN: GRANTED})] * 4,
+    module_caller(TRAEFIK[0], {"traefik1": OWN}, {}),
     module_caller("module/traefik2", {}, {}),
 ])
 
@@ -238,8 +245,8 @@ def test_a_module_stays_inside_its_own_and_its_granted_repository(request: Reque
 
 def test_every_near_request_keeps_a_module_confined() -> None:
     """The same property over the whole finite neighbourhood the strategy draws from."""
-    callers = [module_caller("module/traefik1", {"traefik1": OWN}, {OWN: GRANTED}),
-               module_caller("module/traefik1", {"traefik1": OWN}, {})]
+    callers = [module_caller(TRAEFIK[0], {"traefik1": OWN}, {OWN: GRANTED}),
+               module_caller(TRAEFIK[0], {"traefik1": OWN}, {})]
     checked = allowed = 0
     for caller in callers:
         for protocol, method, inner, slash, query in NEAR:
@@ -259,5 +266,5 @@ def test_every_near_request_keeps_a_module_confined() -> None:
 @given(st.sampled_from(list(WireProtocol)), METHODS, PATHS, QUERIES)
 def test_nodes_may_do_anything(protocol, method, path, query) -> None:  # type: ignore[no-untyped-def]
     target = Target(path.segments, path.trailing_slash, query)
-    decision = decide(Request(node_caller("node/1"), protocol, method, target))
+    decision = decide(Request(node_caller(f"node/{NODE_ID}"), protocol, method, target))
     assert decision.allowed

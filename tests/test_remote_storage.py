@@ -24,14 +24,12 @@ from urllib.parse import parse_qs
 
 import pytest
 from faultproxy import FaultProxy, SeenRequest
-from harness import RESTIC_BINARIES, Cluster, GatewayProcess, restic, send_request
+from harness import RESTIC_BINARIES, Cluster, GatewayProcess, restic, send_request, wait_for
+from identities import NODE, TRAEFIK, TRAEFIK_UUID
 from remotes import RCLONE, S3Storage, SftpStorage
 
 from backends.remote_check import check_remote
 
-NODE = ("node/1", "node-secret-1")
-TRAEFIK = ("module/traefik1", "traefik-secret")
-TRAEFIK_UUID = "5c1d6c1e-2f87-4e7b-9a34-0a1d9f9e4b01"
 S3_DEST = "5e000001-4c1a-4e2b-9d3c-0a0b0c0d0e01"
 SFTP_DEST = "5f000001-4c1a-4e2b-9d3c-0a0b0c0d0e02"
 RESTIC_NEW = RESTIC_BINARIES["restic-0.18"]
@@ -114,16 +112,6 @@ def start_node(cluster: Cluster, gateway_factory: Callable[..., GatewayProcess]
     return start
 
 
-def poll(predicate: Callable[[], bool], deadline: float, what: Callable[[], str]) -> float:
-    """Waits until `predicate()` (every 0.1 s) up to the monotonic `deadline`; returns the
-    time it became true."""
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what()}")
-        time.sleep(0.1)
-    return time.monotonic()
-
-
 def quiet(proxy: FaultProxy, for_seconds: float = 3.0, at_most: float = 30.0) -> None:
     """Waits until the storage has seen no request for `for_seconds` (the start check and
     the first storage scan are over)."""
@@ -170,6 +158,7 @@ class Pending(threading.Thread):
 IDLE_WINDOW = 150.0  # 2.5 minutes at the default cadence
 
 
+@pytest.mark.long(155)
 def test_an_idle_healthy_remote_is_probed_at_most_once_a_minute(
         s3: S3Storage, cluster: Cluster, start_node: Callable[..., Node]) -> None:
     """Remote storage is billed per request: while healthy, one cheap request a minute
@@ -177,7 +166,7 @@ def test_an_idle_healthy_remote_is_probed_at_most_once_a_minute(
     proxy = s3.proxy()
     s3.destination(cluster, S3_DEST, proxy)
     node = start_node()
-    poll(node.scanned, time.monotonic() + 60, lambda: "the start's storage scan to end")
+    wait_for(node.scanned, "the start's storage scan to end", 60)
     quiet(proxy)
     start = time.monotonic()
     time.sleep(IDLE_WINDOW)
@@ -190,8 +179,15 @@ def test_an_idle_healthy_remote_is_probed_at_most_once_a_minute(
     assert len(seen) <= 3, seen
 
 
+# A dark link is found down within the issue's 10 s, 8.1 s measured on an idle machine:
+# that margin is for the gateway, not for other tests' load (marker `serial`). Resets are
+# found in 0.1 s.
+DARK = pytest.mark.serial
+
+
 @pytest.mark.parametrize(("fault", "dark_after_found"),
-                         [("blackhole", 0.0), ("blackhole", 2.5), ("reset", 0.0)])
+                         [pytest.param("blackhole", 0.0, marks=DARK),
+                          pytest.param("blackhole", 2.5, marks=DARK), ("reset", 0.0)])
 def test_a_remote_that_goes_down_is_found_within_seconds_and_found_back(
         s3: S3Storage, cluster: Cluster, start_node: Callable[..., Node], fault: str,
         dark_after_found: float) -> None:
@@ -216,15 +212,19 @@ def test_a_remote_that_goes_down_is_found_within_seconds_and_found_back(
         failing = Pending(node, "GET", config, rest=True)
         sent = time.monotonic()
         failing.start()
-        found_down = poll(lambda: node.served(S3_DEST) != "here", sent + FOUND_DOWN_WITHIN,
-                          lambda: f"the remote found down: {node.health()['destinations']}")
+        wait_for(lambda: node.served(S3_DEST) != "here",
+                 lambda: f"the remote found down: {node.health()['destinations']}",
+                 sent + FOUND_DOWN_WITHIN - time.monotonic())
+        found_down = time.monotonic()
         time.sleep(dark_after_found)
     finally:
         proxy.blackhole = False
         proxy.refuse = False
     back = time.monotonic()
-    found_back = poll(lambda: node.served(S3_DEST) == "here", back + FOUND_BACK_WITHIN,
-                      lambda: f"the remote found back: {node.health()['destinations']}")
+    wait_for(lambda: node.served(S3_DEST) == "here",
+             lambda: f"the remote found back: {node.health()['destinations']}",
+             back + FOUND_BACK_WITHIN - time.monotonic())
+    found_back = time.monotonic()
     failing.join(120)
     print(f"\n{fault} ({dark_after_found:g} s more): found down {found_down - sent:.1f} s "
           f"after the first request that failed there, found back {found_back - back:.1f} s "
@@ -247,6 +247,7 @@ def probes_among(requests: list[SeenRequest], bucket: str) -> list[SeenRequest]:
     return [r for r in requests if is_probe(r)]
 
 
+@pytest.mark.long(30)
 def test_long_transfers_bring_no_probe_forward(
         s3: S3Storage, cluster: Cluster, start_node: Callable[..., Node]) -> None:
     """An upload whose body flows for seconds and a download that streams for seconds are
@@ -258,7 +259,7 @@ def test_long_transfers_bring_no_probe_forward(
     node = start_node()
     repo_path = f"/{S3_DEST}/traefik/{uuidlib.uuid4()}"
     restic(node.repo(NODE, S3_DEST, repo_path.rsplit("/", 1)[1]), "init", binary=RESTIC_NEW)
-    poll(node.scanned, time.monotonic() + 60, lambda: "the start's storage scan to end")
+    wait_for(node.scanned, "the start's storage scan to end", 60)
     quiet(proxy)
     data = os.urandom(TRANSFER_SIZE)
     name = hashlib.sha256(data).hexdigest()
@@ -285,6 +286,7 @@ def test_long_transfers_bring_no_probe_forward(
     assert probes == [], probes
 
 
+@pytest.mark.long(25)
 def test_an_upload_under_way_is_not_given_up_when_a_probe_fails(
         s3: S3Storage, cluster: Cluster, start_node: Callable[..., Node]) -> None:
     """Its body is gone: it cannot be sent again, so a probe that finds the storage
@@ -295,7 +297,7 @@ def test_an_upload_under_way_is_not_given_up_when_a_probe_fails(
     node = start_node()
     repo_path = f"/{S3_DEST}/traefik/{uuidlib.uuid4()}"
     restic(node.repo(NODE, S3_DEST, repo_path.rsplit("/", 1)[1]), "init", binary=RESTIC_NEW)
-    poll(node.scanned, time.monotonic() + 60, lambda: "the start's storage scan to end")
+    wait_for(node.scanned, "the start's storage scan to end", 60)
     quiet(proxy)
     data = os.urandom(2 * TRANSFER_SIZE)
     name = hashlib.sha256(data).hexdigest()
@@ -321,8 +323,9 @@ def test_an_upload_under_way_is_not_given_up_when_a_probe_fails(
         try:
             # rclone answers 500 to a REST HEAD of a directory: the probe is brought forward
             node.request("HEAD", f"/{S3_DEST}/", rest=True)
-            found_down = poll(lambda: node.served(S3_DEST) != "here", time.monotonic() + 10,
-                              lambda: f"the remote found down: {node.health()['destinations']}")
+            wait_for(lambda: node.served(S3_DEST) != "here",
+                     lambda: f"the remote found down: {node.health()['destinations']}", 10)
+            found_down = time.monotonic()
         finally:
             proxy.refuse = False
         under_way = uploading.is_alive()
@@ -339,6 +342,7 @@ def test_an_upload_under_way_is_not_given_up_when_a_probe_fails(
 # --------------------------------------------------------------------------- slow remote
 
 
+@pytest.mark.long(35)
 def test_restic_018_works_against_a_slow_s3_remote(
         s3: S3Storage, cluster: Cluster, start_node: Callable[..., Node],
         tmp_path: Path) -> None:
@@ -362,9 +366,9 @@ def test_restic_018_works_against_a_slow_s3_remote(
         durations[name] = time.monotonic() - started
         return result.stdout
 
-    poll(lambda: node.request("GET", f"/{S3_DEST}/traefik/{module_uuid}/config", TRAEFIK,
-                              rest=True)[0] == 404, time.monotonic() + 10,
-         lambda: "the module's new repository to be its own")
+    wait_for(lambda: node.request("GET", f"/{S3_DEST}/traefik/{module_uuid}/config", TRAEFIK,
+                                  rest=True)[0] == 404,
+             "the module's new repository to be its own", 10)
     timed("init", module_repo, "init")
     timed("backup", module_repo, "backup", str(data))
     (data / "file0.bin").write_bytes(os.urandom(200_000))
@@ -387,6 +391,7 @@ LISTED_OBJECTS = 20_000
 SLOW_LISTING_RATE = 100_000  # bytes per second
 
 
+@pytest.mark.long(100)
 def test_a_listing_whose_first_byte_comes_after_30_s_is_answered(
         cluster: Cluster, start_node: Callable[..., Node], tmp_path: Path) -> None:
     # A storage of its own, started once the objects are there: `rclone serve s3` keeps
@@ -410,7 +415,9 @@ def listing_through_a_slow_link(s3: S3Storage, cluster: Cluster,
     proxy = s3.proxy()
     s3.destination(cluster, S3_DEST, proxy)
     node = start_node()
-    poll(node.scanned, time.monotonic() + 120, lambda: "the start's storage scan to end")
+    # 20,000 objects listed at full speed: 24 s with the suite running beside, and over
+    # 120 s once, with two other runs of the suite on the machine as well
+    wait_for(node.scanned, "the start's storage scan to end", 300)
     quiet(proxy)
     proxy.bandwidth = SLOW_LISTING_RATE
     started = time.monotonic()
@@ -437,9 +444,9 @@ def test_restic_backs_up_and_restores_through_an_sftp_remote(
     module_uuid = str(uuidlib.uuid4())
     cluster.set_module("traefik1", module_uuid)
     cluster.publish("acl-changed")
-    poll(lambda: node.request("GET", f"/{SFTP_DEST}/traefik/{module_uuid}/config", TRAEFIK,
-                              rest=True)[0] == 404, time.monotonic() + 10,
-         lambda: "the module's new repository to be its own")
+    wait_for(lambda: node.request("GET", f"/{SFTP_DEST}/traefik/{module_uuid}/config", TRAEFIK,
+                                  rest=True)[0] == 404,
+             "the module's new repository to be its own", 10)
     repo = node.repo(TRAEFIK, SFTP_DEST, module_uuid)
     data = make_files(tmp_path / "data", count=4, size=300_000)
     restic(repo, "init", binary=restic_binary)
@@ -509,7 +516,7 @@ def test_a_new_destination_whose_base_directory_is_not_there_yet_lists_as_empty(
         dest = "5f7e0000-8f8b-4c43-a1d3-7f3f5f7c1a0e"
         base = storage.destination(cluster, dest, storage.proxy(), basepath="not-yet")
         assert not base.exists()
-        cluster.add_user("node/1", "node-secret")
+        cluster.add_user(*NODE)
         gateway = gateway_factory()
         deadline = time.monotonic() + 60
         while "storage scan: " not in gateway.log_text():

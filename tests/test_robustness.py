@@ -15,17 +15,26 @@ import signal
 import threading
 import time
 import uuid as uuidlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from harness import Cluster, GatewayProcess, RedisServer, restic, send_request, stop_process
+from harness import (
+    Cluster,
+    GatewayProcess,
+    RedisServer,
+    fresh_cluster,
+    restic,
+    running_gateway,
+    send_request,
+    stop_process,
+    wait_for,
+)
+from identities import NODE, TRAEFIK
 
 DEST = "7e57d00d-8f8b-4c43-a1d3-7f3f5f7c1a01"
 REMOTE_DEST = "7e57d00d-1b2a-4d6e-9f70-aa11bb22cc33"
-NODE = ("node/1", "node-secret-1")
-TRAEFIK = ("module/traefik1", "traefik-secret")
 TRAEFIK_UUID = "7e571111-2f87-4e7b-9a34-0a1d9f9e4b01"
 LIVENESS = ["--liveness-interval", "0.5", "--liveness-timeout", "2", "--liveness-misses", "3"]
 # Requests to a stopped child are served by its replacement within this many seconds:
@@ -65,35 +74,19 @@ def env(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> 
     workdir = tmp_path_factory.mktemp("robust")
     remote_dir = workdir / "remote-storage"
     remote_dir.mkdir()
-    client = redis_server.client()
-    cluster = Cluster(client)
-    cluster.flush()
-    cluster.add_user(*NODE)
-    cluster.add_user(*TRAEFIK)
-    cluster.set_module("traefik1", TRAEFIK_UUID)
-    cluster.set_node_vpn(1, "10.5.4.1")
-    cluster.add_destination(DEST, provider="cluster", url="webdav:http://10.5.4.1:4694")
-    cluster.add_destination(REMOTE_DEST, provider="rclone", url="rclone:local", name="remote",
-                            basepath=str(remote_dir),
-                            rclone_conf=f"[{REMOTE_DEST}]\ntype = local\n")
-    # remote probes far apart: only what a request brings forward happens during a test
-    gateway = GatewayProcess.start(redis_server.url, "1", workdir,
-                                   extra_args=[*LIVENESS, "--remote-probe-interval", "600"])
-    try:
-        yield Env(gateway, cluster, remote_dir)
-    finally:
-        gateway.stop()
-        left = gateway.kill_leftovers()
-        client.close()
-        assert not left, f"the gateway left children behind: {left}"
-
-
-def wait_for(predicate: Callable[[], object], timeout: float, what: str) -> object:
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
-    return value
+    with fresh_cluster(redis_server) as cluster:
+        cluster.add_user(*NODE)
+        cluster.add_user(*TRAEFIK)
+        cluster.set_module("traefik1", TRAEFIK_UUID)
+        cluster.set_node_vpn(1, "10.5.4.1")
+        cluster.add_destination(DEST, provider="cluster", url="webdav:http://10.5.4.1:4694")
+        cluster.add_destination(REMOTE_DEST, provider="rclone", url="rclone:local",
+                                name="remote", basepath=str(remote_dir),
+                                rclone_conf=f"[{REMOTE_DEST}]\ntype = local\n")
+        # remote probes far apart: only what a request brings forward happens during a test
+        with running_gateway(redis_server.url, workdir,
+                             extra_args=[*LIVENESS, "--remote-probe-interval", "600"]) as gateway:
+            yield Env(gateway, cluster, remote_dir)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -160,6 +153,7 @@ def test_webdav_child_stays_idle_and_prompt_after_a_node_webdav_mix(env: Env) ->
 # --------------------------------------------------------------------------- 2: one 500
 
 
+@pytest.mark.long(20)
 def test_backend_500s_do_not_take_the_destination_away(env: Env, tmp_path: Path) -> None:
     module_uuid = str(uuidlib.uuid4())
     env.cluster.set_module("traefik2", module_uuid)
@@ -172,7 +166,7 @@ def test_backend_500s_do_not_take_the_destination_away(env: Env, tmp_path: Path)
     repo = env.repo(("module/traefik2", "traefik2-secret"), REMOTE_DEST, module_uuid)
     wait_for(lambda: env.request("GET", f"/{REMOTE_DEST}/traefik/{module_uuid}/config",
                                  ("module/traefik2", "traefik2-secret"), rest=True)[0] == 404,
-             10, "the new module to be known")
+             "the new module to be known", 10)
     data = tmp_path / "data"
     data.mkdir()
     (data / "file").write_bytes(os.urandom(100_000))
@@ -226,7 +220,7 @@ def test_a_stopped_child_is_replaced_and_killed(env: Env, kind: str) -> None:
                 return False
             return status < 500 and answer.get("x-gateway-backend") == f"{kind}@node1"
 
-        wait_for(served_again, REPLACED_WITHIN, f"a replacement of the stopped {kind} child")
+        wait_for(served_again, f"a replacement of the stopped {kind} child", REPLACED_WITHIN)
         took = time.monotonic() - started
         backend = env.health()["backends"][kind]
         assert backend["pid"] != old_pid, (took, backend, gone(old_pid),
@@ -236,7 +230,7 @@ def test_a_stopped_child_is_replaced_and_killed(env: Env, kind: str) -> None:
         assert "liveness" in backend["last_replacement"]["reason"]
         assert backend["last_replacement"]["old_pid"] == old_pid
         # the stopped process is gone: SIGTERM cannot reach it, SIGKILL does
-        wait_for(lambda: gone(old_pid), 60, f"the stopped {kind} child to be killed")
+        wait_for(lambda: gone(old_pid), f"the stopped {kind} child to be killed", 60)
     finally:
         if not gone(old_pid):
             os.kill(old_pid, signal.SIGCONT)

@@ -23,29 +23,38 @@ import hypothesis
 import pytest
 from harness import (
     REST_ACCEPT,
-    Cluster,
     GatewayProcess,
     RedisServer,
     basic,
+    fresh_cluster,
     raw_request,
     read_response,
     send_request,
+    stop_gateways,
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from identities import (
+    DEST,
+    DOKUWIKI,
+    DOKUWIKI_UUID,
+    LDAP,
+    LDAP_UUID,
+    MAIL,
+    MAIL_UUID,
+    NODE,
+    NODE_ID,
+    TRAEFIK,
+    TRAEFIK_UUID,
+)
 
 from gateway.access.throttle import LoginThrottle, ThrottleRules, credential_key
 
-DEST = "0d2b7ab6-8f8b-4c43-a1d3-7f3f5f7c1a01"
-NODE = ("node/1", "node-secret-1")
-ALICE = ("module/traefik1", "alice-secret")
-ALICE_UUID = "5c1d6c1e-2f87-4e7b-9a34-0a1d9f9e4b01"
-BOB = ("module/dokuwiki1", "bob-secret")
-BOB_UUID = "9e2f4d10-3c55-4b0d-8f4e-5a6b7c8d9e02"
-CAROL = ("module/mail1", "carol-secret")
-CAROL_UUID = "a1a1a1a1-0000-4000-8000-000000000001"
-DAVE = ("module/ldap1", "dave-secret")
-DAVE_UUID = "b2b2b2b2-0000-4000-8000-000000000002"
+# The modules, by the parts they play here.
+ALICE, ALICE_UUID = TRAEFIK, TRAEFIK_UUID
+BOB, BOB_UUID = DOKUWIKI, DOKUWIKI_UUID
+CAROL, CAROL_UUID = MAIL, MAIL_UUID
+DAVE, DAVE_UUID = LDAP, LDAP_UUID
 MAX_CONNECTIONS = 400
 HEADER_TIMEOUT = 5.0
 OBJECT_TYPES = ("data", "index", "keys", "locks", "snapshots")
@@ -83,36 +92,24 @@ class Env:
                 conn.close()
 
 
-def stop_and_check(gateway: GatewayProcess) -> None:
-    """Stops `gateway`; a process of its that outlives it fails the test run."""
-    gateway.stop()
-    leftovers = gateway.kill_leftovers()
-    assert not leftovers, f"processes outlived gateway {gateway.pid}: {leftovers}"
-
-
 def start_gateway(redis_server: RedisServer, workdir: Path) -> GatewayProcess:
-    return GatewayProcess.start(redis_server.url, "1", workdir,
+    return GatewayProcess.start(redis_server.url, NODE_ID, workdir,
                                 extra_args=["--max-connections", str(MAX_CONNECTIONS)])
 
 
 @pytest.fixture(scope="module")
 def seeded(redis_server: RedisServer) -> Iterator[None]:
     """The cluster of this module in Redis: four modules, node 1, one local destination."""
-    client = redis_server.client()
-    cluster = Cluster(client)
-    cluster.flush()
-    for who, module_uuid in ((ALICE, ALICE_UUID), (BOB, BOB_UUID), (CAROL, CAROL_UUID),
-                             (DAVE, DAVE_UUID)):
-        cluster.add_user(*who)
-        cluster.set_module(who[0].removeprefix("module/"), module_uuid)
-    cluster.add_user(*NODE)
-    cluster.set_node_vpn(1, "10.5.4.1")
-    cluster.set_network("10.5.4.0/24")
-    cluster.add_destination(DEST, provider="cluster", url="webdav:http://10.5.4.1:4694")
-    try:
+    with fresh_cluster(redis_server) as cluster:
+        for who, module_uuid in ((ALICE, ALICE_UUID), (BOB, BOB_UUID), (CAROL, CAROL_UUID),
+                                 (DAVE, DAVE_UUID)):
+            cluster.add_user(*who)
+            cluster.set_module(who[0].removeprefix("module/"), module_uuid)
+        cluster.add_user(*NODE)
+        cluster.set_node_vpn(1, "10.5.4.1")
+        cluster.set_network("10.5.4.0/24")
+        cluster.add_destination(DEST, provider="cluster", url="webdav:http://10.5.4.1:4694")
         yield
-    finally:
-        client.close()
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +126,7 @@ def env(seeded: None, redis_server: RedisServer,
             assert shared.request("GET", "/", who, rest=False)[0] == 200, who
         yield shared
     finally:
-        stop_and_check(gateway)
+        stop_gateways(gateway)
 
 
 @pytest.fixture
@@ -140,7 +137,7 @@ def own_gateway(seeded: None, redis_server: RedisServer, tmp_path: Path) -> Iter
     try:
         yield Env(gateway)
     finally:
-        stop_and_check(gateway)
+        stop_gateways(gateway)
 
 
 def repo_path(app: str, module_uuid: str) -> str:
@@ -613,6 +610,7 @@ print(json.dumps({"waited": [closed[i] - opened[i] for i in sorted(closed)],
 """
 
 
+@pytest.mark.serial  # latencies against a baseline taken just before
 def test_300_slow_header_connections_are_dropped_and_do_not_delay_others(
     env: Env, bob_repo: str
 ) -> None:

@@ -34,11 +34,12 @@ from harness import (
     REST_ACCEPT,
     Blob,
     Cluster,
-    GatewayProcess,
     ModuleRepositories,
     RedisServer,
     basic,
+    fresh_cluster,
     read_response,
+    running_gateway,
     send_request,
     stop_process,
 )
@@ -85,9 +86,7 @@ class Env(ModuleRepositories):
 
 
 
-def seed(redis_server: RedisServer) -> Cluster:
-    cluster = Cluster(redis_server.client())
-    cluster.flush()
+def seed(cluster: Cluster) -> None:
     cluster.add_user(*NODE)
     for module, (_, module_uuid) in MODULES.items():
         cluster.add_user(f"module/{module}", PASSWORD)
@@ -95,20 +94,14 @@ def seed(redis_server: RedisServer) -> Cluster:
     cluster.set_node_vpn(1, "10.5.9.1")
     cluster.add_destination(DEST, provider="cluster", url="webdav:http://10.5.9.1:4694",
                             name="local disk")
-    return cluster
 
 
 @contextlib.contextmanager
 def started(redis_server: RedisServer, workdir: Path, *args: str) -> Iterator[Env]:
-    cluster = seed(redis_server)
-    gateway = GatewayProcess.start(redis_server.url, "1", workdir, extra_args=args)
-    try:
-        yield Env(gateway, cluster)
-    finally:
-        gateway.stop()
-        left = gateway.kill_leftovers()
-        cluster.r.close()
-        assert not left, f"the gateway left children behind: {left}"
+    with fresh_cluster(redis_server) as cluster:
+        seed(cluster)
+        with running_gateway(redis_server.url, workdir, extra_args=args) as gateway:
+            yield Env(gateway, cluster)
 
 
 @pytest.fixture
@@ -228,6 +221,7 @@ def rss_kib(pid: int, field: str) -> int:
 # --------------------------------------------------------------------------- tests
 
 
+@pytest.mark.long(68)
 def test_slow_clients_are_stored_byte_for_byte(env: Env) -> None:
     """A node's 64 MiB WebDAV PUT at 1 MB/s, a module's 40 MiB restic object at 1 MB/s
     and a 16 MiB object under a 256K module limit: each takes a minute or more, far
@@ -383,6 +377,7 @@ def held_state(env: Env, uploads: list[HeldUpload]) -> tuple[int, int, int]:
     return in_flight, reserved, partial
 
 
+@pytest.mark.serial  # a bound on the peak RSS and on the time to clean up
 def test_shaped_uploads_hold_little_memory_and_leave_at_once(env: Env) -> None:
     """50 uploads under a 1M shared upload limit: the gateway's peak RSS stays under
     100 MiB; then every client resets its connection at once, and within 2 s no slot, no

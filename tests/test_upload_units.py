@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from types import SimpleNamespace
 
 import pytest
+from identities import TRAEFIK_UUID
 
 from backends.kinds import Backend
 from gateway.access.paths import canonicalise
@@ -19,7 +20,7 @@ from gateway.pipeline.upload import Repair, RepairOutcome, Upload
 
 CONTENT = b"restic pack" * 100
 OBJECT_ID = hashlib.sha256(CONTENT).hexdigest()
-TARGET = f"/dest/traefik/1a5e1111-2f87-4e7b-9a34-0a1d9f9e4b01/data/{OBJECT_ID}"
+TARGET = f"/dest/traefik/{TRAEFIK_UUID}/data/{OBJECT_ID}"
 
 
 def stored_whole_upload() -> Upload:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from identities import DEST, NODE_ID, REMOTE_DEST, TRAEFIK, TRAEFIK_UUID
 from multidict import CIMultiDict
 
 from backends.client import ConnectionPool
@@ -22,12 +23,10 @@ from gateway.access.webdav_headers import (
     rewrite_references,
 )
 
-DEST = "0d2b7ab6-8f8b-4c43-a1d3-7f3f5f7c1a01"
-OTHER = "3f9c0e55-1b2a-4d6e-9f70-aa11bb22cc33"
-OWN = "5c1d6c1e-2f87-4e7b-9a34-0a1d9f9e4b01"
+OTHER, OWN = REMOTE_DEST, TRAEFIK_UUID
 HOST = "127.0.0.1:4694"
-NODE = node_caller("node/1")
-MODULE = module_caller("module/traefik1", {"traefik1": OWN}, {})
+NODE = node_caller(f"node/{NODE_ID}")
+MODULE = module_caller(TRAEFIK[0], {"traefik1": OWN}, {})
 
 
 def described(method: str = "COPY", target: str = f"/{DEST}/dir/file.txt",

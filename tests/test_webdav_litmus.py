@@ -21,8 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import redis
-from harness import Cluster, GatewayProcess, RedisServer, free_port, send_request
+from harness import (
+    Cluster,
+    GatewayProcess,
+    RedisServer,
+    free_port,
+    fresh_cluster,
+    running_gateway,
+    send_request,
+)
 
 from backends.kinds import Backend
 from backends.manager import rclone_argv
@@ -115,28 +122,19 @@ def env(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> 
     other_storage = workdir / "other-storage"
     other_storage.mkdir()
     # A database of its own: other modules flush database 0 between their tests.
-    redis_url = redis_server.url.rsplit("/", 1)[0] + "/8"
-    client = redis.Redis(host="127.0.0.1", port=redis_server.port, db=8, decode_responses=True)
-    cluster = Cluster(client)
-    cluster.flush()
-    cluster.add_user(*NODE)
-    cluster.add_user(*TRAEFIK)
-    cluster.set_module("traefik1", TRAEFIK_UUID)
-    cluster.set_node_vpn(1, "10.5.4.1")
-    cluster.set_network("10.5.4.0/24")
-    cluster.add_destination(DEST, provider="cluster", url="webdav:http://10.5.4.1:4694",
-                            name="local")
-    cluster.add_destination(OTHER_DEST, provider="rclone", url="rclone:local", name="other",
-                            basepath=str(other_storage),
-                            rclone_conf=f"[{OTHER_DEST}]\ntype = local\n")
-    gateway = GatewayProcess.start(redis_url, "1", workdir / "gateway")
-    try:
-        yield Env(gateway, cluster, other_storage)
-    finally:
-        gateway.stop()
-        gateway.kill_leftovers()
-        cluster.flush()
-        client.close()
+    with fresh_cluster(redis_server, db=8) as cluster:
+        cluster.add_user(*NODE)
+        cluster.add_user(*TRAEFIK)
+        cluster.set_module("traefik1", TRAEFIK_UUID)
+        cluster.set_node_vpn(1, "10.5.4.1")
+        cluster.set_network("10.5.4.0/24")
+        cluster.add_destination(DEST, provider="cluster", url="webdav:http://10.5.4.1:4694",
+                                name="local")
+        cluster.add_destination(OTHER_DEST, provider="rclone", url="rclone:local",
+                                name="other", basepath=str(other_storage),
+                                rclone_conf=f"[{OTHER_DEST}]\ntype = local\n")
+        with running_gateway(redis_server.db_url(8), workdir / "gateway") as gateway:
+            yield Env(gateway, cluster, other_storage)
 
 
 @pytest.fixture
