@@ -312,8 +312,8 @@ def test_restoring_module_reads_granted_repository_only(env: Env, tmp_path: Path
                 if e.get("user") == DOKU_NEW[0] and e["path"].startswith(base)]
 
     # an access line is written just after its answer: restic may have exited before
-    wait_for(lambda: all(lines_of(access_lines(env), base) for base in bases), 30,
-             "an access line of restic's requests for each repository")
+    wait_for(lambda: all(lines_of(access_lines(env), base) for base in bases),
+             "an access line of restic's requests for each repository", 30)
     entries = access_lines(env)
     for (app, _), base, result in zip(others, bases, results, strict=True):
         assert result.returncode != 0, (app, result.stdout)
@@ -599,8 +599,8 @@ def test_a_chunked_config_whose_client_goes_away_leaves_nothing(env: Env, sent: 
     env.cluster.set_module(who[0].removeprefix("module/"), module_uuid)
     env.cluster.publish("acl-changed")
     base = f"/{DEST}/chunked/{module_uuid}"
-    wait_for(lambda: env.request("POST", f"{base}/?create=true", who, rest=True)[0] == 200, 30,
-             "the new module to create its repository")
+    wait_for(lambda: env.request("POST", f"{base}/?create=true", who, rest=True)[0] == 200,
+             "the new module to create its repository", 30)
     head = (f"POST {base}/config HTTP/1.1\r\nHost: x\r\n"
             f"Authorization: {basic(*who)}\r\nAccept: {REST_ACCEPT}\r\n"
             f"Transfer-Encoding: chunked\r\n\r\n").encode()
@@ -614,7 +614,7 @@ def test_a_chunked_config_whose_client_goes_away_leaves_nothing(env: Env, sent: 
     with socket.create_connection(("127.0.0.1", env.gateway.port)) as sock:
         sock.sendall(head + body)
         time.sleep(2.0)  # the head has gone on alone (after 1 s), and the piece with it
-    wait_for(posts, 30, "the access line of the cut upload")
+    wait_for(posts, "the access line of the cut upload", 30)
     quiet_since: list[float] = []
 
     def nothing_for_a_while() -> bool:
@@ -624,7 +624,7 @@ def test_a_chunked_config_whose_client_goes_away_leaves_nothing(env: Env, sent: 
         quiet_since[:] = quiet_since or [time.monotonic()]
         return time.monotonic() - quiet_since[0] >= 2.0
 
-    wait_for(nothing_for_a_while, 30, f"no config left behind ({config.exists()})")
+    wait_for(nothing_for_a_while, lambda: f"no config left behind ({config.exists()})", 30)
     assert [e["status"] for e in posts()] == [499]
     content = os.urandom(1024)  # the module's next try is stored
     assert env.request("POST", f"{base}/config", who, body=content, rest=True)[0] == 200

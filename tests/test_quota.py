@@ -495,10 +495,6 @@ def test_a_listing_asked_for_during_a_scan_runs_next(tmp_path: Path) -> None:
 SMALL_MAX = 64 * 1024  # spec section 4, "Sizes": config, keys and locks
 
 
-# A gateway defect, not the test's: on a loaded machine the cut chunked config is left
-# stored, its first 64 KiB (8 of 20 runs with four at once, on the code before the suite
-# ran in parallel too). Alone it passes; the defect is reported for the gateway's fix.
-@pytest.mark.serial
 def test_a_modules_config_keys_and_locks_over_64_kib_are_refused_before_their_body(
         env: Env, tmp_path: Path) -> None:
     """Issue "Real links and real storage", 9: a lock, which no quota refuses, could store
