@@ -96,6 +96,16 @@ async def body_of(pool: ConnectionPool, method: str = "GET", target: str = "/x",
         return response.status, b"".join(parts)
 
 
+async def read_to_the_end(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                          backend: Backend) -> None:
+    """A backend that reads one request's head, then all the connection brings."""
+    await backend.head(reader)
+    received = b""
+    while chunk := await reader.read(1 << 16):
+        received += chunk
+    backend.bodies.append(received)
+
+
 async def chunks(*parts: bytes, fail: bool = False) -> AsyncIterator[bytes]:
     for part in parts:
         await asyncio.sleep(0)
@@ -249,13 +259,6 @@ def test_a_chunked_body_cut_short_ends_in_a_chunk_no_backend_takes_for_its_end(
     """rclone takes a connection that ends between chunks for the end of the body, and
     stores an upload under 100 KiB as far as it came (even empty). However the body is cut,
     what was sent of it is followed by a line no chunk size starts with, then the end."""
-    async def script(reader, writer, backend):  # type: ignore[no-untyped-def]
-        await backend.head(reader)
-        received = b""
-        while chunk := await reader.read(1 << 16):
-            received += chunk
-        backend.bodies.append(received)
-
     async def body() -> AsyncIterator[bytes]:
         yield b"part"
         if how == "body fails":
@@ -281,7 +284,7 @@ def test_a_chunked_body_cut_short_ends_in_a_chunk_no_backend_takes_for_its_end(
                 break
             await asyncio.sleep(0.05)
 
-    backend = run(script, client, tmp_path)
+    backend = run(read_to_the_end, client, tmp_path)
     assert backend.bodies == [b"4\r\npart\r\n" + BROKEN_CHUNK]
 
 
@@ -347,13 +350,6 @@ def test_no_backend_is_a_connect_failure(tmp_path: Path) -> None:
 
 
 def test_closing_the_pool_cuts_an_upload_in_flight(tmp_path: Path) -> None:
-    async def script(reader, writer, backend):  # type: ignore[no-untyped-def]
-        await backend.head(reader)
-        received = b""
-        while chunk := await reader.read(1 << 16):
-            received += chunk
-        backend.bodies.append(received)
-
     async def slow() -> AsyncIterator[bytes]:
         for _ in range(100):
             await asyncio.sleep(0.01)
@@ -370,7 +366,7 @@ def test_closing_the_pool_cuts_an_upload_in_flight(tmp_path: Path) -> None:
                 or caught.value.kind is HopFailure.BROKEN), caught.value
         await asyncio.sleep(0.05)
 
-    backend = run(script, client, tmp_path)
+    backend = run(read_to_the_end, client, tmp_path)
     assert 0 < len(backend.bodies[0]) < 1000
 
 
