@@ -56,10 +56,7 @@ class Serving:
 
     def healthy_here(self, uuid: str) -> bool:
         """Served here with every backend answering: what peers ask with the probe."""
-        generation = self._backends.current
-        return (
-            uuid in self.placement.local and generation is not None and generation.healthy
-        )
+        return uuid in self.placement.local and self.ready()
 
     def all_served_here(self) -> set[str]:
         """The destinations this node serves now."""
@@ -70,9 +67,7 @@ class Serving:
     def remote_served_here(self) -> list[str]:
         """Destinations served here whose storage is not this node's own disk: those the
         reachability probes."""
-        state = self._state() or ClusterState()
-        return [uuid for uuid in self.placement.local
-                if uuid in state.destinations and state.destinations[uuid].provider != "cluster"]
+        return [uuid for uuid in self.placement.local if self.is_remote(uuid)]
 
     def is_remote(self, uuid: str) -> bool:
         """Served here from storage that is not this node's own disk."""
