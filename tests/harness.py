@@ -543,6 +543,9 @@ class BlobUpload(threading.Thread):
         return self.finish()
 
 
+BWLIMIT = "rclone-gateway/bwlimit"  # the bandwidth limits' hash
+
+
 @dataclass
 class ModuleRepositories:
     """A gateway serving module repositories on one `cluster` destination, seen as its node
@@ -586,6 +589,32 @@ class ModuleRepositories:
         finally:
             conn.close()
         assert status == 200, (status, body)
+
+    def bandwidth_reported(self) -> dict | None:
+        """The bandwidth limits /status says are in force; None when it says nothing of
+        limits at all."""
+        limits = self.status().get("limits")
+        return None if limits is None else limits.get("bandwidth", {})
+
+    def set_limits(self, fields: dict[str, str]) -> bool:
+        """Sets the bwlimit hash to `fields` exactly and announces it; True once /status
+        reports those schedules in force. Whether the limit holds is for the test to
+        measure: a gateway that never reports them is not failed here."""
+        pipe = self.cluster.r.pipeline(transaction=True)
+        pipe.delete(BWLIMIT)
+        if fields:
+            pipe.hset(BWLIMIT, mapping=fields)
+        pipe.execute()
+        self.cluster.publish("backup-limits-changed")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            reported = self.bandwidth_reported()
+            if reported is None:
+                return False
+            if {name: entry["schedule"] for name, entry in reported.items()} == fields:
+                return True
+            time.sleep(0.1)
+        return False
 
 
 # --------------------------------------------------------------------------- gateway
@@ -982,8 +1011,24 @@ def raw_request(host: str, port: int, data: bytes, *, source: str | None = None,
 def read_response(sock: socket.socket, *, head_only: bool = False
                   ) -> tuple[int, dict[str, str], bytes]:
     """Reads one final response from `sock`: (status, lowercased headers, body); status 0
-    when the server closed the connection without answering. `head_only`: it answers HEAD."""
-    reader = _Reader(sock)
+    when the server closed the connection without answering. `head_only`: it answers HEAD.
+    What came after that response is dropped: ResponseReader reads the next ones."""
+    return _read_one(_Reader(sock), head_only)
+
+
+class ResponseReader:
+    """The responses of one connection, one after the other, pipelined ones too: the bytes
+    a read took past the end of one response are the start of the next."""
+
+    def __init__(self, sock: socket.socket):
+        self._reader = _Reader(sock)
+
+    def read(self, *, head_only: bool = False) -> tuple[int, dict[str, str], bytes]:
+        """The next final response, as read_response gives it."""
+        return _read_one(self._reader, head_only)
+
+
+def _read_one(reader: _Reader, head_only: bool) -> tuple[int, dict[str, str], bytes]:
     while True:
         head = reader.until(b"\r\n\r\n")
         if head is None:

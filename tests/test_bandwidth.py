@@ -43,7 +43,6 @@ MODULES = {  # module id -> (app, uuid); one per test, none shared
     "nextcloud1": ("nextcloud", "b0a15555-2f87-4e7b-9a34-0a1d9f9e4b05"),
     "samba1": ("samba", "b0a16666-2f87-4e7b-9a34-0a1d9f9e4b06"),
 }
-BWLIMIT = "rclone-gateway/bwlimit"
 MiB = 1024 * 1024
 SAMPLE_EVERY = 0.1  # seconds between two looks at the stored file's size
 TIMEOUT = 120.0  # a client's socket timeout: far beyond any transfer here
@@ -57,32 +56,6 @@ SLOW_ENOUGH = 0.85  # a transfer takes at least this share of the time its limit
 
 class Env(ModuleRepositories):
     DEST, NODE, PASSWORD, MODULES = DEST, NODE, PASSWORD, MODULES
-
-    def bandwidth_reported(self) -> dict | None:
-        """The bandwidth limits /status says are in force; None when it says nothing of
-        limits at all."""
-        limits = self.status().get("limits")
-        return None if limits is None else limits.get("bandwidth", {})
-
-    def set_limits(self, fields: dict[str, str]) -> bool:
-        """Sets the bwlimit hash to `fields` exactly and announces it; True once /status
-        reports those schedules in force. Whether the limit holds is for the test to
-        measure: a gateway that never reports them is not failed here."""
-        pipe = self.cluster.r.pipeline(transaction=True)
-        pipe.delete(BWLIMIT)
-        if fields:
-            pipe.hset(BWLIMIT, mapping=fields)
-        pipe.execute()
-        self.cluster.publish("backup-limits-changed")
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            reported = self.bandwidth_reported()
-            if reported is None:
-                return False
-            if {name: entry["schedule"] for name, entry in reported.items()} == fields:
-                return True
-            time.sleep(0.1)
-        return False
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from harness import (
     PORT_RANGE,
     Cluster,
     RedisServer,
+    ResponseReader,
     basic,
     free_port,
     raw_request,
@@ -114,6 +115,17 @@ def test_raw_request(http_server: ThreadingHTTPServer) -> None:
             == (0, {}, b"")
         closer.join(5)
     assert free_port() > 0
+
+
+def test_response_reader_reads_pipelined_answers_in_turn(
+        http_server: ThreadingHTTPServer) -> None:
+    port = http_server.server_address[1]
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"".join(b"GET /%b HTTP/1.1\r\nHost: a\r\n\r\n" % path
+                              for path in (b"chunked", b"x", b"chunked")))
+        answers = ResponseReader(sock)
+        assert [answers.read()[::2] for _ in range(3)] == [
+            (200, b"hello world"), (201, b"127.0.0.1 None"), (200, b"hello world")]
 
 
 def test_restic_runs_the_real_client(tmp_path) -> None:
