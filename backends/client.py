@@ -12,6 +12,7 @@ to answer (spec section 7: while the body still flows, the backend is not idle).
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import collections
 import contextlib
@@ -21,6 +22,8 @@ from enum import Enum
 from typing import Any
 
 from multidict import CIMultiDict, CIMultiDictProxy
+
+from backends import splice
 
 MAX_HEAD = 64 * 1024
 # Read from the backend ahead of the client: enough to keep a transfer flowing.
@@ -81,6 +84,21 @@ class BodyFailed(Exception):
     def __init__(self, cause: BaseException) -> None:
         super().__init__(repr(cause))
         self.cause = cause
+
+
+class SocketBody(abc.ABC):
+    """A request body that moves from its socket into the backend's by itself
+    (`backends.splice`), once its part read already went out with the head."""
+
+    @abc.abstractmethod
+    async def begin(self) -> bytes:
+        """Takes the body over, once a connection is there to send it on: the part that
+        was read already."""
+
+    @abc.abstractmethod
+    async def move_to(self, fd: int, idle: float, stalled: splice.Stalled) -> None:
+        """Moves the rest into the socket `fd`, which may take no data for `idle` seconds
+        before `stalled()` is raised."""
 
 
 class _Connection(asyncio.Protocol):
@@ -192,6 +210,28 @@ class _Connection(asyncio.Protocol):
             self.transport.resume_reading()
         return chunk
 
+    def take_buffered(self, limit: int) -> bytes:
+        """What is buffered already, `limit` bytes at most, without waiting."""
+        taken = []
+        while self.chunks and limit:
+            chunk = self._take(limit)
+            limit -= len(chunk)
+            taken.append(chunk)
+        return b"".join(taken)
+
+    async def flushed(self, timeout: float) -> int:
+        """The socket, once the transport wrote all it buffered: to be written to directly."""
+        transport = self.transport
+        fd = splice.socket_fd(transport)
+        if self.closed or transport is None or fd is None:
+            raise _broken("backend closed the connection")
+        try:
+            await splice.flushed(transport, timeout,
+                                 lambda: _timed_out("backend took no data in time"))
+        except splice.DestinationGone:
+            raise _broken("backend closed the connection") from None
+        return fd
+
     async def read_until(self, marker: bytes, limit: int, timeout: float) -> bytes:
         """Bytes up to and including `marker`, which must come within `limit` bytes."""
         while True:
@@ -277,6 +317,57 @@ class Response:
         elif self._framing == "close":
             while chunk := await connection.read_some(chunk_size, timeout):
                 yield chunk
+        self._framing = "done"
+
+    @property
+    def body_left(self) -> int | None:
+        """Bytes of a body of known length still to come; None for any other."""
+        return self._length if self._framing == "length" and self._connection else None
+
+    def begin_splice(self) -> bytes:
+        """Stops reading a body of known length into the process, for `splice_body` to
+        move the rest: returns the part that came already (with the head)."""
+        connection = self._connection
+        if self._framing != "length" or connection is None or connection.transport is None:
+            raise RuntimeError("no body of known length to splice")
+        first = connection.take_buffered(self._length)
+        self._length -= len(first)
+        connection.transport.pause_reading()  # the pump reads the socket from now on
+        return first
+
+    async def splice_body(self, fd: int, *, pace: splice.Pace | None = None,
+                          moved: Callable[[int], None] | None = None) -> None:
+        """Moves the rest of a body of known length into the socket `fd`, in the kernel
+        (`backends.splice`), after `begin_splice`; `moved(n)`: n more bytes are in it. A
+        socket `fd` that goes away raises splice.DestinationGone; its reader's pace is its
+        own (no timeout)."""
+        connection = self._connection
+        if self._framing != "length" or connection is None or connection.transport is None:
+            raise RuntimeError("no body of known length to splice")
+        transport = connection.transport
+        if not self._length:  # all of it came with the head
+            transport.resume_reading()
+            self._framing = "done"
+            return
+        source = splice.socket_fd(transport)
+        if source is None or connection.chunks:
+            raise _broken("backend closed the connection")
+
+        def left(n: int) -> None:
+            self._length -= n
+
+        try:
+            await splice.pump(
+                source, fd, self._length,
+                source_idle=self._timeout,
+                source_stalled=lambda: _timed_out("backend did not answer in time"),
+                destination_idle=None,
+                pace=pace, taken=left, moved=moved,
+            )
+        except splice.SourceEnded:
+            raise _broken("backend closed the connection mid-answer") from None
+        if not connection.closed:
+            transport.resume_reading()
         self._framing = "done"
 
     async def _chunked(self, connection: _Connection, chunk_size: int) -> AsyncIterator[bytes]:
@@ -412,7 +503,7 @@ class ConnectionPool:
         method: str,
         target: str,
         headers: CIMultiDict[str],
-        body: AsyncIterator[bytes] | None = None,
+        body: AsyncIterator[bytes] | SocketBody | None = None,
         *,
         content_length: int | None = None,
         timeout: float = 300.0,
@@ -434,7 +525,9 @@ class ConnectionPool:
                 else:
                     connection.sending = True
                     sender = asyncio.create_task(
-                        _send_body(connection, head, body, content_length, timeout))
+                        _send_spliced(connection, head, body, timeout)
+                        if isinstance(body, SocketBody)
+                        else _send_body(connection, head, body, content_length, timeout))
                 return await self._read_head(connection, method, timeout, sender)
             except NextHopError as exc:
                 self._discard(connection)
@@ -495,6 +588,28 @@ class ConnectionPool:
             framing, keep_alive = "close", False
         return Response(self, connection, status, reason, headers, framing, length,
                         keep_alive, timeout, sender)
+
+
+async def _send_spliced(connection: _Connection, head: bytes, body: SocketBody,
+                        timeout: float) -> None:
+    """The head and the part read already, then the rest of the body moved in the kernel."""
+    try:
+        await connection.write(head + await body.begin(), timeout)
+        fd = await connection.flushed(timeout)
+        await body.move_to(fd, timeout, lambda: _timed_out("backend took no data in time"))
+    except splice.DestinationGone:
+        connection.abort()
+        raise _broken("backend closed the connection") from None
+    except NextHopError:
+        connection.abort()
+        raise
+    except (Exception, asyncio.CancelledError) as exc:
+        connection.abort()
+        if isinstance(exc, asyncio.CancelledError):
+            raise
+        raise BodyFailed(exc) from exc
+    finally:
+        connection.body_sent()
 
 
 async def _send_body(connection: _Connection, head: bytes, body: AsyncIterator[bytes],
@@ -571,7 +686,8 @@ def header_tokens(values: list[str]) -> list[str]:
 
 
 def _request_head(method: str, target: str, host: str, headers: CIMultiDict[str],
-                  body: AsyncIterator[bytes] | None, content_length: int | None) -> bytes:
+                  body: AsyncIterator[bytes] | SocketBody | None,
+                  content_length: int | None) -> bytes:
     lines = [f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n"]
     lines.extend(f"{name}: {value}\r\n" for name, value in headers.items())
     if content_length is not None:

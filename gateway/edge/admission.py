@@ -66,6 +66,34 @@ def set_read_size(transport: asyncio.BaseTransport | None, size: int) -> None:
         protocol.read_size = min(size, FULL_READ)
 
 
+# What aiohttp's parser is fed in place of body bytes that bypassed it (`caught_up`).
+_ZEROS = memoryview(bytes(FULL_READ))
+
+
+def caught_up(transport: asyncio.BaseTransport | None, body: StreamReader, size: int) -> None:
+    """`size` bytes of the request body were taken from the socket without passing through
+    here (moved in the kernel, `backends.splice`): aiohttp's parser, which counts a body
+    down to its end before it takes the next request head, is fed as many zeros, and its
+    body reader drops them. Then the socket is read again (its reading was paused meanwhile).
+
+    aiohttp has no way to be told that a body was read elsewhere; without this the next
+    request on the connection would be taken for the rest of the body.
+    """
+    protocol = transport.get_protocol() if transport is not None else None
+    if not isinstance(protocol, _GuardedConnection) or transport is None:
+        return
+    if transport.is_closing():
+        return  # the connection is over: nothing more is parsed on it
+    handler = protocol._handler
+    while size:
+        piece = min(size, len(_ZEROS))
+        handler.data_received(_ZEROS[:piece])  # type: ignore[arg-type]
+        size -= piece
+        if body.exception() is None:
+            body.read_nowait()
+    cast(asyncio.ReadTransport, transport).resume_reading()
+
+
 class GuardedProtocolFactory:
     """Protocol factory for ``loop.create_server`` wrapping an aiohttp low-level Server.
 

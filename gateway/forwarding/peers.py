@@ -35,6 +35,7 @@ from gateway.cluster.state import LOCAL_ADDRESSES, ClusterState, source_ip
 from gateway.forwarding.proxy import (
     BodyFilter,
     BodyRefused,
+    Splicing,
     Transfer,
     forward,
     refusal_response,
@@ -355,12 +356,14 @@ class PeerGateways:
         references: References | None = None,
         *,
         body_filter: BodyFilter | None = None,
+        body_splicing: Splicing | None = None,
     ) -> PeerAnswer:
         """Tries the route's peers in order until one answers; 503 when none can.
 
         The other resources the request names (`references`) are named at each peer's
         own authority, where that peer checks them again. The body goes through
-        `body_filter` on its way, as it would to a backend of this node."""
+        `body_filter` on its way (or `body_splicing`, moved in the kernel), as it would to
+        a backend of this node. The answer moves in the kernel when it can."""
         own_address = self.own_address
         if own_address is None:
             return unavailable("this node has no VPN address to reach its peers")
@@ -374,7 +377,8 @@ class PeerGateways:
                     request, target, self._pool(peer, own_address), _label_from(peer), transfer,
                     body_filter, headers=headers.copy(),
                     backend_timeout=self.timeout, refuse_statuses=PEER_CANNOT_SERVE,
-                    references=references,
+                    references=references, request_splicing=body_splicing,
+                    response_splicing=Splicing(),  # the peer held it to its limits
                 )
             except BodyFailed as exc:
                 given = (exc.cause.given if isinstance(exc.cause, BodyRefused)

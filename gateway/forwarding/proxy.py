@@ -4,16 +4,25 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from aiohttp import StreamReader, web
+from aiohttp.client_exceptions import ClientConnectionResetError
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from backends.client import ConnectionPool, HopFailure, NextHopError, header_tokens
+from backends import splice
+from backends.client import (
+    ConnectionPool,
+    HopFailure,
+    NextHopError,
+    Response,
+    SocketBody,
+    header_tokens,
+)
 from gateway.access.paths import Target
 from gateway.access.refusals import Notes, Refusal, Refused, record
 from gateway.access.webdav_headers import References, rewrite_references
-from gateway.edge.admission import FULL_READ, SMALL_READ, set_read_size
+from gateway.edge.admission import FULL_READ, SMALL_READ, caught_up, set_read_size
 
 CHUNK = 256 * 1024
 # Seconds a request body may stay silent while the gateway waits for it: far above the gaps
@@ -37,6 +46,11 @@ if not all(name in getattr(StreamReader, "__slots__", ()) for name in _READ_AHEA
     raise RuntimeError("aiohttp's StreamReader has no _low_water or _high_water: "
                        "gateway.forwarding.proxy.read_ahead needs updating for this aiohttp "
                        "version")
+
+# A body of known length with at least this much still to come moves between the sockets
+# in the kernel (`backends.splice`), when what it goes through allows (`Splicing`): below
+# it, the pipe and the set-up cost more than the copies they save.
+SPLICE_AT_LEAST = 128 * 1024
 
 HOP_BY_HOP = frozenset(
     {
@@ -99,6 +113,29 @@ class BodyRefused(Exception):
 
     def answer(self) -> web.Response:
         return refusal_response(self.given)
+
+
+@dataclass(frozen=True, slots=True)
+class Splicing:
+    """What a body moved in the kernel goes through, in place of its body transforms:
+    the parts of them that do not need the bytes in hand. None of a request's means that
+    one of its transforms needs them (its body is then read into the process)."""
+
+    pace: splice.Pace | None = None  # the bandwidth limits: grants each piece its size
+    see: Callable[[memoryview], None] | None = None  # sees every byte (a hash)
+    # Runs once every byte was seen, before the last piece goes on: raises BodyRefused
+    # to keep it from the next hop.
+    before_last: Callable[[], None] | None = None
+
+    def with_(self, other: Splicing) -> Splicing:
+        """Both: each part comes from one of them at most."""
+        merged = self
+        for name in ("pace", "see", "before_last"):
+            if (part := getattr(other, name)) is not None:
+                if getattr(merged, name) is not None:
+                    raise ValueError(f"two body transforms splice with a {name}")
+                merged = replace(merged, **{name: part})
+        return merged
 
 
 @dataclass
@@ -241,6 +278,92 @@ async def request_body(request: web.BaseRequest, transfer: Transfer,
             set_read_size(request.transport, SMALL_READ)
 
 
+class _SplicedRequestBody(SocketBody):
+    """A request body of known length that moves from the client's socket to the next
+    hop's in the kernel, through its `Splicing` (`backends.splice`)."""
+
+    def __init__(self, request: web.BaseRequest, client_fd: int, transfer: Transfer,
+                 splicing: Splicing) -> None:
+        self._request = request
+        self._client_fd = client_fd
+        self._transfer = transfer
+        self._splicing = splicing
+        self._begun = self._moving = False
+
+    async def begin(self) -> bytes:
+        request, splicing = self._request, self._splicing
+        content = request.content
+        if request.transport is None or request.content_length is None:
+            raise ClientConnectionResetError("client went away")
+        # Taking what aiohttp buffered may resume its reading (below its low water mark):
+        # paused after it, with no read between, what comes from now on stays in the socket.
+        first = content.read_nowait() if content.total_bytes else b""
+        request.transport.pause_reading()
+        self._begun = True
+        self._transfer.bytes_in += len(first)
+        if first:
+            await _paced(splicing.pace, len(first))
+            if splicing.see is not None:
+                splicing.see(memoryview(first))
+        return first
+
+    def abandon(self) -> None:
+        """Begun and never moved (the next hop failed between): the client's socket is read
+        again, by aiohttp, which then drains or drops the body as for any unread one."""
+        if self._begun and not self._moving:
+            self._moving = True
+            caught_up(self._request.transport, self._request.content, 0)
+
+    async def move_to(self, fd: int, idle: float, stalled: splice.Stalled) -> None:
+        request, splicing, transfer = self._request, self._splicing, self._transfer
+        self._moving = True
+        assert request.content_length is not None
+        taken = 0
+
+        def took(n: int) -> None:
+            nonlocal taken
+            taken += n
+            transfer.bytes_in += n
+
+        try:
+            await splice.pump(
+                self._client_fd, fd, request.content_length - request.content.total_bytes,
+                source_idle=CLIENT_BODY_TIMEOUT, source_stalled=_client_body_stalled,
+                destination_idle=idle, destination_stalled=stalled,
+                pace=splicing.pace, see=splicing.see, before_last=splicing.before_last,
+                taken=took,
+            )
+        finally:
+            caught_up(request.transport, request.content, taken)
+
+
+def _client_body_stalled() -> BaseException:
+    return BodyRefused(Refusal.BODY_STALLED, CLIENT_BODY_TIMEOUT)
+
+
+async def _paced(pace: splice.Pace | None, size: int) -> None:
+    """`size` bytes that are in hand already, held to the bandwidth limits."""
+    granted = 0
+    while pace is not None and granted < size:
+        granted += await pace(size - granted)
+
+
+def _spliced_request_body(request: web.BaseRequest, transfer: Transfer,
+                          splicing: Splicing | None) -> _SplicedRequestBody | None:
+    """The request body as a spliced one, when it can be: a known length with at least
+    `SPLICE_AT_LEAST` bytes still in the socket, transforms that allow it, a socket."""
+    length = request.content_length
+    content = request.content
+    if splicing is None or length is None or content.exception() is not None:
+        return None
+    if length - content.total_bytes < SPLICE_AT_LEAST:
+        return None
+    client_fd = splice.socket_fd(request.transport)
+    if client_fd is None:
+        return None
+    return _SplicedRequestBody(request, client_fd, transfer, splicing)
+
+
 async def forward(
     request: web.BaseRequest,
     target: Target,
@@ -256,6 +379,8 @@ async def forward(
     references: References | None = None,
     response_filter: BodyFilter | None = None,
     body_held: BodyHeld | None = None,
+    request_splicing: Splicing | None = None,
+    response_splicing: Splicing | None = None,
 ) -> web.StreamResponse:
     """Streams `request` to the canonical target on `pool`'s backend and the answer back.
 
@@ -267,21 +392,28 @@ async def forward(
     request names (`references`: its Destination, its If header's) are named at `pool`'s
     own authority. `response_filter` transforms the answer's body on its way back.
     `body_held` says whether a limit holds the request body back now (read it in small
-    pieces).
+    pieces). A body of known length moves in the kernel instead, past the transforms,
+    when its `Splicing` (`request_splicing`, `response_splicing`) is given.
     """
     if headers is None:
         headers = request_headers(request.headers)
     if references is not None:
         rewrite_references(headers, references, pool.host)
-    data: AsyncIterator[bytes] | None = None
+    data: AsyncIterator[bytes] | _SplicedRequestBody | None = None
     if request.body_exists:
-        data = request_body(request, transfer, body_held)
-        if body_filter is not None:
-            data = body_filter(data)
-    hop_answer = await pool.request(
-        request.method, target.path_and_query, headers, data,
-        content_length=request.content_length, timeout=backend_timeout,
-    )
+        data = _spliced_request_body(request, transfer, request_splicing)
+        if data is None:
+            data = request_body(request, transfer, body_held)
+            if body_filter is not None:
+                data = body_filter(data)
+    try:
+        hop_answer = await pool.request(
+            request.method, target.path_and_query, headers, data,
+            content_length=request.content_length, timeout=backend_timeout,
+        )
+    finally:
+        if isinstance(data, _SplicedRequestBody):
+            data.abandon()
     async with hop_answer:
         if hop_answer.status in refuse_statuses:
             raise NextHopError(HopFailure.DECLINED, f"answered {hop_answer.status}",
@@ -298,10 +430,16 @@ async def forward(
             backend_label if isinstance(backend_label, str) else backend_label(hop_answer.headers)
         )
         await response.prepare(request)
-        chunks = hop_answer.iter_body(CHUNK)
-        if response_filter is not None:
-            chunks = response_filter(chunks)
         try:
+            if (response_splicing is not None
+                    and (hop_answer.body_left or 0) >= SPLICE_AT_LEAST
+                    and (client_fd := splice.socket_fd(request.transport)) is not None):
+                await _splice_answer(request, response, hop_answer, client_fd, transfer,
+                                     response_splicing)
+                return response
+            chunks = hop_answer.iter_body(CHUNK)
+            if response_filter is not None:
+                chunks = response_filter(chunks)
             async for chunk in chunks:
                 transfer.bytes_out += len(chunk)
                 await response.write(chunk)
@@ -312,6 +450,33 @@ async def forward(
             return response
         await response.write_eof()
         return response
+
+
+async def _splice_answer(request: web.BaseRequest, response: web.StreamResponse,
+                         hop_answer: Response, client_fd: int, transfer: Transfer,
+                         splicing: Splicing) -> None:
+    """The answer's body of known length moved from the next hop's socket to the client's
+    in the kernel, after the head and what came with it."""
+    first = hop_answer.begin_splice()
+    if first:
+        await _paced(splicing.pace, len(first))
+        transfer.bytes_out += len(first)
+        await response.write(first)
+    else:
+        request.writer.send_headers()  # type: ignore[attr-defined]
+    transport = request.transport
+    if transport is None:
+        raise ClientConnectionResetError("client went away")
+
+    def moved(n: int) -> None:
+        transfer.bytes_out += n
+
+    try:
+        await splice.flushed(transport)
+        await hop_answer.splice_body(client_fd, pace=splicing.pace, moved=moved)
+    except splice.DestinationGone:
+        raise ClientConnectionResetError("client went away") from None
+    await response.write_eof()
 
 
 def plain(status: int, reason: str, headers: dict[str, str] | None = None) -> web.Response:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from backends.splice import Pace
 from gateway.access.policy import app_type
 from gateway.access.refusals import Refused
 from gateway.access.repository import RepositoryKey, address_of
@@ -105,6 +106,10 @@ class Limiter:
         """A body transform holding a transfer in `direction` by `module` (None: a node) to
         the bandwidth limits in force."""
         return self.shaper.transform(direction, module)
+
+    def pace(self, direction: str, module: str | None) -> Pace:
+        """`shaping` for a body spliced past the process: grants each piece its size."""
+        return self.shaper.pace(direction, module)
 
     def holds(self, direction: str, module: str | None) -> bool:
         """Whether a bandwidth limit holds a transfer in `direction` by `module` back now."""

@@ -19,6 +19,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import datetime
 
+from backends.splice import Pace
 from backends.tasks import cancel_and_wait
 from gateway.limits.values import Schedule
 
@@ -160,6 +161,22 @@ class Shaper:
         """A body transform holding a stream to the limits in force as each piece passes:
         a limit set, changed or lifted mid-transfer applies to the rest of it."""
         return lambda chunks: self._shaped(chunks, direction, module)
+
+    def pace(self, direction: str, module: str | None) -> Pace:
+        """The same limits for a body spliced past the process (`backends.splice`): asked
+        before each piece, grants it at once when no limit holds, else one slice of it
+        once every bucket of the transfer let it pass."""
+
+        async def granted(want: int) -> int:
+            buckets = self.buckets_for(direction, module) if self.schedules else ()
+            if not buckets:
+                return want
+            piece = min(want, SLICE)
+            for bucket in buckets:
+                await bucket.take(piece)
+            return piece
+
+        return granted
 
     async def _shaped(self, chunks: AsyncIterator[bytes], direction: str,
                       module: str | None) -> AsyncIterator[bytes]:

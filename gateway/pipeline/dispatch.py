@@ -56,7 +56,8 @@ async def to_peer(x: Exchange, uuid: str, body_filter: BodyFilter | None = None,
                   *, admitted: bool = False) -> web.StreamResponse:
     """A destination not served here: sent on to the peer gateway that can serve it (spec
     section 7), which checks the request again. `admitted`: the body was let in already
-    (a request moved here from this node's backend), through `body_filter`."""
+    (a request moved here from this node's backend), through `body_filter`, and is
+    spliced without this node's pace."""
     dest = x.state.destinations.get(uuid)
     if dest is None:
         return x.refuse(Refusal.UNKNOWN_DESTINATION)
@@ -67,8 +68,10 @@ async def to_peer(x: Exchange, uuid: str, body_filter: BodyFilter | None = None,
     else:
         if not admitted:
             body_filter = await x.admit_body()
+        splicing = x.body_splicing_for_peer() if admitted else x.body_splicing
         answer = await peers.forward(x.request, x.target, dest, chosen, x.outcome.transfer,
-                                     x.references, body_filter=body_filter)
+                                     x.references, body_filter=body_filter,
+                                     body_splicing=splicing)
     x.outcome.backend = answer.backend
     if answer.refused is not None:
         record(x.outcome, answer.refused)
@@ -112,6 +115,8 @@ async def to_backend(x: Exchange, uuid: str | None) -> web.StreamResponse:
                             backend_timeout=x.services.backends.timeout,
                             on_status=on_status, references=x.references,
                             response_filter=x.response_transform, body_held=x.body_held,
+                            request_splicing=x.body_splicing,
+                            response_splicing=x.response_splicing,
                         )
                 except BodyFailed as exc:
                     return await _body_failed(x, exc, upload)
@@ -195,6 +200,7 @@ async def _forward_to_remote(x: Exchange, uuid: str, generation: Generation, lab
         body_filter=body_filter, backend_timeout=x.services.backends.timeout,
         on_status=watch_status, references=x.references,
         response_filter=x.response_transform, body_held=x.body_held,
+        request_splicing=x.body_splicing, response_splicing=x.response_splicing,
     ))
     slow_answer = None if x.request.body_exists else asyncio.ensure_future(watch_answer())
     went_down = asyncio.ensure_future(serving.went_down(uuid))

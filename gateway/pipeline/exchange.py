@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol, TypeVar
 
 from aiohttp import web
@@ -23,6 +23,7 @@ from gateway.forwarding.peers import PeerGateways
 from gateway.forwarding.proxy import (
     BodyFilter,
     BodyHeld,
+    Splicing,
     Transfer,
     refuse,
     request_body,
@@ -111,12 +112,17 @@ class Exchange:
         self.upload: Upload | None = None  # a POST of a restic object
         # Applied in order to the request body, wherever it goes (see `admit_body`).
         self.body_transforms: list[BodyFilter] = []
+        # What a body moved in the kernel goes through instead; None once a transform
+        # that needs the bytes in hand was added (`transform_body`).
+        self.body_splicing: Splicing | None = Splicing()
         # The one of them that holds the body to this node's bandwidth limits.
         self.upload_shaping: BodyFilter | None = None
         # Whether a limit holds the request body back now: it is then read in small pieces.
         self.body_held: BodyHeld | None = None
-        # Applied to the answer's body when it comes from a backend of this node.
+        # Applied to the answer's body when it comes from a backend of this node, or what
+        # it goes through when it moves in the kernel.
         self.response_transform: BodyFilter | None = None
+        self.response_splicing: Splicing | None = None
         # Called with the status once the request is answered (or cut), whatever the stage.
         self.at_end: list[Callable[[int], None]] = []
         self._goes_to_peer: bool | None = None
@@ -194,6 +200,14 @@ class Exchange:
 
     # --- the body: let in once every check passed, through the same transforms -----------
 
+    def transform_body(self, transform: BodyFilter, splicing: Splicing | None) -> None:
+        """Adds a transform of the request body, and what stands for it when the body moves
+        in the kernel (None: it needs the bytes in hand, and the body is read into the
+        process)."""
+        self.body_transforms.append(transform)
+        if self.body_splicing is not None:
+            self.body_splicing = None if splicing is None else self.body_splicing.with_(splicing)
+
     async def admit_body(self) -> BodyFilter | None:
         """Lets the client send its body (`Expect: 100-continue`), for whichever dispatch
         sends it on: what it must pass through on the way."""
@@ -210,6 +224,13 @@ class Exchange:
         """The body's transforms for a request moved to a peer once let in here: without
         this node's bandwidth shaping, as the peer limits what it serves."""
         return _chained([t for t in self.body_transforms if t is not self.upload_shaping])
+
+    def body_splicing_for_peer(self) -> Splicing | None:
+        """`body_splicing` for a request sent to a peer: without this node's pace."""
+        splicing = self.body_splicing
+        if splicing is None or self.upload_shaping is None:
+            return splicing
+        return replace(splicing, pace=None)
 
     async def read_body(self) -> AsyncIterator[bytes]:
         """Lets the body in to be read here rather than sent on: through the same transforms."""

@@ -31,7 +31,7 @@ from gateway.access.webdav_headers import RULE as REFERENCES_RULE
 from gateway.access.webdav_headers import HeaderRefused, references_of
 from gateway.cluster.state import is_trusted_source
 from gateway.edge.server import head_too_large
-from gateway.forwarding.proxy import plain
+from gateway.forwarding.proxy import Splicing, plain
 from gateway.insight.page import html_page
 from gateway.limits.accounting import (
     object_size,
@@ -172,7 +172,7 @@ async def small_objects(x: Exchange) -> Answer:
         return None
     if (x.request.content_length or 0) > limit:
         return x.refuse(Refusal.TOO_LARGE, limit)
-    x.body_transforms.append(at_most(limit))
+    x.transform_body(at_most(limit), None)
     return None
 
 
@@ -185,7 +185,7 @@ async def upload_precheck(x: Exchange) -> Answer:
     if (refusal := upload.precheck(x.request.content_length, x.outcome)) is not None:
         return refusal
     if upload.verified:
-        x.body_transforms.append(upload.verify)
+        x.transform_body(upload.verify, upload.splicing())
     return None
 
 
@@ -247,9 +247,10 @@ async def bandwidth(x: Exchange) -> Answer:
     module = x.caller.module_id
     if x.request.body_exists:
         x.upload_shaping = limits.shaping("upload", module)
-        x.body_transforms.append(x.upload_shaping)
+        x.transform_body(x.upload_shaping, Splicing(pace=limits.pace("upload", module)))
         x.body_held = lambda: limits.holds("upload", module)
     x.response_transform = limits.shaping("download", module)
+    x.response_splicing = Splicing(pace=limits.pace("download", module))
     return None
 
 

@@ -45,7 +45,14 @@ from gateway.access.paths import Target
 from gateway.access.policy import REST_MEDIA_TYPE, Request
 from gateway.access.refusals import Notes, Refusal
 from gateway.access.repository import Resource
-from gateway.forwarding.proxy import BodyFilter, BodyRefused, StatusHook, plain, refuse
+from gateway.forwarding.proxy import (
+    BodyFilter,
+    BodyRefused,
+    Splicing,
+    StatusHook,
+    plain,
+    refuse,
+)
 
 # The name operators' log filters know this from.
 log = logging.getLogger("rclone_gateway.repair")
@@ -179,6 +186,18 @@ class Upload:
         self.body_matched = True
         if held is not None:
             yield held
+
+    def splicing(self) -> Splicing:
+        """`verify` for a body moved in the kernel: the same hash, the same refusal, before
+        the last piece goes on."""
+        digest = hashlib.sha256()
+
+        def matches() -> None:
+            if not hmac.compare_digest(digest.hexdigest(), self.object_id):
+                raise DigestMismatch()
+            self.body_matched = True
+
+        return Splicing(see=digest.update, before_last=matches)
 
     # --- at a backend of this node ---------------------------------------------------------
 
