@@ -36,6 +36,12 @@ class Pipeline:
         except asyncio.CancelledError:  # aiohttp cancels the handler of a client that left
             record(x.outcome, x.cut().given())
             raise
+        except ConnectionResetError:
+            # The client left while its answer went out (aiohttp's write raises this, and a
+            # spliced answer's too): a cut request like the one above, not an internal error.
+            # aiohttp finds the connection gone when it sends this, and sends nothing.
+            response = x.refuse(x.cut())
+            return response
         finally:
             self.inflight -= 1
             self._account(x, response, started)
