@@ -17,7 +17,7 @@ import asyncio
 import collections
 import contextlib
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from enum import Enum
 from typing import Any
 
@@ -594,22 +594,31 @@ async def _send_spliced(connection: _Connection, head: bytes, body: SocketBody,
                         timeout: float) -> None:
     """The head and the part read already, then the rest of the body moved in the kernel."""
     try:
-        await connection.write(head + await body.begin(), timeout)
-        fd = await connection.flushed(timeout)
-        await body.move_to(fd, timeout, lambda: _timed_out("backend took no data in time"))
-    except splice.DestinationGone:
-        connection.abort()
-        raise _broken("backend closed the connection") from None
-    except NextHopError:
-        connection.abort()
-        raise
-    except (Exception, asyncio.CancelledError) as exc:
-        connection.abort()
-        if isinstance(exc, asyncio.CancelledError):
-            raise
-        raise BodyFailed(exc) from exc
+        with _aborted_on_failure(connection):
+            await connection.write(head + await body.begin(), timeout)
+            fd = await connection.flushed(timeout)
+            try:
+                await body.move_to(fd, timeout,
+                                   lambda: _timed_out("backend took no data in time"))
+            except splice.DestinationGone:
+                raise _broken("backend closed the connection") from None
     finally:
         connection.body_sent()
+
+
+@contextlib.contextmanager
+def _aborted_on_failure(connection: _Connection) -> Iterator[None]:
+    """A request body that fails on its way aborts the backend's connection, so that the
+    backend keeps nothing of it; a failure that is not the next hop's nor a cancellation
+    is the body's own (BodyFailed)."""
+    try:
+        yield
+    except (NextHopError, asyncio.CancelledError):
+        connection.abort()
+        raise
+    except Exception as exc:
+        connection.abort()
+        raise BodyFailed(exc) from exc
 
 
 async def _send_body(connection: _Connection, head: bytes, body: AsyncIterator[bytes],
@@ -643,29 +652,22 @@ async def _send_request(connection: _Connection, head: bytes, body: AsyncIterato
     chunks = aiter(body)
     first: asyncio.Future[bytes] | None = asyncio.ensure_future(anext(chunks, b""))
     try:
-        # The head waits for the body's first piece, to go out with it in one segment; not
-        # for long: rclone drops a connection that sends no head within 10 s, and a slow
-        # client, a body transform holding a piece back or a bandwidth limit may take that.
-        if not (await asyncio.wait({first}, timeout=HEAD_ALONE_AFTER))[0]:
-            head_sent = True
-            connection.chunked_body_open = chunked
-            await connection.write(head, timeout)
-        chunk = await first
-        first = None  # the task keeps its result: not for the whole body
-        if chunk:
-            await send(chunk)
-        async for chunk in chunks:
+        with _aborted_on_failure(connection):
+            # The head waits for the body's first piece, to go out with it in one segment; not
+            # for long: rclone drops a connection that sends no head within 10 s, and a slow
+            # client, a body transform holding a piece back or a bandwidth limit may take that.
+            if not (await asyncio.wait({first}, timeout=HEAD_ALONE_AFTER))[0]:
+                head_sent = True
+                connection.chunked_body_open = chunked
+                await connection.write(head, timeout)
+            chunk = await first
+            first = None  # the task keeps its result: not for the whole body
             if chunk:
                 await send(chunk)
-            del chunk  # sent: not kept while the next piece is awaited (a held one, slowly)
-    except NextHopError:
-        connection.abort()
-        raise
-    except (Exception, asyncio.CancelledError) as exc:
-        connection.abort()
-        if isinstance(exc, asyncio.CancelledError):
-            raise
-        raise BodyFailed(exc) from exc
+            async for chunk in chunks:
+                if chunk:
+                    await send(chunk)
+                del chunk  # sent: not kept while the next piece is awaited (a held one, slowly)
     finally:
         if first is not None:  # cancelled while waiting for the first piece
             first.cancel()

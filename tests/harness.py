@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, TypeVar
+from typing import ClassVar, Self, TypeVar
 
 import redis
 from identities import NODE_ID
@@ -558,6 +558,27 @@ class ModuleRepositories:
     NODE: ClassVar[tuple[str, str]]
     PASSWORD: ClassVar[str]  # every module's
     MODULES: ClassVar[Mapping[str, tuple[str, str]]]  # module id -> (app, uuid)
+
+    @classmethod
+    def seed(cls, cluster: Cluster, vpn_address: str) -> None:
+        """The node's user, the modules and the destination, on node 1 at `vpn_address`."""
+        cluster.add_user(*cls.NODE)
+        for module, (_, module_uuid) in cls.MODULES.items():
+            cluster.add_user(f"module/{module}", cls.PASSWORD)
+            cluster.set_module(module, module_uuid)
+        cluster.set_node_vpn(1, vpn_address)
+        cluster.add_destination(cls.DEST, provider="cluster",
+                                url=f"webdav:http://{vpn_address}:4694", name="local disk")
+
+    @classmethod
+    @contextlib.contextmanager
+    def serving(cls, redis_server: RedisServer, workdir: Path,
+                vpn_address: str = "10.5.4.1") -> Iterator[Self]:
+        """A fresh cluster seeded so, and a gateway running on it."""
+        with fresh_cluster(redis_server) as cluster:
+            cls.seed(cluster, vpn_address)
+            with running_gateway(redis_server.url, workdir) as gateway:
+                yield cls(gateway, cluster)
 
     def who(self, module: str) -> tuple[str, str]:
         return f"module/{module}", self.PASSWORD

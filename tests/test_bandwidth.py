@@ -27,8 +27,6 @@ from harness import (
     ModuleRepositories,
     RedisServer,
     basic,
-    fresh_cluster,
-    running_gateway,
     send_request,
 )
 from identities import MODULE_PASSWORD as PASSWORD
@@ -61,16 +59,8 @@ class Env(ModuleRepositories):
 @pytest.fixture(scope="module")
 def env(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     workdir = tmp_path_factory.mktemp("bandwidth")
-    with fresh_cluster(redis_server) as cluster:
-        cluster.add_user(*NODE)
-        for module, (_, module_uuid) in MODULES.items():
-            cluster.add_user(f"module/{module}", PASSWORD)
-            cluster.set_module(module, module_uuid)
-        cluster.set_node_vpn(1, "10.5.4.1")
-        cluster.add_destination(DEST, provider="cluster", url="webdav:http://10.5.4.1:4694",
-                                name="local disk")
-        with running_gateway(redis_server.url, workdir) as gateway:
-            yield Env(gateway, cluster)
+    with Env.serving(redis_server, workdir) as shared:
+        yield shared
 
 
 @pytest.fixture

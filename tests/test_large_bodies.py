@@ -44,9 +44,7 @@ from harness import (
     RedisServer,
     ResponseReader,
     basic,
-    fresh_cluster,
     read_response,
-    running_gateway,
     send_request,
     wait_for,
 )
@@ -81,18 +79,9 @@ class Env(ModuleRepositories):
 @pytest.fixture(scope="module")
 def env(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     workdir = tmp_path_factory.mktemp("large-bodies")
-    with fresh_cluster(redis_server) as cluster:
-        cluster.add_user(*NODE)
-        for module, (_, module_uuid) in MODULES.items():
-            cluster.add_user(f"module/{module}", PASSWORD)
-            cluster.set_module(module, module_uuid)
-        cluster.set_node_vpn(1, "10.5.4.1")
-        cluster.add_destination(DEST, provider="cluster", url="webdav:http://10.5.4.1:4694",
-                                name="local disk")
-        with running_gateway(redis_server.url, workdir) as gateway:
-            shared = Env(gateway, cluster)
-            shared.create_repository(MODULE)
-            yield shared
+    with Env.serving(redis_server, workdir) as shared:
+        shared.create_repository(MODULE)
+        yield shared
 
 
 @pytest.fixture

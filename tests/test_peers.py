@@ -27,6 +27,7 @@ from gateway.forwarding.peers import (
     route,
     where_served,
 )
+from gateway.forwarding.proxy import Splicing
 from gateway.pipeline.exchange import Exchange
 from gateway.pipeline.stages import bandwidth
 
@@ -318,8 +319,12 @@ def test_a_request_moved_to_a_peer_is_not_shaped_here() -> None:
                 yield chunk.upper()
         return transformed()
 
+    async def pace(want: int) -> int:
+        return want
+
     services = SimpleNamespace(cluster_state=ClusterState, limits=SimpleNamespace(
-        shaping=lambda direction, module: shaping, holds=lambda direction, module: True))
+        shaping=lambda direction, module: shaping, holds=lambda direction, module: True,
+        pace=lambda direction, module: pace))
     x = Exchange(SimpleNamespace(body_exists=True), services)  # type: ignore[arg-type]
     x._goes_to_peer = False
     x._caller = SimpleNamespace(module_id="m")  # type: ignore[assignment]
@@ -330,6 +335,9 @@ def test_a_request_moved_to_a_peer_is_not_shaped_here() -> None:
         assert x.body_transforms[-1] is shaping  # here, the body is shaped
         to_peer = x.body_filter_for_peer()
         assert to_peer is not None
+        # and paced when it moves in the kernel, here only
+        assert x.body_splicing is not None and x.body_splicing.pace is pace
+        assert x.body_splicing_for_peer() == Splicing()
 
         async def body() -> AsyncIterator[bytes]:
             yield b"abc"

@@ -33,7 +33,6 @@ from aiohttp import web
 from harness import (
     REST_ACCEPT,
     Blob,
-    Cluster,
     ModuleRepositories,
     RedisServer,
     basic,
@@ -86,20 +85,10 @@ class Env(ModuleRepositories):
 
 
 
-def seed(cluster: Cluster) -> None:
-    cluster.add_user(*NODE)
-    for module, (_, module_uuid) in MODULES.items():
-        cluster.add_user(f"module/{module}", PASSWORD)
-        cluster.set_module(module, module_uuid)
-    cluster.set_node_vpn(1, "10.5.9.1")
-    cluster.add_destination(DEST, provider="cluster", url="webdav:http://10.5.9.1:4694",
-                            name="local disk")
-
-
 @contextlib.contextmanager
 def started(redis_server: RedisServer, workdir: Path, *args: str) -> Iterator[Env]:
     with fresh_cluster(redis_server) as cluster:
-        seed(cluster)
+        Env.seed(cluster, "10.5.9.1")
         with running_gateway(redis_server.url, workdir, extra_args=args) as gateway:
             yield Env(gateway, cluster)
 
