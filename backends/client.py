@@ -96,6 +96,11 @@ class SocketBody(abc.ABC):
         was read already."""
 
     @abc.abstractmethod
+    def finish(self) -> None:
+        """The sending ended, whichever way and wherever it was: the body's socket goes
+        back to its reader."""
+
+    @abc.abstractmethod
     async def move_to(self, fd: int, idle: float, stalled: splice.Stalled) -> None:
         """Moves the rest into the socket `fd`, which may take no data for `idle` seconds
         before `stalled()` is raised."""
@@ -603,6 +608,7 @@ async def _send_spliced(connection: _Connection, head: bytes, body: SocketBody,
             except splice.DestinationGone:
                 raise _broken("backend closed the connection") from None
     finally:
+        body.finish()
         connection.body_sent()
 
 

@@ -307,7 +307,7 @@ class _SplicedRequestBody(SocketBody):
                 splicing.see(memoryview(first))
         return first
 
-    def abandon(self) -> None:
+    def finish(self) -> None:
         """Begun and never moved (the next hop failed between): the client's socket is read
         again, by aiohttp, which then drains or drops the body as for any unread one."""
         if self._begun and not self._moving:
@@ -406,14 +406,10 @@ async def forward(
             data = request_body(request, transfer, body_held)
             if body_filter is not None:
                 data = body_filter(data)
-    try:
-        hop_answer = await pool.request(
-            request.method, target.path_and_query, headers, data,
-            content_length=request.content_length, timeout=backend_timeout,
-        )
-    finally:
-        if isinstance(data, _SplicedRequestBody):
-            data.abandon()
+    hop_answer = await pool.request(
+        request.method, target.path_and_query, headers, data,
+        content_length=request.content_length, timeout=backend_timeout,
+    )
     async with hop_answer:
         if hop_answer.status in refuse_statuses:
             raise NextHopError(HopFailure.DECLINED, f"answered {hop_answer.status}",
