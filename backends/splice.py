@@ -28,9 +28,11 @@ import socket
 from collections.abc import Awaitable, Callable
 
 # Bytes a pipe holds (F_SETPIPE_SZ; 1 MiB is the most an unprivileged process may ask).
-# When the kernel refuses (the user's pipe pages are spent), the pipe keeps its 64 KiB.
+# When the kernel refuses (the user's pipe pages are spent), the pipe keeps what it has,
+# down to 8 KiB: the pieces are smaller then, nothing else changes.
 PIPE_SIZE = 1024 * 1024
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+_F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
 _MOVE = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 _MORE = _MOVE | os.SPLICE_F_MORE
 _GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
@@ -65,7 +67,7 @@ class _Pipe:
         try:
             self.capacity = fcntl.fcntl(self.write_end, _F_SETPIPE_SZ, PIPE_SIZE)
         except OSError:
-            self.capacity = 64 * 1024
+            self.capacity = fcntl.fcntl(self.write_end, _F_GETPIPE_SZ)
 
     def close(self) -> None:
         os.close(self.read_end)
