@@ -346,7 +346,7 @@ def test_limits_apply_once_on_the_node_that_serves(mesh: Mesh) -> None:
         assert waited(1) == 0.0
 
         wait_for(lambda: (quota_entry(2) or {}).get("used_bytes") == len(content),
-                 lambda: f"node 2 to count the upload: {quota_entry(2)}", 30)
+                 lambda: f"node 2 to count the upload: {quota_entry(2)}", 120)
         assert quota_entry(1) is None  # node 1 stores nothing of it
         with mesh.cluster() as cluster:
             cluster.r.hset(f"rclone-gateway/quota/{HOSTED_BY_2}", "traefik5",
