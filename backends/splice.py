@@ -74,27 +74,60 @@ class _Pipe:
         os.close(self.write_end)
 
 
-async def _ready(fd: int, writable: bool, timeout: float | None,
-                 stalled: Stalled | None) -> None:
-    """Waits until `fd` can be read (or written); `stalled()` is raised after `timeout`."""
-    loop = asyncio.get_running_loop()
-    ready = loop.create_future()
-    if writable:
-        loop.add_writer(fd, _settle, ready)
-    else:
-        loop.add_reader(fd, _settle, ready)
-    timer = None
-    if timeout is not None:
-        timer = loop.call_later(timeout, _settle, ready, stalled or _timed_out)
-    try:
-        await ready
-    finally:
-        if writable:
-            loop.remove_writer(fd)
+class _Watch:
+    """Readiness of one descriptor, to read or to write, for the length of one body.
+
+    Registered with the event loop at the first wait and left so while the body flows:
+    a fresh registration per wait (uvloop makes and closes a poll handle each time) cost
+    more than the splice itself for the small pieces some children write. Readiness that
+    comes while nobody waits takes the registration away (the descriptor would else wake
+    the loop at every turn), and the next wait makes it again.
+    """
+
+    __slots__ = ("_fd", "_loop", "_registered", "_waiter", "_writable")
+
+    def __init__(self, fd: int, writable: bool) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._fd = fd
+        self._writable = writable
+        self._registered = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    async def ready(self, timeout: float | None, stalled: Stalled | None) -> None:
+        """Waits until the descriptor can be read (or written); `stalled()` is raised
+        after `timeout` seconds."""
+        loop = self._loop
+        if not self._registered:
+            if self._writable:
+                loop.add_writer(self._fd, self._fired)
+            else:
+                loop.add_reader(self._fd, self._fired)
+            self._registered = True
+        waiter = self._waiter = loop.create_future()
+        timer = None
+        if timeout is not None:
+            timer = loop.call_later(timeout, _settle, waiter, stalled or _timed_out)
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+            if timer is not None:
+                timer.cancel()
+
+    def _fired(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
         else:
-            loop.remove_reader(fd)
-        if timer is not None:
-            timer.cancel()
+            self.close()
+
+    def close(self) -> None:
+        if self._registered:
+            self._registered = False
+            if self._writable:
+                self._loop.remove_writer(self._fd)
+            else:
+                self._loop.remove_reader(self._fd)
 
 
 def _timed_out() -> BaseException:
@@ -137,6 +170,7 @@ async def pump(
     """
     src = socket.socket(fileno=os.dup(source))
     dst = os.dup(destination)
+    readable, writable = _Watch(src.fileno(), False), _Watch(dst, True)
     pipe: _Pipe | None = None
     buffer = _peeked if see is not None else None
     try:
@@ -147,7 +181,8 @@ async def pump(
             want = min(left, piece_size)
             if pace is not None:
                 want = await pace(want)
-            size = await _take(src, pipe.write_end, want, buffer, source_idle, source_stalled)
+            size = await _take(src, readable, pipe.write_end, want, buffer, source_idle,
+                               source_stalled)
             if see is not None and buffer is not None:
                 see(buffer[:size])  # before any other body peeks into the buffer
             if taken is not None:
@@ -155,19 +190,21 @@ async def pump(
             left -= size
             if not left and before_last is not None:
                 before_last()
-            await _give(pipe.read_end, dst, size, more=bool(left),
+            await _give(pipe.read_end, dst, writable, size, more=bool(left),
                         idle=destination_idle, stalled=destination_stalled)
             if moved is not None:
                 moved(size)
     finally:
+        readable.close()  # before the descriptors they watch
+        writable.close()
         if pipe is not None:
             pipe.close()
         src.close()
         os.close(dst)
 
 
-async def _take(src: socket.socket, pipe_in: int, want: int, peek: memoryview | None,
-                idle: float | None, stalled: Stalled | None) -> int:
+async def _take(src: socket.socket, readable: _Watch, pipe_in: int, want: int,
+                peek: memoryview | None, idle: float | None, stalled: Stalled | None) -> int:
     """Up to `want` bytes from `src` into the pipe; first copied into `peek` if given."""
     fd = src.fileno()
     while True:
@@ -179,7 +216,7 @@ async def _take(src: socket.socket, pipe_in: int, want: int, peek: memoryview | 
                     raise SourceEnded("source closed before the end of the body")
             size = os.splice(fd, pipe_in, want, flags=_MOVE)
         except BlockingIOError:
-            await _ready(fd, False, idle, stalled)
+            await readable.ready(idle, stalled)
             continue
         except _GONE as exc:
             raise SourceEnded(f"source reset ({type(exc).__name__})") from None
@@ -188,14 +225,14 @@ async def _take(src: socket.socket, pipe_in: int, want: int, peek: memoryview | 
         return size
 
 
-async def _give(pipe_out: int, dst: int, size: int, *, more: bool, idle: float | None,
-                stalled: Stalled | None) -> None:
+async def _give(pipe_out: int, dst: int, writable: _Watch, size: int, *, more: bool,
+                idle: float | None, stalled: Stalled | None) -> None:
     flags = _MORE if more else _MOVE
     while size:
         try:
             size -= os.splice(pipe_out, dst, size, flags=flags)
         except BlockingIOError:
-            await _ready(dst, True, idle, stalled)
+            await writable.ready(idle, stalled)
         except _GONE as exc:
             raise DestinationGone(f"destination gone ({type(exc).__name__})") from None
 
