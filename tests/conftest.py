@@ -9,6 +9,7 @@ from harness import (
     RESTIC_BINARIES,
     Cluster,
     GatewayProcess,
+    ModuleRepositories,
     RedisServer,
     fresh_cluster,
     stop_gateways,
@@ -149,3 +150,14 @@ def restic_binary(request: pytest.FixtureRequest) -> str:
     """Each restic client the suite runs, by name (`restic-0.14`, `restic-0.18`): the
     machine's own and the one the cluster's images run. Pass it as `binary=`."""
     return RESTIC_BINARIES[request.param]
+
+
+@pytest.fixture
+def limits(env: ModuleRepositories) -> Iterator[ModuleRepositories]:
+    """A test module's `env` (its module repositories) with no bandwidth limit before and
+    after the test."""
+    env.set_limits({})
+    try:
+        yield env
+    finally:
+        env.set_limits({})

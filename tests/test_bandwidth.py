@@ -63,16 +63,6 @@ def env(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> 
         yield shared
 
 
-@pytest.fixture
-def limits(env: Env) -> Iterator[Env]:
-    """The env with no bandwidth limit before and after the test."""
-    env.set_limits({})
-    try:
-        yield env
-    finally:
-        env.set_limits({})
-
-
 # --------------------------------------------------------------------------- helpers
 
 
