@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import dataclass, replace
 
@@ -129,6 +130,8 @@ class Splicing:
 
     def with_(self, other: Splicing) -> Splicing:
         """Both: each part comes from one of them at most."""
+        if self is NOTHING_ON_THE_WAY:  # the first transform of most bodies: no merge
+            return other
         merged = self
         for name in ("pace", "see", "before_last"):
             if (part := getattr(other, name)) is not None:
@@ -136,6 +139,16 @@ class Splicing:
                     raise ValueError(f"two body transforms splice with a {name}")
                 merged = replace(merged, **{name: part})
         return merged
+
+
+# The spliced form of no transform at all: what a body goes through before any is added.
+NOTHING_ON_THE_WAY = Splicing()
+
+
+@functools.lru_cache(maxsize=4096)
+def paced(pace: splice.Pace) -> Splicing:
+    """The spliced form of a bandwidth limit alone: one per pace, not one per request."""
+    return Splicing(pace=pace)
 
 
 @dataclass

@@ -29,6 +29,7 @@ class Limiter:
         self.book = UsageBook()
         self.shaper = Shaper()
         self.inflight = InFlight()
+        self._paces: dict[tuple[str, str | None], Pace] = {}
 
     @property
     def current(self) -> Limits:
@@ -108,8 +109,12 @@ class Limiter:
         return self.shaper.transform(direction, module)
 
     def pace(self, direction: str, module: str | None) -> Pace:
-        """`shaping` for a body spliced past the process: grants each piece its size."""
-        return self.shaper.pace(direction, module)
+        """`shaping` for a body spliced past the process: grants each piece its size. One
+        per direction and module (it looks the limits up as each piece passes)."""
+        key = (direction, module)
+        if (pace := self._paces.get(key)) is None:
+            pace = self._paces[key] = self.shaper.pace(direction, module)
+        return pace
 
     def holds(self, direction: str, module: str | None) -> bool:
         """Whether a bandwidth limit holds a transfer in `direction` by `module` back now."""

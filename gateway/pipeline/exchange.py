@@ -21,6 +21,7 @@ from gateway.edge.hangup import HangupWatch
 from gateway.edge.logs import AccessLog
 from gateway.forwarding.peers import PeerGateways
 from gateway.forwarding.proxy import (
+    NOTHING_ON_THE_WAY,
     BodyFilter,
     BodyHeld,
     Splicing,
@@ -114,7 +115,7 @@ class Exchange:
         self.body_transforms: list[BodyFilter] = []
         # What a body moved in the kernel goes through instead; None once a transform
         # that needs the bytes in hand was added (`transform_body`).
-        self.body_splicing: Splicing | None = Splicing()
+        self.body_splicing: Splicing | None = NOTHING_ON_THE_WAY
         # The one of them that holds the body to this node's bandwidth limits.
         self.upload_shaping: BodyFilter | None = None
         # Whether a limit holds the request body back now: it is then read in small pieces.

@@ -31,7 +31,7 @@ from gateway.access.webdav_headers import RULE as REFERENCES_RULE
 from gateway.access.webdav_headers import HeaderRefused, references_of
 from gateway.cluster.state import is_trusted_source
 from gateway.edge.server import head_too_large
-from gateway.forwarding.proxy import Splicing, plain
+from gateway.forwarding.proxy import paced, plain
 from gateway.insight.page import html_page
 from gateway.limits.accounting import (
     object_size,
@@ -247,10 +247,10 @@ async def bandwidth(x: Exchange) -> Answer:
     module = x.caller.module_id
     if x.request.body_exists:
         x.upload_shaping = limits.shaping("upload", module)
-        x.transform_body(x.upload_shaping, Splicing(pace=limits.pace("upload", module)))
+        x.transform_body(x.upload_shaping, paced(limits.pace("upload", module)))
         x.body_held = lambda: limits.holds("upload", module)
     x.response_transform = limits.shaping("download", module)
-    x.response_splicing = Splicing(pace=limits.pace("download", module))
+    x.response_splicing = paced(limits.pace("download", module))
     return None
 
 
