@@ -54,11 +54,6 @@ class DestinationGone(Exception):
     """The destination socket was closed or reset before the whole body went out."""
 
 
-def available() -> bool:
-    """Whether this platform has splice(2)."""
-    return hasattr(os, "splice")
-
-
 class _Pipe:
     __slots__ = ("capacity", "read_end", "write_end")
 
@@ -161,12 +156,13 @@ async def pump(
 
     `source_idle`, `destination_idle`: seconds each may keep the body waiting (None: no
     limit) before `source_stalled()` or `destination_stalled()` is raised (TimeoutError
-    if not given). `pace` grants
-    each piece its size; `see` is shown every byte, in order; `before_last` runs once the
-    whole body was taken and seen, before its last piece goes out, and may raise to keep
-    it from going out. `taken(n)`: n more bytes were taken from the source (they are no
-    longer in its socket); `moved(n)`: n more are in the destination. A source that ends
-    early raises SourceEnded; a destination that goes away, DestinationGone.
+    if not given). `pace` grants each piece its size (a piece may then come shorter:
+    the source had no more yet); `see` is shown every byte, in order; `before_last` runs
+    once the whole body was taken and seen, before its last piece goes out, and may
+    raise to keep it from going out. `taken(n)`: n more bytes were taken from the source
+    (they are no longer in its socket); `moved(n)`: n more are in the destination. A
+    source that ends early raises SourceEnded; a destination that goes away,
+    DestinationGone.
     """
     src = socket.socket(fileno=os.dup(source))
     dst = os.dup(destination)
