@@ -325,37 +325,57 @@ def test_one_connection_carries_a_large_upload_and_the_requests_after_it(
     assert gateway_errors(env, since) == []
 
 
-@pytest.mark.parametrize("size", SIZES.values(), ids=list(SIZES))
-def test_a_node_upload_whose_client_leaves_midway_leaves_nothing(env: Env, size: int) -> None:
-    way = NODE_REST
+@dataclass(frozen=True)
+class CutUpload:
+    content: bytes  # the whole body, of which `sent` bytes went
+    digest: str
+    path: str
+    stored: Path  # where the backend writes it
+    sent: int
+    since: int  # the gateway log's offset before it
+    entry: dict  # its access line
+
+
+def cut_upload(env: Env, way: Way, method: str, size: int, *,
+               partial_written: bool) -> CutUpload:
+    """An upload of `size` bytes whose client sends 3/8 of its body and closes the
+    connection (once the backend wrote part of it, when `partial_written`): its one
+    access line says 499, client went away."""
     content = os.urandom(size)
     digest = sha256(content)
-    path = way.path(env, digest)
-    stored = way.stored(env, digest)
+    path, stored = way.path(env, digest), way.stored(env, digest)
     sent = size * 3 // 8
     since = log_offset(env)
     with socket.create_connection((env.gateway.host, env.gateway.port),
                                   timeout=TIMEOUT) as sock:
-        sock.sendall(way.head("POST", path, size) + content[:sent])
-        # under way: the backend writes the object as it arrives
-        wait_for(lambda: size_of(stored) > 0, "the partial object to be written",
-                 gateway=env.gateway)
-    entries = wait_for(lambda: access_lines_of(env, since, "POST", path),
+        sock.sendall(way.head(method, path, size) + content[:sent])
+        if partial_written:
+            wait_for(lambda: size_of(stored) > 0, "the partial object to be written",
+                     gateway=env.gateway)
+    entries = wait_for(lambda: access_lines_of(env, since, method, path),
                        "the access line of the cut upload", gateway=env.gateway)
     assert [(e["status"], e["reason"]) for e in entries] == [(499, "client went away")]
-    assert entries[0]["bytes_in"] <= sent
+    return CutUpload(content, digest, path, stored, sent, since, entries[0])
+
+
+@pytest.mark.parametrize("size", SIZES.values(), ids=list(SIZES))
+def test_a_node_upload_whose_client_leaves_midway_leaves_nothing(env: Env, size: int) -> None:
+    way = NODE_REST
+    # under way: the backend writes the object as it arrives
+    cut = cut_upload(env, way, "POST", size, partial_written=True)
+    assert cut.entry["bytes_in"] <= cut.sent
 
     def left() -> list[object]:
-        found: list[object] = list(stored.parent.glob(f"*{digest}*"))
+        found: list[object] = list(cut.stored.parent.glob(f"*{cut.digest}*"))
         found += [(w.name, status) for w in (NODE_REST, MODULE_REST)
-                  if (status := request(env, w, "HEAD", path)[0]) != 404]
+                  if (status := request(env, w, "HEAD", cut.path)[0]) != 404]
         return found
 
     wait_for(lambda: not left(), lambda: f"nothing left of the cut upload: {left()}",
              gateway=env.gateway)
-    assert gateway_errors(env, since) == []
-    store(env, way, content)  # the retry is stored whole
-    assert file_sha256(stored) == digest
+    assert gateway_errors(env, cut.since) == []
+    store(env, way, cut.content)  # the retry is stored whole
+    assert file_sha256(cut.stored) == cut.digest
 
 
 @pytest.mark.parametrize("way", [MODULE_REST, NODE_WEBDAV], ids=str)
@@ -393,28 +413,15 @@ def test_a_download_whose_client_leaves_midway_leaves_the_gateway_serving(
 def test_a_webdav_put_whose_client_leaves_midway_leaves_no_file_of_its_length(
         env: Env, size: int) -> None:
     way = NODE_WEBDAV
-    content = os.urandom(size)
-    digest = sha256(content)
-    path = way.path(env, digest)
-    stored = way.stored(env, digest)
-    sent = size * 3 // 8
-    since = log_offset(env)
-    with socket.create_connection((env.gateway.host, env.gateway.port),
-                                  timeout=TIMEOUT) as sock:
-        sock.sendall(way.head("PUT", path, size) + content[:sent])
-        if size == BIG:  # rclone's WebDAV server writes a small file once its body ended
-            wait_for(lambda: size_of(stored) > 0, "the partial file to be written",
-                     gateway=env.gateway)
-    entries = wait_for(lambda: access_lines_of(env, since, "PUT", path),
-                       "the access line of the cut upload", gateway=env.gateway)
-    assert [(e["status"], e["reason"]) for e in entries] == [(499, "client went away")]
+    # rclone's WebDAV server writes a small file only once its body ended
+    cut = cut_upload(env, way, "PUT", size, partial_written=size == BIG)
     # whatever the backend keeps of it, never a file of the announced length
-    assert size_of(stored) <= sent
-    status, headers, _ = request(env, way, "HEAD", path)
-    assert status == 404 or int(headers["content-length"]) <= sent, (status, headers)
-    assert gateway_errors(env, since) == []
-    store(env, way, content)  # the retry is stored whole
-    assert file_sha256(stored) == digest
+    assert size_of(cut.stored) <= cut.sent
+    status, headers, _ = request(env, way, "HEAD", cut.path)
+    assert status == 404 or int(headers["content-length"]) <= cut.sent, (status, headers)
+    assert gateway_errors(env, cut.since) == []
+    store(env, way, cut.content)  # the retry is stored whole
+    assert file_sha256(cut.stored) == cut.digest
 
 
 # The gateway's download limit on a module's GET, and a module's upload limit: see the top.
