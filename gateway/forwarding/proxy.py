@@ -277,7 +277,7 @@ async def request_body(request: web.BaseRequest, transfer: Transfer,
                         continue  # a chunked body's chunk ended here: no data
             except asyncio.CancelledError:
                 if clock.expired():
-                    raise BodyRefused(Refusal.BODY_STALLED, CLIENT_BODY_TIMEOUT) from None
+                    raise _client_body_stalled() from None
                 raise
             finally:
                 clock.stop()
