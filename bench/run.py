@@ -33,11 +33,13 @@ import platform
 import re
 import shutil
 import signal
+import socket
 import statistics
 import string
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -82,8 +84,8 @@ GATEWAY_NO_LIMITS = "gateway without limit stages"
 SHAPED_LIMIT = "64M"  # rclone's units: 64 MiB/s
 LOW_LIMIT = "8M"  # the limit that is switched off
 SWITCH_MIB = 64  # the upload during which it is: 1.5 s (or 3 s) at 8M, the rest at full rate
-MEASURES = ["restic", "parallel", "get", "put", "acl", "shaping", "switch", "schedule",
-            "limits-cpu"]
+MEASURES = ["restic", "parallel", "get", "put", "slow", "acl", "shaping", "switch",
+            "schedule", "limits-cpu"]
 
 
 @dataclass(frozen=True)
@@ -128,7 +130,7 @@ class Plan:
         return max(self.put_mib // 8, 16)
 
 
-FULL = Plan(restic_mib=512, file_mib=16, put_mib=1024, wrk_seconds=10, rounds=3,
+FULL = Plan(restic_mib=512, file_mib=16, put_mib=1024, wrk_seconds=10, rounds=5,
             shaped_mib=512, cpu_pairs=2, parallel_mib=256)
 QUICK = Plan(restic_mib=128, file_mib=16, put_mib=256, wrk_seconds=4, rounds=3,
              shaped_mib=256, cpu_pairs=2, parallel_mib=32)
@@ -347,6 +349,79 @@ def get_large(target: Target, storage: Path, name: str) -> float:
         raise RuntimeError(f"{target.name}: GET answered {status} with {size} bytes")
     stored.unlink()
     return size / seconds / 1e6
+
+
+SLOW_STREAMS = 50  # half uploads, half downloads
+SLOW_PIECE = 32 * 1024  # what a slow client sends or reads at each tick
+SLOW_TICK = 0.125  # seconds: 256 KiB/s a stream
+SLOW_SECONDS = 8.0
+SLOW_SOURCE_MIB = 64  # what the downloads would read, were they not cut
+
+
+def slow_streams_rss_mib(gateway: GatewayProcess, target: Target, storage: Path) -> float:
+    """Peak RSS the gateway grows by, per stream, while 25 clients upload over WebDAV at
+    256 KiB/s and 25 download at that pace (their receive buffers small, as a slow link's
+    end): the memory a stream holds while its client is the slow side. Each upload is 2
+    MiB, whole and checked; each download is cut after SLOW_SECONDS."""
+    source = storage / "bench-put" / "slow-source.bin"
+    with open(source, "wb") as f:
+        f.truncate(SLOW_SOURCE_MIB * MiB)
+    upload_size = int(SLOW_SECONDS / SLOW_TICK) * SLOW_PIECE
+    head_auth = f"Authorization: {basic(*NODE)}\r\n"
+    failures: list[str] = []
+
+    def request(sock: socket.socket, method: str, name: str, extra: str = "") -> None:
+        path = target.put_url(name).split(str(target.webdav_port), 1)[1]
+        sock.sendall(f"{method} {path} HTTP/1.1\r\nHost: bench\r\n{head_auth}{extra}"
+                     "\r\n".encode())
+
+    def upload(i: int) -> None:
+        with socket.create_connection(("127.0.0.1", target.webdav_port), timeout=60) as sock:
+            request(sock, "PUT", f"slow-{i}.bin", f"Content-Length: {upload_size}\r\n")
+            piece = os.urandom(SLOW_PIECE)
+            for _ in range(upload_size // SLOW_PIECE):
+                sock.sendall(piece)
+                time.sleep(SLOW_TICK)
+            answer = sock.recv(4096).split(b" ", 2)
+            if answer[1:2] not in ([b"201"], [b"204"]):
+                failures.append(f"PUT {i}: {answer[:2]}")
+
+    def download(i: int) -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        sock.settimeout(60)
+        with sock:
+            sock.connect(("127.0.0.1", target.webdav_port))
+            request(sock, "GET", source.name)
+            got, until = 0, time.monotonic() + SLOW_SECONDS
+            while time.monotonic() < until:
+                chunk = sock.recv(SLOW_PIECE)
+                if not chunk:
+                    failures.append(f"GET {i}: ended after {got} bytes")
+                    return
+                got += len(chunk)
+                time.sleep(SLOW_TICK)
+
+    reset_peak_rss(gateway.pid)
+    before = float(re.search(r"^VmRSS:\s+(\d+) kB", Path(f"/proc/{gateway.pid}/status")
+                             .read_text(), re.M).group(1)) / 1024  # type: ignore[union-attr]
+    threads = [threading.Thread(target=upload if i % 2 else download, args=(i,))
+               for i in range(SLOW_STREAMS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    peak = peak_rss_mb(gateway.pid)
+    for i in range(1, SLOW_STREAMS, 2):
+        stored = storage / "bench-put" / f"slow-{i}.bin"
+        if not stored.exists() or stored.stat().st_size != upload_size:
+            failures.append(f"PUT {i}: not stored whole")
+        stored.unlink(missing_ok=True)
+    source.unlink()
+    if failures:
+        raise RuntimeError(f"slow streams: {'; '.join(failures[:5])}")
+    say(f"  {SLOW_STREAMS} slow streams: gateway RSS {before:.1f} MB before, peak {peak:.1f} MB")
+    return (peak - before) / SLOW_STREAMS
 
 
 def acl_change_seconds(gateway: GatewayProcess, cluster: Cluster, target: Target,
@@ -585,6 +660,7 @@ class Row:
 ROWS = [
     Row("restic init"),
     Row("restic backup", "≤ x1.05", lambda r: r <= 1.05),
+    Row("restic backup", "≤ x1.03 as node", lambda r: r <= 1.03, who=GATEWAY_NODE),
     Row("restic restore", "≤ x1.03 as node", lambda r: r <= 1.03, who=GATEWAY_NODE),
     Row("restic check"),
     Row("proxy CPU, restic backup"),
@@ -608,6 +684,7 @@ ROWS = [
     Row("large GET MB/s", "≥ x0.95", lambda r: r >= 0.95),
     Row("gateway peak RSS, large PUT", "≤ 64 MB", lambda v: v <= 64, True),
     Row("gateway peak RSS, small PUT", "flat", None, True),
+    Row("gateway RSS per slow stream", "≤ 1 MiB", lambda v: v <= 1.0, True),
     Row("gateway CPU per GiB PUT"),
     Row("gateway CPU per GiB GET"),
     Row("acl-changed to new credentials working", scale=1000),
@@ -656,6 +733,8 @@ def table(results: Results, names: list[str], plan: Plan) -> str:
         f"proxy CPU per GiB, {PARALLEL}": f"proxy process CPU per GiB, {PARALLEL} (s)",
         f"proxy peak RSS, {PARALLEL}": f"proxy process peak RSS, {PARALLEL} (MB)",
         "large GET MB/s": f"WebDAV GET {plan.put_mib} MiB, MB/s",
+        "gateway RSS per slow stream":
+            f"gateway peak RSS per slow stream, {SLOW_STREAMS} at once (MB)",
         "gateway CPU per GiB PUT": "gateway CPU per GiB of PUT (s)",
         "gateway CPU per GiB GET": "gateway CPU per GiB of WebDAV GET (s)",
         "shaped upload rate / limit":
@@ -1123,6 +1202,9 @@ def main() -> int:
                     if target.name == GATEWAY:
                         results.add("gateway CPU per GiB GET", GATEWAY,
                                     (cpu_seconds(gateway.pid) - before) * 1024 / plan.put_mib)
+            if "slow" in only:
+                results.add("gateway RSS per slow stream", GATEWAY,
+                            slow_streams_rss_mib(gateway, targets[0], storage))
             if "acl" in only:
                 results.add("acl-changed to new credentials working", GATEWAY,
                             acl_change_seconds(gateway, cluster, targets[0], round_no))
