@@ -26,6 +26,7 @@ Pinned elsewhere with bodies of several MiB, not again here:
 from __future__ import annotations
 
 import contextlib
+import gzip
 import hashlib
 import http.client
 import json
@@ -251,6 +252,24 @@ def test_an_upload_is_stored_and_read_back_byte_for_byte(env: Env, way: Way,
     assert sha256(got) == digest, "the bytes read back differ from those sent"
     status, headers, got = request(env, way, "HEAD", path)
     assert (status, headers["content-length"], got) == (200, str(size), b"")
+
+
+@pytest.mark.parametrize(("way", "size"), ROUND_TRIPS)
+def test_an_encoded_upload_is_stored_as_sent_not_decoded(env: Env, way: Way,
+                                                         size: int) -> None:
+    """A body sent with a Content-Encoding is the client's bytes: a proxy passes them on as
+    they are (the name of a module's object is their hash), and never decodes them."""
+    content = gzip.compress(os.urandom(size // 2) + bytes(size - size // 2), mtime=0)
+    digest = sha256(content)
+    conn = http.client.HTTPConnection(env.gateway.host, env.gateway.port, timeout=TIMEOUT)
+    try:
+        status, _, answer = send_request(conn, way.upload_method, way.path(env, digest),
+                                         way.user, headers={"Content-Encoding": "gzip"},
+                                         body=content, rest=way.rest)
+    finally:
+        conn.close()
+    assert status in way.stored_statuses, (status, answer)
+    assert file_sha256(way.stored(env, digest)) == digest, "stored bytes differ from those sent"
 
 
 @pytest.mark.parametrize("size", SIZES.values(), ids=list(SIZES))

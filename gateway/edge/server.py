@@ -112,6 +112,9 @@ class GatewayServer(web.Server):
         kwargs.setdefault("max_line_size", MAX_LINE_BYTES)
         kwargs.setdefault("max_field_size", MAX_FIELD_BYTES)
         kwargs.setdefault("max_headers", MAX_HEADERS)
+        # A request body is passed on as the client sent it, Content-Encoding and all:
+        # decoded, it would no longer match its length, nor a module's object its name.
+        kwargs.setdefault("auto_decompress", False)
         super().__init__(handler, **kwargs)
 
     def __call__(self) -> RequestHandler:
