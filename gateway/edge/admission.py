@@ -5,7 +5,8 @@ from http import HTTPStatus
 from typing import cast
 
 from aiohttp import StreamReader, web
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.http import HttpRequestParser
+from aiohttp.web_protocol import MAX_MSG_QUEUE_SIZE, RequestHandler, RequestPayloadError
 
 from gateway.access.refusals import Refusal
 from gateway.edge.logs import log_reject
@@ -16,7 +17,10 @@ from gateway.edge.logs import log_reject
 #            (the state aiohttp's own keep-alive timer treats as "idle");
 #   _messages: (message, payload) pairs parsed and not yet handled; data_received appends
 #              the request whose head it completed.
-_HANDLER_INTERNALS = ("_request_count", "_waiter", "_messages")
+# And written: _parser, replaced (built as RequestHandler builds it, from _loop,
+# _read_bufsize and the limits) once a request body was moved elsewhere whole.
+_HANDLER_INTERNALS = ("_request_count", "_waiter", "_messages", "_parser", "_loop",
+                      "_read_bufsize")
 
 # Rejected connections keep reading (and discarding) for this long after the 503
 # and a FIN, so that an unread request in the socket buffer does not turn our close
@@ -70,11 +74,14 @@ def set_read_size(transport: asyncio.BaseTransport | None, size: int) -> None:
 _ZEROS = memoryview(bytes(FULL_READ))
 
 
-def caught_up(transport: asyncio.BaseTransport | None, body: StreamReader, size: int) -> None:
+def caught_up(transport: asyncio.BaseTransport | None, body: StreamReader, size: int, *,
+              whole: bool = False) -> None:
     """`size` bytes of the request body were taken from the socket without passing through
-    here (moved in the kernel, `backends.splice`): aiohttp's parser, which counts a body
-    down to its end before it takes the next request head, is fed as many zeros, and its
-    body reader drops them. Then the socket is read again (its reading was paused meanwhile).
+    here (moved in the kernel, `backends.splice`); `whole`: they were all of it that was
+    left. aiohttp's parser counts a body down to its end before it takes the next request
+    head: a whole body's parser is replaced by a fresh one, and the body reader ended; a
+    part of a body is fed to the parser as as many zeros, which the body reader drops. Then
+    the socket is read again (its reading was paused meanwhile).
 
     aiohttp has no way to be told that a body was read elsewhere; without this the next
     request on the connection would be taken for the rest of the body.
@@ -85,6 +92,18 @@ def caught_up(transport: asyncio.BaseTransport | None, body: StreamReader, size:
     if transport.is_closing():
         return  # the connection is over: nothing more is parsed on it
     handler = protocol._handler
+    if whole and body.exception() is None:
+        # Cheaper than counting the parser down (it copies each byte it is fed): a parser
+        # that starts at the next request, as a fresh connection's does.
+        handler._parser = HttpRequestParser(
+            handler, handler._loop, handler._read_bufsize,
+            max_line_size=handler.max_line_size, max_field_size=handler.max_field_size,
+            max_headers=handler.max_headers, payload_exception=RequestPayloadError,
+            auto_decompress=protocol._factory._auto_decompress,
+            max_msg_queue_size=MAX_MSG_QUEUE_SIZE,
+        )
+        body.feed_eof()
+        size = 0
     while size:
         piece = min(size, len(_ZEROS))
         handler.data_received(_ZEROS[:piece])  # type: ignore[arg-type]
@@ -104,8 +123,8 @@ class GuardedProtocolFactory:
     HTTP/2's preface (400).
     """
 
-    __slots__ = ("_header_timeout", "_max_connections", "_max_head_bytes", "_open",
-                 "_rejected", "_server", "_timed_out")
+    __slots__ = ("_auto_decompress", "_header_timeout", "_max_connections", "_max_head_bytes",
+                 "_open", "_rejected", "_server", "_timed_out")
 
     def __init__(self, server: web.Server, *, max_connections: int = 2048,
                  header_timeout: float = 5.0, max_head_bytes: int = MAX_HEAD_BYTES) -> None:
@@ -120,6 +139,7 @@ class GuardedProtocolFactory:
                 "gateway.edge.admission needs updating for this aiohttp version"
             )
         self._server = server
+        self._auto_decompress = bool(server._kwargs.get("auto_decompress", True))
         self._max_connections = max_connections
         self._header_timeout = float(header_timeout)
         self._max_head_bytes = max_head_bytes

@@ -331,6 +331,7 @@ class _SplicedRequestBody(SocketBody):
         request, splicing, transfer = self._request, self._splicing, self._transfer
         self._moving = True
         assert request.content_length is not None
+        left = request.content_length - request.content.total_bytes
         taken = 0
 
         def took(n: int) -> None:
@@ -340,14 +341,14 @@ class _SplicedRequestBody(SocketBody):
 
         try:
             await splice.pump(
-                self._client_fd, fd, request.content_length - request.content.total_bytes,
+                self._client_fd, fd, left,
                 source_idle=CLIENT_BODY_TIMEOUT, source_stalled=_client_body_stalled,
                 destination_idle=idle, destination_stalled=stalled,
                 pace=splicing.pace, see=splicing.see, before_last=splicing.before_last,
                 taken=took,
             )
         finally:
-            caught_up(request.transport, request.content, taken)
+            caught_up(request.transport, request.content, taken, whole=taken == left)
 
 
 def _client_body_stalled() -> BaseException:
