@@ -33,6 +33,7 @@ import json
 import os
 import re
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -341,6 +342,34 @@ def test_one_connection_carries_a_large_upload_and_the_requests_after_it(
         (200, str(size), size, sha256(content)),
     ]
     assert file_sha256(way.stored(env, sha256(content))) == sha256(content)
+    assert gateway_errors(env, since) == []
+
+
+@pytest.mark.parametrize("size", SIZES.values(), ids=list(SIZES))
+def test_an_upload_answered_before_its_body_is_in_leaves_the_connection_serving(
+        env: Env, size: int) -> None:
+    """rclone answers a WebDAV PUT under a file 404 before it read the body: the client
+    gets the 404, the rest of its body is read and dropped, and its next request on the
+    connection is answered; one access line, no error."""
+    store(env, NODE_WEBDAV, b"x")  # a file, <digest>.bin, the PUT's would-be parent
+    parent = NODE_WEBDAV.path(env, sha256(b"x"))
+    path = f"{parent}/child-{size}.bin"
+    content = os.urandom(size)
+    since = log_offset(env)
+    with socket.create_connection((env.gateway.host, env.gateway.port),
+                                  timeout=TIMEOUT) as sock:
+        responses = ResponseReader(sock)
+        sending = threading.Thread(target=sock.sendall, daemon=True,
+                                   args=(NODE_WEBDAV.head("PUT", path, size) + content,))
+        sending.start()  # in a thread: the answer may come before the body is all sent
+        answer = responses.read()
+        sending.join(TIMEOUT)
+        sock.sendall(NODE_WEBDAV.head("GET", parent))
+        after = responses.read()
+    assert (answer[0], after[0], after[2]) == (404, 200, b"x"), (answer, after)
+    entries = wait_for(lambda: access_lines_of(env, since, "PUT", path),
+                       "the access line of the answered upload", gateway=env.gateway)
+    assert [entry["status"] for entry in entries] == [404]
     assert gateway_errors(env, since) == []
 
 
