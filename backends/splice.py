@@ -156,8 +156,9 @@ async def pump(
 
     `source_idle`, `destination_idle`: seconds each may keep the body waiting (None: no
     limit) before `source_stalled()` or `destination_stalled()` is raised (TimeoutError
-    if not given). `pace` grants each piece its size (a piece may then come shorter:
-    the source had no more yet); `see` is shown every byte, in order; `before_last` runs
+    if not given). `pace` grants bytes before they are taken: a grant the source had not
+    all of yet is used up by the next pieces before another is asked for, so the grants
+    add up to `count`; `see` is shown every byte, in order; `before_last` runs
     once the whole body was taken and seen, before its last piece goes out, and may
     raise to keep it from going out. `taken(n)`: n more bytes were taken from the source
     (they are no longer in its socket); `moved(n)`: n more are in the destination. A
@@ -173,12 +174,18 @@ async def pump(
         pipe = _Pipe()
         piece_size = min(pipe.capacity, len(_peeked))
         left = count
+        granted = 0  # of the last grant, what the socket did not have yet: used up first
         while left:
-            want = min(left, piece_size)
-            if pace is not None:
-                want = await pace(want)
+            if pace is None:
+                want = min(left, piece_size)
+            else:
+                if not granted:
+                    granted = await pace(min(left, piece_size))
+                want = granted
             size = await _take(src, readable, pipe.write_end, want, buffer, source_idle,
                                source_stalled)
+            if pace is not None:
+                granted -= size
             if see is not None and buffer is not None:
                 see(buffer[:size])  # before any other body peeks into the buffer
             if taken is not None:

@@ -146,3 +146,39 @@ def test_a_destination_that_goes_away() -> None:
             sock.close()
 
     _run(main())
+
+
+def test_a_paced_body_is_granted_exactly_its_length() -> None:
+    """A source slower than the grants: a grant the socket could not fill at once is used
+    up by the next pieces before another is asked for, so the limits are charged for the
+    body's bytes and no more."""
+    trickle, size = 10_000, 300_000
+
+    async def main() -> tuple[list[int], int]:
+        sender, source = _tcp_pair()
+        destination, receiver = _unix_pair()
+        grants: list[int] = []
+
+        async def pace(want: int) -> int:
+            grants.append(min(want, 64 * 1024))
+            return grants[-1]
+
+        async def send_slowly() -> None:
+            for _ in range(size // trickle):
+                await _send(sender, bytes(trickle))
+                await asyncio.sleep(0.001)
+
+        sending = asyncio.ensure_future(send_slowly())
+        receiving = asyncio.ensure_future(_receive(receiver))
+        await splice.pump(source.fileno(), destination.fileno(), size,
+                          source_idle=30, destination_idle=30, pace=pace)
+        await sending
+        destination.close()
+        got = len(await receiving)
+        for sock in (sender, source, receiver):
+            sock.close()
+        return grants, got
+
+    grants, got = _run(main())
+    assert got == size
+    assert sum(grants) == size, f"granted {sum(grants)} for {size} bytes ({len(grants)} grants)"
