@@ -51,7 +51,15 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
 import limit_checks_cost  # noqa: E402
 import limits_bench  # noqa: E402
-from harness import Cluster, GatewayProcess, RedisServer, basic, free_port, restic  # noqa: E402
+from harness import (  # noqa: E402
+    RESTIC_BINARIES,
+    Cluster,
+    GatewayProcess,
+    RedisServer,
+    basic,
+    free_port,
+)
+from harness import restic as run_restic  # noqa: E402
 from services import (  # noqa: E402
     Service,
     bare_proxy,
@@ -191,6 +199,15 @@ class Results:
 
 
 # --------------------------------------------------------------------------- measures
+
+
+# The restic client the bench runs: the one the cluster's images ship (0.18) where
+# scripts/bootstrap.sh put it, else the machine's (--restic).
+restic_client = "restic-0.18" if Path(RESTIC_BINARIES["restic-0.18"]).exists() else "restic-0.14"
+
+
+def restic(repo_url: str, *args: str, timeout: float) -> object:
+    return run_restic(repo_url, *args, timeout=timeout, binary=RESTIC_BINARIES[restic_client])
 
 
 def say(text: str) -> None:
@@ -837,7 +854,7 @@ def machine(rclone: str) -> list[tuple[str, str]]:
         ("kernel", platform.release()),
         ("Python", platform.python_version()),
         ("rclone", command_version([rclone, "version"])),
-        ("restic", command_version(["restic", "version"])),
+        ("restic", command_version([RESTIC_BINARIES[restic_client], "version"])),
         ("wrk", command_version(["wrk", "-v"])),
         ("load average (1 min) at the end", f"{os.getloadavg()[0]:.2f}"),
     ]
@@ -889,17 +906,18 @@ authentication, same flags as the gateway's children){haproxy_note}.
 Each measure runs the targets one after the other, the order alternating from
 round to round; each round gives one ratio against rclone alone, and the table
 shows the median of those ratios (the figures per target are medians too).
-restic runs with `--no-cache` on {plan.restic_mib} MiB of incompressible data in
-files of {plan.file_mib} MiB, as a module (append-only backend, every uploaded
-object checked against its name), each round into a new repository; "gateway
-as node" runs the same through the gateway with node credentials (the full
-backend, no check of uploaded objects). {modules} modules at once: {modules} module users
-(each its own ACL user, uuid and repository `/<destination>/<app>/<uuid>`) run `restic
-backup` of their own {plan.parallel_mib} MiB of incompressible data at the same time, each
-run into new repositories (copies of ones initialised once); the time is from the start
-of all to the end of the last, and the proxy process's CPU per GiB and peak RSS (VmHWM,
-reset before) are over the same run; no run begins while the gateway lists a repository
-after a backup (its `rclone lsjson`, {scan.DEBOUNCE:g} s after a snapshot). Small GETs:
+restic ({restic_client}, the cluster's where bootstrap installed it) runs with
+`--no-cache` on {plan.restic_mib} MiB of incompressible data in files of {plan.file_mib}
+MiB, as a module (append-only backend, every uploaded object checked against its name),
+each round into a new repository; "gateway as node" runs the same through the gateway with
+node credentials (the full backend, no check of uploaded objects). {modules} modules at
+once: {modules} module users (each its own ACL user, uuid and repository
+`/<destination>/<app>/<uuid>`) run `restic backup` of their own {plan.parallel_mib} MiB of
+incompressible data at the same time, each run into new repositories (copies of ones
+initialised once); the time is from the start of all to the end of the last, and the proxy
+process's CPU per GiB and peak RSS (VmHWM, reset before) are over the same run; no run
+begins while the gateway lists a repository after a backup (its `rclone lsjson`,
+{scan.DEBOUNCE:g} s after a snapshot). Small GETs:
 `wrk -t2 -c16 -d{plan.wrk_seconds}s` on a 1 KiB
 object through the Restic REST API with node credentials; "bare proxy" is
 `bench/bare_proxy.py`, the gateway's own proxy hop (uvloop, aiohttp's server,
@@ -913,7 +931,11 @@ once a round: what hashing a module's upload must cost at least. PUT and GET: `c
 then `curl` of the same file
 through WebDAV with node credentials; the gateway's resident memory is its
 peak (VmHWM, reset before each upload) of the gateway process alone, not its
-rclone children. acl-changed: time from publishing the event to the first
+rclone children. Slow streams: {SLOW_STREAMS // 2} WebDAV uploads of
+{SLOW_SECONDS / SLOW_TICK * SLOW_PIECE / MiB:g} MiB sent at {SLOW_PIECE // 1024} KiB every
+{SLOW_TICK * 1000:g} ms and {SLOW_STREAMS // 2} downloads read at that pace (receive buffer
+held to 64 KiB) for {SLOW_SECONDS:g} s, all at once: the gateway's peak RSS (VmHWM) over its
+RSS before, per stream. acl-changed: time from publishing the event to the first
 200 answered for a password that was just set.
 
 Limits: the module POSTs a restic data object of {plan.shaped_mib} MiB on one
@@ -1058,10 +1080,13 @@ def hold(targets: list[Target], gateway: GatewayProcess) -> None:
 
 
 def main() -> int:
+    global restic_client
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
                         help="smaller data and shorter runs (about 5 minutes)")
     parser.add_argument("--rounds", type=int, help="rounds (at least 3)")
+    parser.add_argument("--restic", choices=sorted(RESTIC_BINARIES), default=restic_client,
+                        help=f"the restic client (default: {restic_client})")
     parser.add_argument("--only", choices=MEASURES, action="append",
                         help="run only these measures (repeatable)")
     parser.add_argument("--hold", action="store_true",
@@ -1069,6 +1094,7 @@ def main() -> int:
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "performance.md",
                         help="where to write the report ('-': nowhere)")
     args = parser.parse_args()
+    restic_client = args.restic
     plan = QUICK if args.quick else FULL
     if args.rounds:
         plan = dataclasses.replace(plan, rounds=max(3, args.rounds))
