@@ -80,7 +80,7 @@ def caught_up(transport: asyncio.BaseTransport | None, body: StreamReader, size:
     here (moved in the kernel, `backends.splice`); `whole`: they were all of it that was
     left. aiohttp's parser counts a body down to its end before it takes the next request
     head: a whole body's parser is replaced by a fresh one, and the body reader ended; a
-    part of a body is fed to the parser as as many zeros, which the body reader drops. Then
+    part of a body is fed to the parser as that many zeros, which the body reader drops. Then
     the socket is read again (its reading was paused meanwhile).
 
     aiohttp has no way to be told that a body was read elsewhere; without this the next
