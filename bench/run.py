@@ -173,8 +173,11 @@ class Target:
         path = f"{self.prefix}/{APP}/{SMALL_REPO_UUID}/data/{SMALL_ID}"
         return f"http://127.0.0.1:{self.port}{path}"
 
+    def put_path(self, name: str) -> str:
+        return f"{self.prefix}/bench-put/{name}"
+
     def put_url(self, name: str) -> str:
-        return f"http://127.0.0.1:{self.webdav_port}{self.prefix}/bench-put/{name}"
+        return f"http://127.0.0.1:{self.webdav_port}{self.put_path(name)}"
 
 
 @dataclass
@@ -330,9 +333,10 @@ def reset_peak_rss(pid: int) -> None:
     Path(f"/proc/{pid}/clear_refs").write_text("5")
 
 
-def peak_rss_mb(pid: int) -> float:
+def peak_rss_mb(pid: int, field: str = "VmHWM") -> float:
+    """The process's peak resident memory since the last reset (VmRSS: the resident now)."""
     status = Path(f"/proc/{pid}/status").read_text()
-    match = re.search(r"^VmHWM:\s+(\d+) kB", status, re.M)
+    match = re.search(rf"^{field}:\s+(\d+) kB", status, re.M)
     assert match is not None
     return int(match.group(1)) / 1024
 
@@ -388,9 +392,8 @@ def slow_streams_rss_mib(gateway: GatewayProcess, target: Target, storage: Path)
     failures: list[str] = []
 
     def request(sock: socket.socket, method: str, name: str, extra: str = "") -> None:
-        path = target.put_url(name).split(str(target.webdav_port), 1)[1]
-        sock.sendall(f"{method} {path} HTTP/1.1\r\nHost: bench\r\n{head_auth}{extra}"
-                     "\r\n".encode())
+        head = f"{method} {target.put_path(name)} HTTP/1.1\r\nHost: bench\r\n"
+        sock.sendall(f"{head}{head_auth}{extra}\r\n".encode())
 
     def upload(i: int) -> None:
         with socket.create_connection(("127.0.0.1", target.webdav_port), timeout=60) as sock:
@@ -420,8 +423,7 @@ def slow_streams_rss_mib(gateway: GatewayProcess, target: Target, storage: Path)
                 time.sleep(SLOW_TICK)
 
     reset_peak_rss(gateway.pid)
-    before = float(re.search(r"^VmRSS:\s+(\d+) kB", Path(f"/proc/{gateway.pid}/status")
-                             .read_text(), re.M).group(1)) / 1024  # type: ignore[union-attr]
+    before = peak_rss_mb(gateway.pid, "VmRSS")
     threads = [threading.Thread(target=upload if i % 2 else download, args=(i,))
                for i in range(SLOW_STREAMS)]
     for thread in threads:
