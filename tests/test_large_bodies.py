@@ -178,6 +178,14 @@ def store(env: Env, way: Way, content: bytes) -> str:
     return path
 
 
+def assert_held(took: float, held: int, what: str, reported: object) -> None:
+    """`what` took `took` seconds, of which `held` bytes had to pass at RATE: no faster
+    than the limit allows them (less the SLOW_ENOUGH margin)."""
+    assert took >= SLOW_ENOUGH * held / RATE, (
+        f"{what} in {took:.2f} s: faster than {RATE_TEXT} allows for {held / MiB:.1f} MiB "
+        f"({held / RATE:.1f} s); limit reported: {reported}")
+
+
 def small_window(env: Env) -> http.client.HTTPConnection:
     """A connection whose receive buffer is held to 64 KiB: what the gateway sends ahead
     of a client that does not read stays in the gateway's send buffer."""
@@ -493,12 +501,9 @@ def test_a_limit_holds_a_large_transfer(limits: Env, way: Way, direction: str) -
         status, _, got = request(env, way, "GET", path)
         assert (status, sha256(got)) == (200, digest)
     took = time.monotonic() - began
-    needed = LIMITED / RATE
     print(f"{way} {direction} of {LIMITED / MiB:.0f} MiB under {RATE_TEXT}: {took:.2f} s "
-          f"(the limit needs {needed:.1f} s)")
-    assert took >= SLOW_ENOUGH * (LIMITED - BURST) / RATE, (
-        f"{LIMITED / MiB:.0f} MiB in {took:.2f} s: faster than {RATE_TEXT} allows "
-        f"({needed:.1f} s); limit reported: {reported}")
+          f"(the limit needs {LIMITED / RATE:.1f} s)")
+    assert_held(took, LIMITED - BURST, f"{LIMITED / MiB:.0f} MiB", reported)
 
 
 @pytest.mark.parametrize("way", [MODULE_REST, NODE_WEBDAV], ids=str)
@@ -529,9 +534,7 @@ def test_a_limit_set_during_an_unlimited_upload_holds_the_rest_of_it(
     rest = LIMITED - first  # none of it had passed the gateway when the limit was set
     print(f"{way}: the last {rest / MiB:.0f} MiB of an upload under {RATE_TEXT} set "
           f"midway: {took:.2f} s (the limit needs {rest / RATE:.1f} s)")
-    assert took >= SLOW_ENOUGH * (rest - BURST) / RATE, (
-        f"the last {rest / MiB:.0f} MiB in {took:.2f} s: faster than {RATE_TEXT} allows; "
-        f"limit reported: {reported}")
+    assert_held(took, rest - BURST, f"the last {rest / MiB:.0f} MiB", reported)
 
 
 @pytest.mark.parametrize("way", [MODULE_REST, NODE_WEBDAV], ids=str)
@@ -558,9 +561,7 @@ def test_a_limit_set_during_an_unlimited_download_holds_the_rest_of_it(
     assert sha256(first + rest) == sha256(content), (len(first), len(rest), size)
     print(f"{way}: the last {len(rest) / MiB:.1f} MiB of a download under {RATE_TEXT} set "
           f"midway: {took:.2f} s (at most {IN_FLIGHT / MiB:.0f} MiB of them in flight)")
-    assert took >= SLOW_ENOUGH * LIMITED / RATE, (
-        f"the last {len(rest) / MiB:.1f} MiB in {took:.2f} s: faster than {RATE_TEXT} "
-        f"allows for the {LIMITED / MiB:.0f} MiB not yet sent; limit reported: {reported}")
+    assert_held(took, LIMITED, f"the last {len(rest) / MiB:.1f} MiB", reported)
 
 
 @pytest.mark.parametrize(("way", "size"), [
