@@ -122,7 +122,7 @@ class Splicing:
     the parts of them that do not need the bytes in hand. None of a request's means that
     one of its transforms needs them (its body is then read into the process)."""
 
-    pace: splice.Pace | None = None  # the bandwidth limits: grants each piece its size
+    pace: splice.Pace | None = None  # the bandwidth limits: grants bytes before they pass
     see: Callable[[memoryview], None] | None = None  # sees every byte (a hash)
     # Runs once every byte was seen, before the last piece goes on: raises BodyRefused
     # to keep it from the next hop.

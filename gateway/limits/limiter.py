@@ -109,8 +109,8 @@ class Limiter:
         return self.shaper.transform(direction, module)
 
     def pace(self, direction: str, module: str | None) -> Pace:
-        """`shaping` for a body spliced past the process: grants each piece its size. One
-        per direction and module (it looks the limits up as each piece passes)."""
+        """`shaping` for a body spliced past the process: grants bytes before they pass.
+        One per direction and module (it looks the limits up at each grant)."""
         key = (direction, module)
         if (pace := self._paces.get(key)) is None:
             pace = self._paces[key] = self.shaper.pace(direction, module)
