@@ -332,13 +332,17 @@ class Response:
     def begin_splice(self) -> bytes:
         """Stops reading a body of known length into the process, for `splice_body` to
         move the rest: returns the part that came already (with the head)."""
+        connection, transport = self._spliceable()
+        first = connection.take_buffered(self._length)
+        self._length -= len(first)
+        transport.pause_reading()  # the pump reads the socket from now on
+        return first
+
+    def _spliceable(self) -> tuple[_Connection, asyncio.Transport]:
         connection = self._connection
         if self._framing != "length" or connection is None or connection.transport is None:
             raise RuntimeError("no body of known length to splice")
-        first = connection.take_buffered(self._length)
-        self._length -= len(first)
-        connection.transport.pause_reading()  # the pump reads the socket from now on
-        return first
+        return connection, connection.transport
 
     async def splice_body(self, fd: int, *, pace: splice.Pace | None = None,
                           moved: Callable[[int], None] | None = None) -> None:
@@ -346,10 +350,7 @@ class Response:
         (`backends.splice`), after `begin_splice`; `moved(n)`: n more bytes are in it. A
         socket `fd` that goes away raises splice.DestinationGone; its reader's pace is its
         own (no timeout)."""
-        connection = self._connection
-        if self._framing != "length" or connection is None or connection.transport is None:
-            raise RuntimeError("no body of known length to splice")
-        transport = connection.transport
+        connection, transport = self._spliceable()
         if not self._length:  # all of it came with the head
             transport.resume_reading()
             self._framing = "done"
